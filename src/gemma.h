@@ -40,3 +40,23 @@ typedef struct kmed_gemma {
     float *final_norm;               /* [C] */
     void *impl_;                     /* private: maps, owned buffers */
 } kmed_gemma;
+
+/* LoRA targets, in PEFT's module names: q_proj k_proj v_proj o_proj gate_proj up_proj
+   down_proj. */
+enum { KMED_LORA_Q, KMED_LORA_K, KMED_LORA_V, KMED_LORA_O, KMED_LORA_GATE, KMED_LORA_UP,
+       KMED_LORA_DOWN, KMED_LORA_NTARGETS };
+
+/* A LoRA adapter over a kmed_gemma: for target t of layer l with weight W [out, in],
+   y = x W^T + scale * (x A^T) B^T, A [r, in], B [out, r], scale = alpha / r.
+   A/B are NULL where the target is not adapted. The forward pass applies an attached
+   adapter; training (train module) creates, updates, saves and loads it. */
+typedef struct kmed_lora_ab { float *A, *B; } kmed_lora_ab;
+typedef struct kmed_lora {
+    int r;
+    float alpha;
+    float scale;                       /* alpha / r */
+    unsigned targets;                  /* bit t set: target t adapted */
+    int n_layers;
+    kmed_lora_ab (*ab)[KMED_LORA_NTARGETS]; /* [n_layers][KMED_LORA_NTARGETS] */
+    void *impl_;                       /* private: the owning block */
+} kmed_lora;
