@@ -73,6 +73,8 @@
 #include "src/tensor.h"
 #include "src/tok.h"
 #include "src/gemma.h"
+#include "src/generate.h"
+#include "src/convert.h"
 #include "src/safety.h"
 #ifndef KMED_NO_TRAIN
 #include "src/train.h"
@@ -111,6 +113,8 @@
 #include "src/tok.c"
 #include "src/ops.c"
 #include "src/gemma.c"
+#include "src/generate.c"
+#include "src/convert.c"
 #include "src/safety.c"
 #ifndef KMED_NO_TRAIN
 #include "src/train.c"

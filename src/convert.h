@@ -1,0 +1,1 @@
+/* ---- gemma: model export (HF safetensors, GGUF) and random init ---- */

@@ -1,0 +1,1 @@
+/* ==== kmed_generate ==== */

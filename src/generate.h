@@ -1,0 +1,1 @@
+/* ---- gemma: sampling and generation ---- */
