@@ -44,7 +44,7 @@ KMED_API void kmed_json_free(kmed_json_doc *doc);
 
 /* Object member by key (last one wins), or NULL if o is not an object or has no such key. */
 KMED_API const kmed_json *kmed_json_get(const kmed_json *o, const char *key);
-/* Array element i, or NULL. */
+/* Array element i (or the i-th member of an object, in document order), or NULL. */
 KMED_API const kmed_json *kmed_json_at(const kmed_json *a, size_t i);
 /* Typed accessors: the value, or `def` when j is NULL or of another type. */
 KMED_API const char *kmed_json_str(const kmed_json *j, const char *def);
@@ -61,11 +61,17 @@ typedef struct kmed_lines {
     int owns_f;
     char name[256];        /* for messages */
     size_t line;           /* 1-based number of the line last returned */
-    char *buf; size_t cap; /* private */
+    char *buf; size_t cap; /* private: a line that spans input chunks */
+    char *in_;             /* private: read buffer */
+    size_t in_pos_, in_len_;
+    int eof_;              /* private: end of input reached */
+    int crlf_;             /* private: the last line returned ended in "\r\n" */
 } kmed_lines;
 /* Opens path ("-" = stdin). Close with kmed_lines_close. */
 KMED_API kmed_result kmed_lines_open(kmed_lines *r, const char *path, kmed_error *err);
-/* Next line into *s and *len (valid until the next call). *eof = 1 at end (s NULL). */
+/* Next line into *s and *len (NUL-terminated, valid until the next call; it may hold NUL
+   bytes of its own). *eof = 1 at end (s NULL). A line over KMED_MAX_LINE_BYTES is skipped
+   and reported as KMED_ERR_LIMIT; the reader goes on with the next line. */
 KMED_API kmed_result kmed_lines_next(kmed_lines *r, const char **s, size_t *len, int *eof,
                                      kmed_error *err);
 KMED_API void kmed_lines_close(kmed_lines *r);

@@ -29,7 +29,7 @@ static int kmed_test_passed, kmed_test_failed;
     } while (0)
 
 /* Max |a-b| over n floats. */
-static double kmed_test_maxdiff(const float *a, const float *b, size_t n)
+static inline double kmed_test_maxdiff(const float *a, const float *b, size_t n)
 {
     double m = 0;
     size_t i;
@@ -42,7 +42,7 @@ static double kmed_test_maxdiff(const float *a, const float *b, size_t n)
 
 /* The fixtures directory ($KMED_FIXTURES, else ../shared/fixtures), or NULL when absent.
    Absent fixtures are a failure under CI and a noted skip elsewhere. */
-static const char *kmed_test_fixtures(void)
+static inline const char *kmed_test_fixtures(void)
 {
     static char path[1024];
     const char *env = getenv("KMED_FIXTURES");
@@ -61,7 +61,7 @@ static const char *kmed_test_fixtures(void)
     return NULL;
 }
 
-static int kmed_test_done(void)
+static inline int kmed_test_done(void)
 {
     printf("%d passed, %d failed\n", kmed_test_passed, kmed_test_failed);
     return kmed_test_failed ? 1 : 0;
