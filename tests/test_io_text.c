@@ -1,0 +1,324 @@
+/* Tests for the text parsers: JSON (valid and malformed documents, the real Gemma-2
+   tokenizer.json), kmed_lines, JSONL and CSV.
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_io_text.c -o build/test_io_text -lm -lpthread */
+#define KMED_IMPLEMENTATION
+#include "kmed.h"
+#include "test.h"
+
+/* Sanitizer builds run several times slower: the timing check only holds for plain builds. */
+#if defined(__SANITIZE_ADDRESS__)
+#define TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TEST_SANITIZED 1
+#endif
+#endif
+#ifndef TEST_SANITIZED
+#define TEST_SANITIZED 0
+#endif
+
+/* Parses a NUL-terminated document; returns the result code, leaves doc parsed. */
+static kmed_result parse(kmed_json_doc *doc, const char *text, kmed_error *e)
+{
+    return kmed_json_parse(doc, text, strlen(text), "t.json", 0, e);
+}
+
+/* Expects text to fail with `code` and a message containing `frag`. */
+static void check_bad(const char *text, size_t len, kmed_result code, const char *frag)
+{
+    kmed_json_doc doc;
+    kmed_error e = {0};
+    kmed_result r = kmed_json_parse(&doc, text, len, "bad.json", 0, &e);
+    CHECKF(r == code, "parse of %.40s gave %d (%s), want %d", text, (int)r, e.msg, (int)code);
+    CHECKF(doc.root == NULL, "root set after error for %.40s", text);
+    CHECKF(strstr(e.msg, frag) != NULL, "message for %.40s: '%s' lacks '%s'", text, e.msg, frag);
+    CHECKF(strstr(e.msg, "bad.json") != NULL, "message lacks file name: %s", e.msg);
+    kmed_json_free(&doc);
+}
+#define BAD(lit, frag) check_bad(lit, sizeof(lit) - 1, KMED_ERR_FORMAT, frag)
+
+static void test_json_valid(void)
+{
+    kmed_error e = {0};
+    kmed_json_doc doc;
+    const kmed_json *r, *a;
+    int64_t iv;
+    CHECK_OK(parse(&doc, " {\"a\": [1, 2.5, -3e2, true, false, null, \"x\"], \"b\": {},"
+                         " \"c\": [], \"a\": \"last\", \"d\": {\"e\": [[[]]]}}\r\n\t", &e));
+    r = doc.root;
+    CHECK(r && r->type == KMED_JSON_OBJECT && r->len == 5);
+    CHECK(strcmp(kmed_json_str(kmed_json_get(r, "a"), ""), "last") == 0); /* last wins */
+    a = &r->kids[0];
+    CHECK(a->type == KMED_JSON_ARRAY && a->len == 7 && strcmp(a->key, "a") == 0);
+    CHECK(kmed_json_num(kmed_json_at(a, 0), 0) == 1.0);
+    CHECK(kmed_json_num(kmed_json_at(a, 1), 0) == 2.5);
+    CHECK(kmed_json_num(kmed_json_at(a, 2), 0) == -300.0);
+    CHECK(kmed_json_bool(kmed_json_at(a, 3), -1) == 1);
+    CHECK(kmed_json_bool(kmed_json_at(a, 4), -1) == 0);
+    CHECK(kmed_json_at(a, 5)->type == KMED_JSON_NULL);
+    CHECK(kmed_json_bool(kmed_json_at(a, 5), -1) == -1);
+    CHECK(strcmp(kmed_json_str(kmed_json_at(a, 6), NULL), "x") == 0);
+    CHECK(kmed_json_at(a, 7) == NULL);
+    CHECK(kmed_json_get(r, "b")->type == KMED_JSON_OBJECT && kmed_json_get(r, "b")->len == 0);
+    CHECK(kmed_json_get(r, "c")->type == KMED_JSON_ARRAY && kmed_json_get(r, "c")->len == 0);
+    CHECK(kmed_json_get(r, "zz") == NULL && kmed_json_get(a, "a") == NULL);
+    a = kmed_json_at(kmed_json_at(kmed_json_get(kmed_json_get(r, "d"), "e"), 0), 0);
+    CHECK(a && a->type == KMED_JSON_ARRAY && a->len == 0);
+    CHECK(kmed_json_int(kmed_json_at(kmed_json_get(r, "a"), 0), &iv) == 0); /* a string */
+    kmed_json_free(&doc);
+    kmed_json_free(&doc); /* idempotent */
+
+    /* Scalars at the top level. */
+    CHECK_OK(parse(&doc, "\"\"", &e));
+    CHECK(doc.root->type == KMED_JSON_STRING && doc.root->len == 0 && doc.root->str[0] == 0);
+    kmed_json_free(&doc);
+    CHECK_OK(parse(&doc, "null", &e));
+    CHECK(doc.root->type == KMED_JSON_NULL);
+    kmed_json_free(&doc);
+}
+
+static void test_json_strings(void)
+{
+    kmed_error e = {0};
+    kmed_json_doc doc;
+    /* Every escape, a BMP escape, a surrogate pair, raw UTF-8 (Korean, 4-byte emoji), NUL. */
+    static const char in[] = "[\"q\\\"b\\\\s\\/b\\bf\\fn\\nr\\rt\\t\", \"\\u00e9\\u20AC\\ud83d\\ude00\","
+                             " \"\xed\x95\x9c\xea\xb8\x80\xf0\x9f\x98\x80\", \"a\\u0000b\"]";
+    static const char want1[] = "q\"b\\s/b\bf\fn\nr\rt\t";
+    static const char want2[] = "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80";
+    static const char want3[] = "\xed\x95\x9c\xea\xb8\x80\xf0\x9f\x98\x80";
+    const kmed_json *r;
+    CHECK_OK(parse(&doc, in, &e));
+    r = doc.root;
+    CHECK(r && r->len == 4);
+    CHECK(r->kids[0].len == sizeof want1 - 1 && memcmp(r->kids[0].str, want1, sizeof want1) == 0);
+    CHECK(r->kids[1].len == sizeof want2 - 1 && memcmp(r->kids[1].str, want2, sizeof want2) == 0);
+    CHECK(r->kids[2].len == sizeof want3 - 1 && memcmp(r->kids[2].str, want3, sizeof want3) == 0);
+    CHECK(r->kids[3].len == 3 && memcmp(r->kids[3].str, "a\0b", 4) == 0);
+    kmed_json_free(&doc);
+    /* Escaped keys are unescaped and found by kmed_json_get; a BOM at the start is skipped. */
+    CHECK_OK(parse(&doc, "\xef\xbb\xbf{\"k\\u00e9y\": 1, \"\\u0000\": 2}", &e));
+    CHECK(kmed_json_num(kmed_json_get(doc.root, "k\xc3\xa9y"), 0) == 1);
+    CHECK(doc.root && doc.root->kids[1].key_len == 1 && doc.root->kids[1].key[0] == 0);
+    kmed_json_free(&doc);
+    /* Boundary code points: U+007F, U+0080, U+07FF, U+0800, U+FFFF, U+10000, U+10FFFF raw. */
+    CHECK_OK(parse(&doc, "\"\x7f\xc2\x80\xdf\xbf\xe0\xa0\x80\xef\xbf\xbf\xf0\x90\x80\x80"
+                         "\xf4\x8f\xbf\xbf\"", &e));
+    CHECK(doc.root && doc.root->len == 1 + 2 + 2 + 3 + 3 + 4 + 4);
+    kmed_json_free(&doc);
+    CHECK_OK(parse(&doc, "\"\\udbff\\udfff\"", &e)); /* U+10FFFF via escapes */
+    CHECK(doc.root && memcmp(doc.root->str, "\xf4\x8f\xbf\xbf", 5) == 0);
+    kmed_json_free(&doc);
+}
+
+/* Parses one number and checks num and (if want_int) the exact int64. */
+static void check_num(const char *text, double want, int int_ok, int64_t want_int)
+{
+    kmed_error e = {0};
+    kmed_json_doc doc;
+    int64_t v = 12345;
+    CHECK_OK(parse(&doc, text, &e));
+    if (!doc.root) return;
+    CHECKF(doc.root->type == KMED_JSON_NUMBER && doc.root->num == want,
+           "%s -> %.17g want %.17g", text, doc.root->num, want);
+    CHECKF(doc.root->len == strlen(text) && memcmp(doc.root->str, text, doc.root->len) == 0,
+           "%s: source text kept", text);
+    CHECKF(kmed_json_int(doc.root, &v) == int_ok, "%s: kmed_json_int ok", text);
+    if (int_ok) CHECKF(v == want_int, "%s -> %lld", text, (long long)v);
+    kmed_json_free(&doc);
+}
+
+static void test_json_numbers(void)
+{
+    kmed_error e = {0};
+    kmed_json_doc doc;
+    check_num("0", 0, 1, 0);
+    check_num("-0", 0, 1, 0);
+    check_num("7", 7, 1, 7);
+    check_num("-12", -12, 1, -12);
+    check_num("1.5", 1.5, 0, 0);
+    check_num("-0.25e-2", -0.0025, 0, 0);
+    check_num("1e308", 1e308, 0, 0);
+    check_num("1E+2", 100, 0, 0);
+    check_num("2.2250738585072014e-308", 2.2250738585072014e-308, 0, 0);
+    check_num("123456789012345", 123456789012345.0, 1, 123456789012345LL);
+    check_num("9007199254740993", 9007199254740992.0, 1, 9007199254740993LL); /* 2^53+1 */
+    check_num("9223372036854775807", 9223372036854775807.0, 1, INT64_MAX);
+    check_num("-9223372036854775808", -9223372036854775808.0, 1, INT64_MIN);
+    check_num("9223372036854775808", 9223372036854775808.0, 0, 0);   /* INT64_MAX + 1 */
+    check_num("-9223372036854775809", -9223372036854775808.0, 0, 0);
+    check_num("123456789012345678901234567890", 1.2345678901234568e29, 0, 0);
+    check_num("1.0", 1.0, 0, 0);  /* a fraction is not an exact integer, even if whole */
+    CHECK_OK(parse(&doc, "-0", &e));
+    CHECK(doc.root && signbit(doc.root->num));
+    kmed_json_free(&doc);
+    CHECK_OK(parse(&doc, "-0.0", &e));
+    CHECK(doc.root && signbit(doc.root->num));
+    kmed_json_free(&doc);
+}
+
+static void test_json_malformed(void)
+{
+    static char deep[100003];
+    char *big;
+    size_t i, n;
+    kmed_json_doc doc;
+    kmed_error e = {0};
+    BAD("", "expected a value");
+    BAD("   ", "end of input");
+    BAD("[1, 2", "expected ',' or ']'");
+    BAD("{\"a\": 1", "expected ',' or '}'");
+    BAD("{\"a\" 1}", "expected ':'");
+    BAD("{\"a\":}", "expected a value");
+    BAD("{1: 2}", "expected a string key");
+    BAD("\"abc", "unterminated string");
+    BAD("\"abc\\", "unterminated string");
+    BAD("[1,]", "trailing comma");
+    BAD("{\"a\":1,}", "trailing comma");
+    BAD("[,1]", "expected a value");
+    BAD("01", "leading zero");
+    BAD("-01", "leading zero");
+    BAD("1.", "digit after '.'");
+    BAD(".5", "expected a value");
+    BAD("+1", "expected a value");
+    BAD("-", "digit after '-'");
+    BAD("1e", "exponent");
+    BAD("1e+", "exponent");
+    BAD("NaN", "expected a value");
+    BAD("Infinity", "expected a value");
+    BAD("tru", "misspelt");
+    BAD("nul", "misspelt");
+    BAD("[true false]", "expected ',' or ']'");
+    BAD("{} {}", "expected end of input");
+    BAD("1 2", "expected end of input");
+    BAD("\"a\"x", "expected end of input");
+    BAD("[1]\f", "expected end of input"); /* form feed is not JSON whitespace */
+    BAD("\"tab\there\"", "control character");
+    BAD("\"nl\nhere\"", "control character");
+    BAD("\"\\x41\"", "invalid escape");
+    BAD("\"\\u12\"", "4 hex digits");
+    BAD("\"\\u12g4\"", "4 hex digits");
+    BAD("\"\\ud800\"", "high surrogate");
+    BAD("\"\\ud800x\"", "high surrogate");
+    BAD("\"\\ud800\\u0041\"", "high surrogate");
+    BAD("\"\\udc00\"", "lone low surrogate");
+    BAD("\"\\udfff\\ud800\"", "lone low surrogate");
+    BAD("\"\xc0\xaf\"", "overlong");                /* overlong '/' */
+    BAD("\"\xc1\xbf\"", "overlong");
+    BAD("\"\xe0\x80\xaf\"", "overlong");
+    BAD("\"\xf0\x80\x80\xaf\"", "overlong");
+    BAD("\"\xed\xa0\x80\"", "surrogate");           /* U+D800 in UTF-8 */
+    BAD("\"\xed\xbf\xbf\"", "surrogate");
+    BAD("\"\xf4\x90\x80\x80\"", "above U+10FFFF");
+    BAD("\"\xf5\x80\x80\x80\"", "above U+10FFFF");
+    BAD("\"\xff\"", "invalid UTF-8");
+    BAD("\"\x80\"", "stray UTF-8 continuation");
+    BAD("\"a\xbf\"", "stray UTF-8 continuation");
+    BAD("\"\xe4\xb8\"", "truncated UTF-8");
+    BAD("\"\xe4\"", "truncated UTF-8");
+    BAD("\"\xf0\x9f\x98\"", "truncated UTF-8");
+    BAD("\"\xc3\x41\"", "truncated UTF-8");
+    BAD("[\xc3\xa9]", "expected a value");           /* UTF-8 outside a string */
+    BAD("\0", "byte 0x00");
+    /* Message names line and column for whole files. */
+    BAD("{\n  \"a\": 1,\n  \"b\": x\n}", "line 3, column 8");
+
+    /* A depth bomb is refused at the limit, not by a stack overflow. */
+    for (i = 0; i < 100000; i++) deep[i] = '[';
+    check_bad(deep, 100000, KMED_ERR_LIMIT, "KMED_MAX_JSON_DEPTH");
+    /* Exactly at the limit is fine. */
+    n = KMED_MAX_JSON_DEPTH;
+    for (i = 0; i < n; i++) { deep[i] = '['; deep[2 * n - 1 - i] = ']'; }
+    CHECK_OK(kmed_json_parse(&doc, deep, 2 * n, NULL, 0, &e));
+    kmed_json_free(&doc);
+    /* One deeper is refused. */
+    for (i = 0; i <= n; i++) { deep[i] = '['; deep[2 * n + 1 - i] = ']'; }
+    check_bad(deep, 2 * n + 2, KMED_ERR_LIMIT, "deeper");
+
+    /* Huge string: 32 MB of escapes and UTF-8, then the same truncated before its quote. */
+    n = (size_t)32 << 20;
+    big = (char *)malloc(n + 2);
+    CHECK(big != NULL);
+    if (!big) return;
+    big[0] = '"';
+    for (i = 1; i + 6 <= n; i += 6) memcpy(big + i, "\\n\xea\xb0\x80" "a", 6);
+    while (i < n) big[i++] = 'z';
+    big[n] = '"';
+    CHECK_OK(kmed_json_parse(&doc, big, n + 1, "big.json", 0, &e));
+    CHECK(doc.root && doc.root->type == KMED_JSON_STRING && doc.root->len < n &&
+          memcmp(doc.root->str, "\n\xea\xb0\x80" "a", 5) == 0);
+    kmed_json_free(&doc);
+    check_bad(big, n, KMED_ERR_FORMAT, "unterminated string");
+    big[n - 5] = '\x01';
+    check_bad(big, n + 1, KMED_ERR_FORMAT, "control character");
+    free(big);
+}
+
+/* Every prefix of a valid document is an error, never a crash or a success. */
+static void test_json_truncated(void)
+{
+    static const char doc_text[] = "{\"a\": [1, -2.5e+3, \"x\\u00e9\\ud83d\\ude00\xea\xb0\x80\","
+                                   " true, false, null, {\"b\": []}]}";
+    size_t cut;
+    int fails = 0;
+    for (cut = 0; cut < sizeof doc_text - 1; cut++) {
+        kmed_json_doc doc;
+        kmed_error e = {0};
+        char *copy = (char *)malloc(cut + 1); /* exact size so ASan sees overreads */
+        memcpy(copy, doc_text, cut);
+        if (kmed_json_parse(&doc, copy, cut, NULL, 0, &e) != KMED_ERR_FORMAT || doc.root ||
+            !strstr(e.msg, "offset")) fails++;
+        kmed_json_free(&doc);
+        free(copy);
+    }
+    CHECKF(fails == 0, "%d truncated prefixes were not rejected", fails);
+}
+
+static void test_json_tokenizer(void)
+{
+    const char *fx = kmed_test_fixtures();
+    char path[1200];
+    char *text;
+    size_t len;
+    kmed_error e = {0};
+    kmed_json_doc doc;
+    const kmed_json *model, *vocab, *merges;
+    int64_t id;
+    double t0, t1;
+    if (!fx) return;
+    snprintf(path, sizeof path, "%s/gemma2-tokenizer/tokenizer.json", fx);
+    CHECK_OK(kmed_file_read(path, 0, &text, &len, &e));
+    if (!text) return;
+    t0 = kmed_time_now();
+    CHECK_OK(kmed_json_parse(&doc, text, len, path, 0, &e));
+    t1 = kmed_time_now();
+    printf("tokenizer.json: %zu bytes parsed in %.3f s\n", len, t1 - t0);
+    /* Generous bound: the tokenizer has a 0.5 s load budget; a parse is ~0.1 s here. */
+    CHECKF(TEST_SANITIZED || t1 - t0 < 0.4, "tokenizer.json parse took %.3f s", t1 - t0);
+    model = kmed_json_get(doc.root, "model");
+    vocab = kmed_json_get(model, "vocab");
+    merges = kmed_json_get(model, "merges");
+    CHECK(vocab && vocab->type == KMED_JSON_OBJECT && vocab->len == 256000);
+    CHECK(merges && merges->type == KMED_JSON_ARRAY && merges->len == 580604);
+    CHECK(strcmp(kmed_json_str(kmed_json_get(model, "type"), ""), "BPE") == 0);
+    if (vocab && vocab->len == 256000) {
+        CHECK(strcmp(vocab->kids[0].key, "<pad>") == 0);
+        CHECK(kmed_json_int(&vocab->kids[2], &id) && id == 2 && strcmp(vocab->kids[2].key, "<bos>") == 0);
+        CHECK(kmed_json_int(&vocab->kids[255999], &id) && id == 255999);
+    }
+    if (merges && merges->len == 580604)
+        CHECK(merges->kids[1].len > 0 && strchr(merges->kids[1].str, ' ') != NULL);
+    kmed_json_free(&doc);
+    kmed_free(text);
+}
+
+int main(void)
+{
+    test_json_valid();
+    test_json_strings();
+    test_json_numbers();
+    test_json_malformed();
+    test_json_truncated();
+    test_json_tokenizer();
+    return kmed_test_done();
+}
