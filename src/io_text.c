@@ -611,3 +611,330 @@ KMED_API int kmed_json_bool(const kmed_json *j, int def)
     if (j && j->type == KMED_JSON_FALSE) return 0;
     return def;
 }
+
+/* ---- line streaming ---- */
+
+/* Read granularity; a line that fits in one chunk is returned in place, without a copy. */
+#define KMED__LINES_CHUNK ((size_t)1 << 16)
+
+KMED_API kmed_result kmed_lines_open(kmed_lines *r, const char *path, kmed_error *err)
+{
+    memset(r, 0, sizeof *r);
+    if (!path) return KMED__ERR(err, KMED_ERR_ARG, "kmed_lines_open: NULL path");
+    if (strcmp(path, "-") == 0) {
+        r->f = stdin;
+        snprintf(r->name, sizeof r->name, "<stdin>");
+    } else {
+        r->f = fopen(path, "rb");
+        if (!r->f)
+            return KMED__ERRF(err, errno == ENOENT ? KMED_ERR_NOT_FOUND : KMED_ERR_IO, path,
+                              "cannot open: %s", strerror(errno));
+        r->owns_f = 1;
+        snprintf(r->name, sizeof r->name, "%s", path);
+    }
+    r->in_ = (char *)KMED_MALLOC(KMED__LINES_CHUNK + 1); /* +1: room to NUL-terminate */
+    if (!r->in_) {
+        kmed_lines_close(r);
+        return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
+    }
+    return KMED_OK;
+}
+
+/* Appends n bytes to the spill buffer r->buf (kept with room for a NUL). */
+static int kmed__lines_append(kmed_lines *r, size_t *blen, const char *s, size_t n)
+{
+    if (*blen + n + 1 > r->cap) {
+        size_t cap = r->cap ? r->cap : 256;
+        char *nb;
+        while (cap < *blen + n + 1) cap *= 2;
+        nb = (char *)KMED_REALLOC(r->buf, cap);
+        if (!nb) return 0;
+        r->buf = nb;
+        r->cap = cap;
+    }
+    memcpy(r->buf + *blen, s, n);
+    *blen += n;
+    return 1;
+}
+
+KMED_API kmed_result kmed_lines_next(kmed_lines *r, const char **s, size_t *len, int *eof,
+                                     kmed_error *err)
+{
+    size_t blen = 0;
+    int spilled = 0, too_long = 0;
+    *s = NULL;
+    *len = 0;
+    *eof = 0;
+    if (!r->f || !r->in_) return KMED__ERR(err, KMED_ERR_STATE, "kmed_lines_next: not open");
+    for (;;) {
+        char *start, *nl;
+        size_t avail, take;
+        if (r->in_pos_ == r->in_len_) {
+            size_t got;
+            if (r->eof_) break;
+            got = fread(r->in_, 1, KMED__LINES_CHUNK, r->f);
+            if (got == 0) {
+                if (ferror(r->f))
+                    return kmed_error_set(err, KMED_ERR_IO, r->name, r->line + 1, (size_t)-1,
+                                          "read failed: %s", strerror(errno));
+                r->eof_ = 1;
+                break;
+            }
+            r->in_pos_ = 0;
+            r->in_len_ = got;
+        }
+        start = r->in_ + r->in_pos_;
+        avail = r->in_len_ - r->in_pos_;
+        nl = (char *)memchr(start, '\n', avail);
+        take = nl ? (size_t)(nl - start) : avail;
+        if (nl && !spilled) { /* the whole line is in the read buffer */
+            r->in_pos_ += take + 1;
+            r->line++;
+            if (take > KMED_MAX_LINE_BYTES)
+                return kmed_error_set(err, KMED_ERR_LIMIT, r->name, r->line, (size_t)-1,
+                                      "line longer than %zu bytes (skipped)",
+                                      (size_t)KMED_MAX_LINE_BYTES);
+            r->crlf_ = take > 0 && start[take - 1] == '\r';
+            if (r->crlf_) take--;
+            start[take] = 0;
+            *s = start;
+            *len = take;
+            return KMED_OK;
+        }
+        spilled = 1;
+        if (!too_long && take > KMED_MAX_LINE_BYTES - blen) too_long = 1;
+        if (!too_long && !kmed__lines_append(r, &blen, start, take))
+            return kmed_error_set(err, KMED_ERR_NOMEM, r->name, r->line + 1, (size_t)-1,
+                                  "out of memory for a %zu-byte line", blen + take);
+        r->in_pos_ += take + (nl ? 1 : 0);
+        if (nl) break;
+    }
+    if (!spilled) {
+        *eof = 1;
+        return KMED_OK;
+    }
+    r->line++;
+    if (too_long)
+        return kmed_error_set(err, KMED_ERR_LIMIT, r->name, r->line, (size_t)-1,
+                              "line longer than %zu bytes (skipped)",
+                              (size_t)KMED_MAX_LINE_BYTES);
+    r->crlf_ = blen > 0 && r->buf[blen - 1] == '\r';
+    if (r->crlf_) blen--;
+    r->buf[blen] = 0;
+    *s = r->buf;
+    *len = blen;
+    return KMED_OK;
+}
+
+KMED_API void kmed_lines_close(kmed_lines *r)
+{
+    if (r->f && r->owns_f) fclose(r->f);
+    KMED_FREE(r->buf);
+    KMED_FREE(r->in_);
+    memset(r, 0, sizeof *r);
+}
+
+/* ---- JSONL ---- */
+
+KMED_API kmed_result kmed_jsonl_open(kmed_jsonl *r, const char *path, kmed_error *err)
+{
+    memset(r, 0, sizeof *r);
+    return kmed_lines_open(&r->lines, path, err);
+}
+
+KMED_API kmed_result kmed_jsonl_next(kmed_jsonl *r, const kmed_json **value, int *eof,
+                                     kmed_error *err)
+{
+    *value = NULL;
+    kmed_json_free(&r->doc);
+    for (;;) {
+        const char *s;
+        size_t len, i;
+        kmed_result res = kmed_lines_next(&r->lines, &s, &len, eof, err);
+        if (res != KMED_OK || *eof) return res;
+        for (i = 0; i < len && (s[i] == ' ' || s[i] == '\t' || s[i] == '\r'); i++) {}
+        if (i == len) continue; /* blank line */
+        res = kmed_json_parse(&r->doc, s, len, r->lines.name, r->lines.line, err);
+        if (res != KMED_OK) {
+            kmed_json_free(&r->doc);
+            return res;
+        }
+        *value = r->doc.root;
+        return KMED_OK;
+    }
+}
+
+KMED_API void kmed_jsonl_close(kmed_jsonl *r)
+{
+    kmed_json_free(&r->doc);
+    kmed_lines_close(&r->lines);
+}
+
+/* ---- CSV ---- */
+
+/* Ends the field that began at rowbuf_ offset `from`: NUL-terminates it and records its
+   length in c->fields[*nf] (pointers are set once the row is complete). */
+static int kmed__csv_end_field(kmed_csv *c, size_t from, size_t *nf)
+{
+    if (*nf == c->fields_cap_) {
+        size_t cap = c->fields_cap_ ? c->fields_cap_ * 2 : 16;
+        kmed_csv_field *f = (kmed_csv_field *)KMED_REALLOC(c->fields, cap * sizeof *f);
+        if (!f) return 0;
+        c->fields = f;
+        c->fields_cap_ = cap;
+    }
+    c->fields[*nf].s = NULL;
+    c->fields[*nf].len = c->rowbuf_.len - from;
+    (*nf)++;
+    kmed_buf_put(&c->rowbuf_, "", 1);
+    return !c->rowbuf_.failed;
+}
+
+/* Reads one record (possibly several physical lines) into c->rowbuf_ and c->fields. */
+static kmed_result kmed__csv_row(kmed_csv *c, size_t *nf, int *eof, kmed_error *err)
+{
+    const char *s;
+    size_t len, i, from;
+    int in_quotes = 0, after_quote = 0, at_start = 1;
+    kmed_result r;
+    *nf = 0;
+    c->rowbuf_.len = 0;
+    c->rowbuf_.failed = 0;
+    /* Blank lines between records are skipped, except in a one-column file where an
+       empty line is a record holding one empty field. */
+    do {
+        r = kmed_lines_next(&c->lines, &s, &len, eof, err);
+        if (r != KMED_OK || *eof) return r;
+        if (c->lines.line == 1 && len >= 3 && memcmp(s, "\xef\xbb\xbf", 3) == 0) {
+            s += 3;
+            len -= 3;
+        }
+    } while (len == 0 && c->n_cols != 1);
+    c->row_line = c->lines.line;
+    from = 0;
+    for (;;) {
+        i = 0;
+        while (i < len) {
+            if (in_quotes) {
+                const char *q = (const char *)memchr(s + i, '"', len - i);
+                size_t run = q ? (size_t)(q - (s + i)) : len - i;
+                kmed_buf_put(&c->rowbuf_, s + i, run);
+                i += run;
+                if (i == len) break;
+                if (i + 1 < len && s[i + 1] == '"') { kmed_buf_put(&c->rowbuf_, "\"", 1); i += 2; }
+                else { in_quotes = 0; after_quote = 1; i++; }
+            } else if (s[i] == ',') {
+                if (!kmed__csv_end_field(c, from, nf)) goto nomem;
+                from = c->rowbuf_.len;
+                at_start = 1;
+                after_quote = 0;
+                i++;
+            } else if (after_quote) {
+                return kmed_error_set(err, KMED_ERR_FORMAT, c->lines.name, c->lines.line,
+                                      (size_t)-1, "field %zu of the row starting at line %zu: "
+                                      "expected ',' or end of line after closing quote, "
+                                      "found '%c'", *nf + 1, c->row_line, s[i]);
+            } else if (s[i] == '"' && at_start) {
+                in_quotes = 1;
+                at_start = 0;
+                i++;
+            } else {
+                /* A quote inside an unquoted field is taken literally (5" tube). */
+                size_t j = i + 1;
+                while (j < len && s[j] != ',') j++;
+                kmed_buf_put(&c->rowbuf_, s + i, j - i);
+                at_start = 0;
+                i = j;
+            }
+        }
+        if (c->rowbuf_.failed) goto nomem;
+        if (!in_quotes) break;
+        if (c->rowbuf_.len > KMED_MAX_LINE_BYTES)
+            return kmed_error_set(err, KMED_ERR_LIMIT, c->lines.name, c->row_line, (size_t)-1,
+                                  "record longer than %zu bytes", (size_t)KMED_MAX_LINE_BYTES);
+        /* The quoted field goes on: keep the line break as the file had it. */
+        kmed_buf_put(&c->rowbuf_, c->lines.crlf_ ? "\r\n" : "\n", c->lines.crlf_ ? 2 : 1);
+        r = kmed_lines_next(&c->lines, &s, &len, eof, err);
+        if (r != KMED_OK) return r;
+        if (*eof) {
+            *eof = 0;
+            return kmed_error_set(err, KMED_ERR_FORMAT, c->lines.name, c->row_line, (size_t)-1,
+                                  "quoted field %zu never closed (end of file reached)",
+                                  *nf + 1);
+        }
+    }
+    if (!kmed__csv_end_field(c, from, nf)) goto nomem;
+    for (i = 0, from = 0; i < *nf; i++) {
+        c->fields[i].s = c->rowbuf_.data + from;
+        from += c->fields[i].len + 1;
+    }
+    return KMED_OK;
+nomem:
+    return kmed_error_set(err, KMED_ERR_NOMEM, c->lines.name, c->row_line, (size_t)-1,
+                          "out of memory");
+}
+
+KMED_API kmed_result kmed_csv_open(kmed_csv *c, const char *path, kmed_error *err)
+{
+    size_t nf, i, bytes, total = 0;
+    int eof;
+    char *p;
+    kmed_result r;
+    memset(c, 0, sizeof *c);
+    r = kmed_lines_open(&c->lines, path, err);
+    if (r != KMED_OK) return r;
+    r = kmed__csv_row(c, &nf, &eof, err);
+    if (r == KMED_OK && eof)
+        r = kmed_error_set(err, KMED_ERR_FORMAT, c->lines.name, 0, (size_t)-1,
+                           "empty file: expected a header row");
+    if (r != KMED_OK) {
+        kmed_csv_close(c);
+        return r;
+    }
+    /* One block: the pointer array, then the names. */
+    for (i = 0; i < nf; i++) total += c->fields[i].len + 1;
+    if (!kmed__mul_ok(nf, sizeof(char *), &bytes) || bytes > (size_t)-1 - total ||
+        !(c->header = (char **)KMED_MALLOC(bytes + total))) {
+        kmed_csv_close(c);
+        return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
+    }
+    p = (char *)(c->header + nf);
+    for (i = 0; i < nf; i++) {
+        memcpy(p, c->fields[i].s, c->fields[i].len + 1);
+        c->header[i] = p;
+        p += c->fields[i].len + 1;
+    }
+    c->n_cols = nf;
+    return KMED_OK;
+}
+
+KMED_API kmed_result kmed_csv_next(kmed_csv *c, int *eof, kmed_error *err)
+{
+    size_t nf;
+    kmed_result r;
+    *eof = 0;
+    if (!c->header) return KMED__ERR(err, KMED_ERR_STATE, "kmed_csv_next: not open");
+    r = kmed__csv_row(c, &nf, eof, err);
+    if (r != KMED_OK || *eof) return r;
+    if (nf != c->n_cols)
+        return kmed_error_set(err, KMED_ERR_FORMAT, c->lines.name, c->row_line, (size_t)-1,
+                              "row has %zu fields, the header has %zu", nf, c->n_cols);
+    return KMED_OK;
+}
+
+KMED_API int kmed_csv_col(const kmed_csv *c, const char *name)
+{
+    size_t i;
+    for (i = 0; i < c->n_cols; i++)
+        if (strcmp(c->header[i], name) == 0) return (int)i;
+    return -1;
+}
+
+KMED_API void kmed_csv_close(kmed_csv *c)
+{
+    kmed_lines_close(&c->lines);
+    KMED_FREE(c->header);
+    KMED_FREE(c->fields);
+    kmed_buf_free(&c->rowbuf_);
+    memset(c, 0, sizeof *c);
+}

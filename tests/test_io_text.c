@@ -312,6 +312,219 @@ static void test_json_tokenizer(void)
     kmed_free(text);
 }
 
+/* Writes n bytes to a fresh temp file; returns its path in out. */
+static void write_tmp(char *out, size_t cap, const char *tag, const char *data, size_t n)
+{
+    FILE *f;
+    snprintf(out, cap, "/tmp/kmed_test_io_text_%ld_%s", (long)getpid(), tag);
+    f = fopen(out, "wb");
+    CHECKF(f != NULL, "cannot create %s", out);
+    if (!f) return;
+    CHECK(fwrite(data, 1, n, f) == n);
+    fclose(f);
+}
+
+static void test_lines(void)
+{
+    static const char text[] = "a\r\nb\n\nx\0y\nlone\rcr\nlast";
+    char path[256];
+    const char *s;
+    size_t len, i, n;
+    int eof;
+    char *big;
+    kmed_lines r;
+    kmed_error e = {0};
+    write_tmp(path, sizeof path, "lines", text, sizeof text - 1);
+    CHECK_OK(kmed_lines_open(&r, path, &e));
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && len == 1 && strcmp(s, "a") == 0 && r.line == 1);
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && len == 1 && strcmp(s, "b") == 0 && r.line == 2);
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && len == 0 && s[0] == 0 && r.line == 3);
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && len == 3 && memcmp(s, "x\0y", 4) == 0);
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && len == 7 && strcmp(s, "lone\rcr") == 0); /* only a final \r is stripped */
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && len == 4 && strcmp(s, "last") == 0 && r.line == 6);
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(eof && s == NULL && r.line == 6);
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(eof);
+    kmed_lines_close(&r);
+    remove(path);
+
+    /* Empty file; missing file. */
+    write_tmp(path, sizeof path, "empty", "", 0);
+    CHECK_OK(kmed_lines_open(&r, path, &e));
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(eof && r.line == 0);
+    kmed_lines_close(&r);
+    remove(path);
+    CHECK(kmed_lines_open(&r, "/nonexistent/kmed.txt", &e) == KMED_ERR_NOT_FOUND &&
+          strstr(e.msg, "/nonexistent/kmed.txt") != NULL);
+    kmed_lines_close(&r);
+
+    /* Lines across read chunks: a CRLF split over the 64 KiB boundary, a 3 MB line. */
+    n = 65535 + 2 + 3000000 + 1 + 2;
+    big = (char *)malloc(n);
+    if (!big) return;
+    memset(big, 'q', n);
+    big[65535] = '\r';
+    big[65536] = '\n';
+    big[65537 + 3000000] = '\n';
+    big[n - 2] = '\r'; /* a last line of just "\r" without '\n': "" */
+    big[n - 1] = 'z';
+    write_tmp(path, sizeof path, "chunks", big, n);
+    CHECK_OK(kmed_lines_open(&r, path, &e));
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && len == 65535 && s[65535] == 0 && s[0] == 'q' && s[65534] == 'q');
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    for (i = 0; s && i < len && s[i] == 'q'; i++) {}
+    CHECK(!eof && len == 3000000 && i == len && s[len] == 0);
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && len == 2 && memcmp(s, "\rz", 3) == 0 && r.line == 3);
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(eof);
+    kmed_lines_close(&r);
+    remove(path);
+    free(big);
+}
+
+static void test_jsonl(void)
+{
+    kmed_buf b = {0};
+    char path[256];
+    size_t i, big_len = (size_t)5 << 20;
+    int eof, i64ok;
+    int64_t v;
+    const kmed_json *j;
+    kmed_jsonl r;
+    kmed_error e = {0};
+    kmed_buf_puts(&b, "{\"a\": 1}\n\n   \t\n{\"a\": 2\n{\"big\": \"");  /* lines 1-5 */
+    for (i = 0; i < big_len; i++) kmed_buf_put(&b, i % 3 ? "x" : "\xea\xb0\x80", i % 3 ? 1 : 3);
+    kmed_buf_puts(&b, "\"}\n[1,]\n{\"a\": 3}\r\n{\"a\": \"\\ud800\"}\n{\"a\": 4}"); /* 6-9 */
+    CHECK(!b.failed);
+    write_tmp(path, sizeof path, "x.jsonl", b.data, b.len);
+    kmed_buf_free(&b);
+    CHECK_OK(kmed_jsonl_open(&r, path, &e));
+    CHECK_OK(kmed_jsonl_next(&r, &j, &eof, &e));
+    CHECK(!eof && kmed_json_num(kmed_json_get(j, "a"), 0) == 1 && r.lines.line == 1);
+    CHECK(kmed_jsonl_next(&r, &j, &eof, &e) == KMED_ERR_FORMAT && j == NULL && !eof);
+    CHECKF(e.line == 4 && strstr(e.msg, "x.jsonl:4: offset 7: expected ',' or '}'"), "%s", e.msg);
+    CHECK_OK(kmed_jsonl_next(&r, &j, &eof, &e));
+    j = kmed_json_get(j, "big");
+    CHECK(!eof && r.lines.line == 5 && j && j->len == big_len + 2 * ((big_len + 2) / 3));
+    CHECK(kmed_jsonl_next(&r, &j, &eof, &e) == KMED_ERR_FORMAT && !eof);
+    CHECKF(e.line == 6 && strstr(e.msg, ":6: offset 3: trailing comma"), "%s", e.msg);
+    CHECK_OK(kmed_jsonl_next(&r, &j, &eof, &e));
+    i64ok = kmed_json_int(kmed_json_get(j, "a"), &v);
+    CHECK(!eof && i64ok && v == 3 && r.lines.line == 7);
+    CHECK(kmed_jsonl_next(&r, &j, &eof, &e) == KMED_ERR_FORMAT);
+    CHECKF(e.line == 8 && strstr(e.msg, "surrogate"), "%s", e.msg);
+    CHECK_OK(kmed_jsonl_next(&r, &j, &eof, &e));
+    CHECK(!eof && kmed_json_num(kmed_json_get(j, "a"), 0) == 4 && r.lines.line == 9);
+    CHECK_OK(kmed_jsonl_next(&r, &j, &eof, &e));
+    CHECK(eof && j == NULL);
+    kmed_jsonl_close(&r);
+    remove(path);
+}
+
+/* Field i of the current row equals want (NUL-terminated, exact length). */
+static int field_is(const kmed_csv *c, size_t i, const char *want)
+{
+    return i < c->n_cols && c->fields[i].len == strlen(want) &&
+           memcmp(c->fields[i].s, want, c->fields[i].len + 1) == 0;
+}
+
+static void test_csv(void)
+{
+    static const char text[] =
+        "\xef\xbb\xbfid,text,answer\r\n"     /* 1: header after a BOM */
+        "1,plain,A\r\n"                       /* 2 */
+        "2,\"quoted, with comma\",B\r\n"      /* 3 */
+        "3,\"say \"\"hi\"\"\",C\r\n"          /* 4 */
+        "4,\"multi\r\nline\nfield\",D\r\n"    /* 5-7: embedded CRLF and LF */
+        "5,too,many,fields\r\n"               /* 8: ragged */
+        "6,,\r\n"                             /* 9: empty fields */
+        "7,\"\",\"\xed\x95\x9c\"\r\n"         /* 10 */
+        "\r\n"                                /* 11: blank, skipped */
+        "8\r\n"                               /* 12: ragged */
+        "9,\"a\"b,C\r\n"                      /* 13: junk after closing quote */
+        "10,5\" tube,E\r\n"                   /* 14: bare quote taken literally */
+        "11,\"\n\",\"\"\"\"\n"                /* 15-16 */
+        "12,last,Z";                          /* 17: no final newline */
+    char path[256];
+    int eof;
+    kmed_csv c;
+    kmed_error e = {0};
+    write_tmp(path, sizeof path, "a.csv", text, sizeof text - 1);
+    CHECK_OK(kmed_csv_open(&c, path, &e));
+    CHECK(c.n_cols == 3 && strcmp(c.header[0], "id") == 0 && strcmp(c.header[2], "answer") == 0);
+    CHECK(kmed_csv_col(&c, "text") == 1 && kmed_csv_col(&c, "id") == 0 &&
+          kmed_csv_col(&c, "nope") == -1);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(!eof && field_is(&c, 0, "1") && field_is(&c, 1, "plain") && field_is(&c, 2, "A"));
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 1, "quoted, with comma") && field_is(&c, 2, "B") && c.row_line == 3);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 1, "say \"hi\"") && field_is(&c, 2, "C"));
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 1, "multi\r\nline\nfield") && field_is(&c, 2, "D") && c.row_line == 5);
+    CHECK(kmed_csv_next(&c, &eof, &e) == KMED_ERR_FORMAT && !eof);
+    CHECKF(e.line == 8 && strstr(e.msg, "a.csv:8: row has 4 fields, the header has 3"), "%s",
+           e.msg);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 0, "6") && field_is(&c, 1, "") && field_is(&c, 2, ""));
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 0, "7") && field_is(&c, 1, "") && field_is(&c, 2, "\xed\x95\x9c"));
+    CHECK(kmed_csv_next(&c, &eof, &e) == KMED_ERR_FORMAT && !eof);
+    CHECKF(e.line == 12 && strstr(e.msg, "row has 1 fields"), "%s", e.msg);
+    CHECK(kmed_csv_next(&c, &eof, &e) == KMED_ERR_FORMAT && !eof);
+    CHECKF(e.line == 13 && strstr(e.msg, "after closing quote"), "%s", e.msg);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 0, "10") && field_is(&c, 1, "5\" tube") && c.row_line == 14);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 1, "\n") && field_is(&c, 2, "\"") && c.row_line == 15);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(!eof && field_is(&c, 0, "12") && field_is(&c, 2, "Z") && c.row_line == 17);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(eof);
+    kmed_csv_close(&c);
+    remove(path);
+
+    /* An unterminated quote at EOF is an error naming the row's first line, then EOF. */
+    write_tmp(path, sizeof path, "b.csv", "q,a\n1,\"open\nmore\n", 18);
+    CHECK_OK(kmed_csv_open(&c, path, &e));
+    CHECK(kmed_csv_next(&c, &eof, &e) == KMED_ERR_FORMAT && !eof);
+    CHECKF(e.line == 2 && strstr(e.msg, "never closed"), "%s", e.msg);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(eof);
+    kmed_csv_close(&c);
+    remove(path);
+
+    /* One column: an empty line is a record with one empty field. */
+    write_tmp(path, sizeof path, "c.csv", "only\nx\n\ny\n", 10);
+    CHECK_OK(kmed_csv_open(&c, path, &e));
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 0, "x"));
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(!eof && field_is(&c, 0, "") && c.row_line == 3);
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(field_is(&c, 0, "y"));
+    CHECK_OK(kmed_csv_next(&c, &eof, &e));
+    CHECK(eof);
+    kmed_csv_close(&c);
+    remove(path);
+
+    /* Empty file: no header. */
+    write_tmp(path, sizeof path, "d.csv", "", 0);
+    CHECK(kmed_csv_open(&c, path, &e) == KMED_ERR_FORMAT && strstr(e.msg, "header"));
+    kmed_csv_close(&c);
+    remove(path);
+}
+
 int main(void)
 {
     test_json_valid();
@@ -320,5 +533,8 @@ int main(void)
     test_json_malformed();
     test_json_truncated();
     test_json_tokenizer();
+    test_lines();
+    test_jsonl();
+    test_csv();
     return kmed_test_done();
 }
