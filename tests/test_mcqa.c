@@ -1,0 +1,167 @@
+/* mcqa: item loading, lm-eval prompt text byte for byte, answer extraction, statistics,
+   reports. Model scoring is checked against the fixture model's golden logits. */
+#define KMED_IMPLEMENTATION
+#include "kmed.h"
+#include "test.h"
+
+static void test_load_and_prompts(void)
+{
+    kmed_error e = {0};
+    kmed_mcqa_set items = {0}, shots = {0};
+    kmed_buf b = {0};
+    CHECK_OK(kmed_mcqa_load(&items, "tests/data/mcqa/doctor_test.jsonl", NULL, &e));
+    CHECK(items.n == 2);
+    CHECK(items.n == 2 && strcmp(items.items[0].subset, "doctor") == 0); /* from file name */
+    CHECK(items.n == 2 && items.items[0].answer == 2 && items.items[0].year == 2023);
+    CHECK(items.n == 2 && strcmp(items.items[0].id, "doctor-2023-1-12") == 0);
+    CHECK(items.n == 2 && items.items[0].cot == NULL);
+    CHECK_OK(kmed_mcqa_load(&shots, "tests/data/mcqa/fewshot.csv", NULL, &e));
+    CHECK(shots.n == 3);
+    if (items.n != 2 || shots.n != 3) goto out;
+    CHECK(strcmp(shots.items[1].subset, "nurse") == 0 && shots.items[2].answer == 5);
+    CHECK(strcmp(shots.items[2].opt[1], "둘, 셋") == 0);
+    CHECK(strcmp(shots.items[2].cot, "풀이 \"인용\"") == 0);
+
+    /* zero-shot: question stripped (Python str.strip: \r\n and spaces), colon U+FF1A */
+    CHECK_OK(kmed_mcqa_prompt(&items.items[0], NULL, 0, 0, &b, &e));
+    CHECKF(strcmp(b.data, "다음 중 제2형 당뇨병의 1차 치료제로 가장 적절한 것은?\nA. 인슐린\n"
+                          "B. 메트포르민\nC. 설포닐우레아\nD. 피오글리타존\nE. 아카보스\n정답：") == 0,
+           "zero-shot prompt:\n%s", b.data);
+    /* content inside the question stays as it is */
+    b.len = 0;
+    CHECK_OK(kmed_mcqa_prompt(&items.items[1], NULL, 0, 0, &b, &e));
+    CHECK(strncmp(b.data, "혈액검사 결과：Hb 9.1 g/dL｜MCV 70 fL～ 가장", 40) == 0);
+    /* 2-shot: exemplars of the item's subset only, in file order, " {letter}", "\n\n" */
+    b.len = 0;
+    CHECK_OK(kmed_mcqa_prompt(&items.items[1], &shots, 2, 0, &b, &e));
+    CHECKF(strcmp(b.data,
+                  "첫 번째 예시 문제?\nA. 가\nB. 나\nC. 다\nD. 라\nE. 마\n정답： C\n\n"
+                  "두 번째 예시\n(줄바꿈 포함)\nA. 하나\nB. 둘, 셋\nC. 넷\nD. 다섯\nE. 여섯\n정답： E\n\n"
+                  "혈액검사 결과：Hb 9.1 g/dL｜MCV 70 fL～ 가장 가능성이 높은 진단은?\nA. 철결핍빈혈\n"
+                  "B. 거대적혈모구빈혈\nC. 재생불량빈혈\nD. 용혈빈혈\nE. 지중해빈혈\n정답：") == 0,
+           "2-shot prompt:\n%s", b.data);
+    /* chat wrapping */
+    b.len = 0;
+    CHECK_OK(kmed_mcqa_prompt(&items.items[0], NULL, 0, 1, &b, &e));
+    CHECK(strncmp(b.data, "<bos><start_of_turn>user\n다음 중", 29) == 0);
+    CHECK(b.len > 35 && strcmp(b.data + b.len - 35, "<end_of_turn>\n<start_of_turn>model\n") == 0);
+    /* too few exemplars */
+    b.len = 0;
+    CHECK(kmed_mcqa_prompt(&items.items[0], &shots, 3, 0, &b, &e) == KMED_ERR_NOT_FOUND);
+out:
+    kmed_buf_free(&b);
+    kmed_mcqa_free(&items);
+    kmed_mcqa_free(&shots);
+}
+
+static void test_bad_items(void)
+{
+    kmed_error e = {0};
+    kmed_mcqa_set s = {0};
+    CHECK(kmed_mcqa_load(&s, "tests/data/mcqa/bad_missing_e.jsonl", "nurse", &e) == KMED_ERR_FORMAT);
+    CHECKF(strstr(e.msg, "bad_missing_e.jsonl:1") && strstr(e.msg, "'E'"), "%s", e.msg);
+    CHECK(kmed_mcqa_load(&s, "tests/data/mcqa/bad_answer.jsonl", "nurse", &e) == KMED_ERR_FORMAT);
+    CHECKF(strstr(e.msg, "bad_answer.jsonl:2") && strstr(e.msg, "answer"), "%s", e.msg);
+    CHECK(s.n == 0); /* a failed load adds nothing */
+    CHECK(kmed_mcqa_load(&s, "tests/data/mcqa/none.jsonl", NULL, &e) == KMED_ERR_NOT_FOUND);
+    kmed_mcqa_free(&s);
+}
+
+static void test_extract(void)
+{
+    static const struct { const char *text; int want; } cases[] = {
+        {"B", 1},
+        {" c", 2},
+        {"정답: D", 3},
+        {"정답:D 그리고 정답 e", 4},            /* last match of pattern 1 */
+        {"정답：A", 0},                          /* fullwidth colon is not in [:\s]: falls to \b */
+        {"정답은 B입니다", 1},
+        {"정답은 C 입니다. 하지만 A. 도", 2},    /* "은" stops pattern 1; pattern 2 wins */
+        {"답은 A. 아니 B. 입니다", 1},           /* \b([A-E])\. last match */
+        {"I think the answer is e", 4},          /* \b([A-E])\b: "e" */
+        {"ABC", -1},                             /* no boundaries around letters */
+        {"가B", -1},                             /* Hangul is a word character */
+        {"(D)", 3},
+        {"F G H", -1},
+        {"", -1},
+        {"a and b", 1},                          /* last of pattern 4 */
+        {"정답\n\n E", 4},
+    };
+    size_t i;
+    for (i = 0; i < sizeof cases / sizeof *cases; i++) {
+        int got = kmed_mcqa_extract(cases[i].text, strlen(cases[i].text));
+        CHECKF(got == cases[i].want, "extract(\"%s\") = %d, want %d", cases[i].text, got,
+               cases[i].want);
+    }
+}
+
+static void test_stats(void)
+{
+    double lo, hi;
+    /* Wilson 95%: 8/10 -> [0.4902, 0.9433] (hand-computed from the closed form) */
+    kmed_mcqa_wilson(8, 10, 1.959963984540054, &lo, &hi);
+    CHECKF(fabs(lo - 0.490162) < 1e-5 && fabs(hi - 0.943317) < 1e-5, "%f %f", lo, hi);
+    kmed_mcqa_wilson(0, 20, 1.959963984540054, &lo, &hi);
+    CHECKF(lo == 0 && fabs(hi - 0.161130) < 1e-5, "%f %f", lo, hi);
+    /* exact McNemar: b=1, c=9: 2 * (1 + 10) / 1024 */
+    CHECKF(fabs(kmed_mcqa_mcnemar(1, 9) - 22.0 / 1024) < 1e-12, "%g", kmed_mcqa_mcnemar(1, 9));
+    CHECK(kmed_mcqa_mcnemar(5, 5) == 1.0);
+    CHECK(kmed_mcqa_mcnemar(0, 0) == 1.0);
+    /* b=0, c=20: 2 / 2^20 */
+    CHECKF(fabs(kmed_mcqa_mcnemar(0, 20) - 2.0 / 1048576) < 1e-15, "%g", kmed_mcqa_mcnemar(0, 20));
+    CHECK(kmed_mcqa_mcnemar(3000, 3300) < 1e-3 && kmed_mcqa_mcnemar(3000, 3300) > 0);
+}
+
+static void test_summary_report(void)
+{
+    kmed_error e = {0};
+    kmed_mcqa_set s = {0};
+    kmed_mcqa_summary sum;
+    kmed_mcqa_config cfg = {0};
+    kmed_buf b = {0};
+    kmed_json_doc doc = {0};
+    CHECK_OK(kmed_mcqa_load(&s, "tests/data/mcqa/doctor_test.jsonl", NULL, &e));
+    CHECK_OK(kmed_mcqa_load(&s, "tests/data/mcqa/fewshot.csv", NULL, &e));
+    if (s.n != 5) { CHECK(s.n == 5); kmed_mcqa_free(&s); return; }
+    /* doctor: items 0,1,2,4 -> right, wrong, right, unparsed; nurse: item 3 right */
+    {
+        kmed_mcqa_pred all[5];
+        memset(all, 0, sizeof all);
+        all[0].pred = 1; all[1].pred = 3; all[2].pred = 2; all[3].pred = 0; all[4].pred = -1;
+        kmed_mcqa_summarize(&s, all, &sum);
+    }
+    CHECK(sum.n_subsets == 2);
+    CHECK(strcmp(sum.sub[0].subset, "doctor") == 0 && sum.sub[0].n == 4 && sum.sub[0].correct == 2);
+    CHECK(sum.sub[0].unparsed == 1);
+    CHECK(strcmp(sum.sub[1].subset, "nurse") == 0 && sum.sub[1].n == 1 && sum.sub[1].correct == 1);
+    CHECK(sum.overall.n == 5 && fabs(sum.overall.acc - 0.6) < 1e-12);
+    CHECK(fabs(sum.macro - 0.75) < 1e-12);
+    kmed_mcqa_report_json(&sum, &cfg, "tiny", "preds.jsonl", &b);
+    CHECK_OK(kmed_json_parse(&doc, b.data, b.len, "report", 0, &e));
+    if (doc.root) {
+        const kmed_json *r = kmed_json_get(kmed_json_get(doc.root, "results"), "kormedmcqa_doctor");
+        CHECK(fabs(kmed_json_num(kmed_json_get(r, "acc,none"), -1) - 0.5) < 1e-9);
+        CHECK(fabs(kmed_json_num(kmed_json_get(kmed_json_get(doc.root, "kmed"), "macro_accuracy"), -1) - 0.75) < 1e-9);
+    }
+    kmed_json_free(&doc);
+    b.len = 0;
+    {
+        const char *labels[2] = {"base", "adapter"};
+        kmed_mcqa_summary runs[2];
+        runs[0] = sum; runs[1] = sum;
+        kmed_mcqa_chart_svg(runs, labels, 2, &b);
+        CHECK(strncmp(b.data, "<svg", 4) == 0 && strstr(b.data, "</svg>") && strstr(b.data, "nurse"));
+    }
+    kmed_buf_free(&b);
+    kmed_mcqa_free(&s);
+}
+
+int main(void)
+{
+    test_load_and_prompts();
+    test_bad_items();
+    test_extract();
+    test_stats();
+    test_summary_report();
+    return kmed_test_done();
+}
