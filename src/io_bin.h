@@ -60,6 +60,9 @@ KMED_API kmed_result kmed_st_open(kmed_st *st, const char *path, kmed_error *err
 KMED_API void kmed_st_close(kmed_st *st);
 /* Tensor by name, or NULL. */
 KMED_API const kmed_tensor_info *kmed_st_find(const kmed_st *st, const char *name);
+/* The dtype text of tensor i as stored ("BF16", "F8_E4M3", ...), for types kmed lists as
+   KMED_DTYPE_UNKNOWN; NULL if i is out of range. Owned by st. */
+KMED_API const char *kmed_st_dtype_str(const kmed_st *st, size_t i);
 
 /* Streaming safetensors writer: the header is written from the descriptors (data
    ignored), then the tensor bytes are appended in the same order, one put per tensor,
@@ -125,7 +128,7 @@ KMED_API kmed_result kmed_gguf_open(kmed_gguf *g, const char *path, kmed_error *
 KMED_API void kmed_gguf_close(kmed_gguf *g);
 KMED_API const kmed_gguf_kv *kmed_gguf_find_kv(const kmed_gguf *g, const char *key);
 KMED_API const kmed_tensor_info *kmed_gguf_find_tensor(const kmed_gguf *g, const char *name);
-/* GGML type name ("Q4_K", ...) for messages; "type N" text for numbers it does not know. */
+/* GGML type name ("Q4_K", ...) for messages; "unknown" for numbers it does not know. */
 KMED_API const char *kmed_ggml_type_name(int ggml_type);
 
 /* Streaming GGUF writer: add metadata, declare every tensor (name, dtype, shape), then
@@ -139,6 +142,8 @@ typedef struct kmed_gguf_writer {
     kmed_tensor_info *tensors_; size_t n_tensors_, cap_tensors_, next_;
     char **names_;
     int header_done_;
+    kmed_buf keys_;              /* private: keys added so far, NUL-separated */
+    char bad_[200];              /* private: first misuse of a void add_* call */
 } kmed_gguf_writer;
 KMED_API kmed_result kmed_gguf_writer_open(kmed_gguf_writer *w, const char *path,
                                            size_t alignment, kmed_error *err);
