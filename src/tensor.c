@@ -219,6 +219,7 @@ struct kmed_pool {
 #endif
 };
 
+#ifndef KMED_NO_THREADS
 /* The fixed range of thread t: chunks of `grain` split as evenly as possible. */
 static void kmed__pool_range(size_t n, size_t grain, int t, int nt, size_t *b, size_t *e)
 {
@@ -228,7 +229,6 @@ static void kmed__pool_range(size_t n, size_t grain, int t, int nt, size_t *b, s
     *e = c1 * grain < n ? c1 * grain : n;
 }
 
-#ifndef KMED_NO_THREADS
 typedef struct kmed__pool_arg { kmed_pool *pool; int t; } kmed__pool_arg;
 
 static void *kmed__pool_worker(void *arg)

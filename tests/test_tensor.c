@@ -414,6 +414,103 @@ static void test_pool(void)
     CHECK(kmed_pool_create(&pool, -1, &e) == KMED_ERR_ARG);
 }
 
+/* THE key check: quantizing the fixture's BF16 weights with kmed_quantize_row gives exactly
+   the blocks llama-quantize stored in the GGUF files. */
+static void map_name(const char *hf, char *out, size_t cap)
+{
+    static const char *const pairs[][2] = {
+        { "self_attn.q_proj", "attn_q" }, { "self_attn.k_proj", "attn_k" },
+        { "self_attn.v_proj", "attn_v" }, { "self_attn.o_proj", "attn_output" },
+        { "mlp.gate_proj", "ffn_gate" }, { "mlp.up_proj", "ffn_up" },
+        { "mlp.down_proj", "ffn_down" }
+    };
+    int layer;
+    char rest[128];
+    size_t i;
+    out[0] = 0;
+    if (strcmp(hf, "model.embed_tokens.weight") == 0) {
+        snprintf(out, cap, "token_embd.weight");
+        return;
+    }
+    if (sscanf(hf, "model.layers.%d.%127[^\n]", &layer, rest) != 2) return;
+    for (i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
+        size_t l = strlen(pairs[i][0]);
+        if (strncmp(rest, pairs[i][0], l) == 0 && strcmp(rest + l, ".weight") == 0)
+            snprintf(out, cap, "blk.%d.%s.weight", layer, pairs[i][1]);
+    }
+}
+
+static void test_fixture_quant(void)
+{
+    static const char *const files[] = { "tiny-gemma2-q8_0.gguf", "tiny-gemma2-q4_0-pure.gguf" };
+    static const kmed_dtype qtypes[] = { KMED_Q8_0, KMED_Q4_0 };
+    const char *fx = kmed_test_fixtures();
+    kmed_error e = { 0 };
+    kmed_st st;
+    char path[1200];
+    size_t fi, ti;
+    if (!fx) return;
+    snprintf(path, sizeof path, "%s/tiny-gemma2", fx);
+    CHECK_OK(kmed_st_open(&st, path, &e));
+    if (e.code) return;
+    for (fi = 0; fi < 2; fi++) {
+        kmed_gguf g;
+        size_t compared = 0, blocks = 0, bad_blocks = 0;
+        snprintf(path, sizeof path, "%s/tiny-gemma2/gguf/%s", fx, files[fi]);
+        CHECK_OK(kmed_gguf_open(&g, path, &e));
+        if (e.code) break;
+        for (ti = 0; ti < st.n_tensors; ti++) {
+            const kmed_tensor_info *t = &st.tensors[ti];
+            const kmed_tensor_info *q;
+            char gname[256];
+            size_t rows, cols, r, rb;
+            float *row;
+            unsigned char *out;
+            if (t->ndim != 2) continue;
+            map_name(t->name, gname, sizeof gname);
+            CHECKF(gname[0] != 0, "no GGUF name for %s", t->name);
+            q = kmed_gguf_find_tensor(&g, gname);
+            CHECKF(q != NULL, "%s: %s missing", files[fi], gname);
+            if (!q) continue;
+            CHECKF(q->dtype == qtypes[fi], "%s: %s has dtype %d", files[fi], gname, q->dtype);
+            CHECK(t->dtype == KMED_BF16);
+            rows = (size_t)t->shape[0];
+            cols = (size_t)t->shape[1];
+            CHECKF(q->ndim == 2 && q->shape[0] == rows && q->shape[1] == cols,
+                   "%s shape", gname);
+            rb = kmed__tensor_row_bytes(qtypes[fi], cols);
+            if (q->dtype != qtypes[fi] || q->nbytes != rows * rb) continue;
+            row = (float *)malloc(cols * sizeof(float));
+            out = (unsigned char *)malloc(rb);
+            for (r = 0; r < rows; r++) {
+                size_t b;
+                kmed_dequantize_row(KMED_BF16, (const uint16_t *)t->data + r * cols, row, cols);
+                kmed_quantize_row(qtypes[fi], row, out, cols);
+                for (b = 0; b < cols / KMED_QK; b++) {
+                    size_t bs = rb / (cols / KMED_QK);
+                    if (memcmp(out + b * bs, (const unsigned char *)q->data + r * rb + b * bs,
+                               bs) != 0) {
+                        if (bad_blocks < 3)
+                            fprintf(stderr, "  %s row %zu block %zu differs\n", gname, r, b);
+                        bad_blocks++;
+                    }
+                    blocks++;
+                }
+            }
+            compared++;
+            free(row);
+            free(out);
+        }
+        printf("%s: %zu tensors, %zu blocks quantized, %zu differ from llama-quantize\n",
+               files[fi], compared, blocks, bad_blocks);
+        CHECKF(compared == 15, "%s: compared %zu tensors, want 15", files[fi], compared);
+        CHECKF(bad_blocks == 0 && blocks > 0, "%s: %zu of %zu blocks differ", files[fi],
+               bad_blocks, blocks);
+        kmed_gguf_close(&g);
+    }
+    kmed_st_close(&st);
+}
+
 int main(void)
 {
     kmed_error e = { 0 };
@@ -422,6 +519,7 @@ int main(void)
     test_f16();
     test_quant_roundtrip();
     test_pool();
+    test_fixture_quant();
     CHECK_OK(kmed_pool_create(&pool2, 2, &e));
     test_matmul(NULL, pool2);
     test_dw_sgemm(NULL, pool2);
