@@ -26,6 +26,32 @@ static void kmed__rmsnorm_forward(float *y, float *rstd,
     }
 }
 
+/* Backward of kmed__rmsnorm_forward from the saved rstd: with g = dy * (1 + w),
+   dx += rstd * g - rstd^3 * x * mean(g * x); dw += sum over rows of dy * x * rstd.
+   Rows in order, so dw does not depend on threads. dx or dw may be NULL (skipped). */
+static void kmed__rmsnorm_backward(float *dx, float *dw,
+                                   const float *dy, const float *x,
+                                   const float *w, const float *rstd,
+                                   size_t N, size_t C)
+{
+    size_t i, j;
+    for (i = 0; i < N; i++) {
+        const float *xi = x + i * C;   /* (C) */
+        const float *dyi = dy + i * C; /* (C) */
+        float r = rstd[i];
+        if (dw)
+            for (j = 0; j < C; j++) dw[j] += dyi[j] * xi[j] * r;
+        if (dx) {
+            float *dxi = dx + i * C;   /* (C) */
+            double gx = 0.0;
+            float c;
+            for (j = 0; j < C; j++) gx += (double)(dyi[j] * (1.0f + w[j])) * xi[j];
+            c = (float)(gx / (double)C) * r * r * r;
+            for (j = 0; j < C; j++) dxi[j] += r * dyi[j] * (1.0f + w[j]) - c * xi[j];
+        }
+    }
+}
+
 /* Rotate-half RoPE: dims i and i + D/2 of each head form a pair rotated by the angle
    pos * theta^(-2i/D). x, y (N, H, D); pos (N) absolute positions. y may alias x. The
    frequencies, angles, cos and sin are float32 values as in HF. Nothing to save: the
@@ -51,6 +77,28 @@ static void kmed__rope_forward(float *y,
     }
 }
 
+/* Backward of kmed__rope_forward: dx += R(-angle) dy. dx must not alias dy. */
+static void kmed__rope_backward(float *dx,
+                                const float *dy, const int *pos,
+                                size_t N, size_t H, size_t D, float theta)
+{
+    size_t n, h, i, half = D / 2;
+    for (n = 0; n < N; n++) {
+        for (i = 0; i < half; i++) {
+            float inv_freq = (float)(1.0 / pow((double)theta, (double)(2 * i) / (double)D));
+            float ang = (float)pos[n] * inv_freq;
+            float c = cosf(ang), s = sinf(ang);
+            for (h = 0; h < H; h++) {
+                const float *dyh = dy + (n * H + h) * D; /* (D) */
+                float *dxh = dx + (n * H + h) * D;       /* (D) */
+                float a = dyh[i], b = dyh[i + half];
+                dxh[i] += a * c + b * s;
+                dxh[i + half] += b * c - a * s;
+            }
+        }
+    }
+}
+
 /* The tanh GELU (HF gelu_pytorch_tanh), exact in f32: no lookup table. */
 static float kmed__gelu_tanh(float x)
 {
@@ -66,6 +114,24 @@ static void kmed__geglu_forward(float *h, const float *g, const float *u, size_t
     for (i = 0; i < n; i++) h[i] = kmed__gelu_tanh(g[i]) * u[i];
 }
 
+/* Backward of kmed__geglu_forward: du += dh * gelu(g), dg += dh * u * gelu'(g).
+   dg or du may be NULL. */
+static void kmed__geglu_backward(float *dg, float *du,
+                                 const float *dh, const float *g, const float *u, size_t n)
+{
+    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
+    size_t i;
+    for (i = 0; i < n; i++) {
+        float x = g[i], x2 = x * x;
+        float t = tanhf(k * (x + 0.044715f * x2 * x));
+        float gelu = 0.5f * x * (1.0f + t);
+        float dgelu = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k *
+                      (1.0f + 3.0f * 0.044715f * x2);
+        if (du) du[i] += dh[i] * gelu;
+        if (dg) dg[i] += dh[i] * u[i] * dgelu;
+    }
+}
+
 /* Soft-cap: y = cap * tanh(x / cap) over n values (the backward uses y:
    dy/dx = 1 - (y/cap)^2). y may alias x. cap <= 0 copies. */
 static void kmed__softcap_forward(float *y, const float *x, size_t n, float cap)
@@ -76,6 +142,22 @@ static void kmed__softcap_forward(float *y, const float *x, size_t n, float cap)
         return;
     }
     for (i = 0; i < n; i++) y[i] = cap * tanhf(x[i] / cap);
+}
+
+/* Backward of kmed__softcap_forward from its output y: dx += dy * (1 - (y/cap)^2).
+   cap <= 0: dx += dy. */
+static void kmed__softcap_backward(float *dx, const float *dy, const float *y, size_t n,
+                                   float cap)
+{
+    size_t i;
+    if (cap <= 0.0f) {
+        for (i = 0; i < n; i++) dx[i] += dy[i];
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        float t = y[i] / cap;
+        dx[i] += dy[i] * (1.0f - t * t);
+    }
 }
 
 /* Embedding lookup scaled by sqrt(C): h[n] = dequant(E[ids[n]]) * scale, the scale
@@ -91,6 +173,21 @@ static void kmed__embed_forward(float *h,
         float *hn = h + n * C; /* (C) */
         kmed_dequantize_row(et, (const unsigned char *)E + (size_t)ids[n] * row_bytes, hn, C);
         for (j = 0; j < C; j++) hn[j] *= scale;
+    }
+}
+
+/* Backward of kmed__embed_forward into an f32 table: dE[ids[n]] += dh[n] * scale.
+   Rows in order (repeated ids accumulate deterministically). dE (V, C), dh (N, C). */
+static void kmed__embed_backward(float *dE,
+                                 const float *dh, const int *ids,
+                                 size_t N, size_t C)
+{
+    size_t n, j;
+    float scale = (float)sqrt((double)C);
+    for (n = 0; n < N; n++) {
+        float *de = dE + (size_t)ids[n] * C; /* (C) */
+        const float *dhn = dh + n * C;        /* (C) */
+        for (j = 0; j < C; j++) de[j] += dhn[j] * scale;
     }
 }
 
@@ -145,6 +242,57 @@ static void kmed__attention_forward(float *out, float *att,
     }
 }
 
+/* Backward of kmed__attention_forward from the saved probabilities att (H, N, S) for
+   query heads [h0, h1): dq (N, H, D), dk, dv (S, Hkv, D) accumulate. The soft-capped
+   scores are recomputed from q and k (cheaper than saving them) for the cap's
+   derivative 1 - tanh^2. dk/dv rows are shared by the H/Hkv query heads of a group, so
+   parallel callers split [h0, h1) on group boundaries. scratch (S). */
+static void kmed__attention_backward(float *dq, float *dk, float *dv,
+                                     const float *dout, const float *att,
+                                     const float *q, const float *k, const float *v,
+                                     const int *qpos, float *scratch,
+                                     size_t N, size_t S, size_t H, size_t Hkv, size_t D,
+                                     float scale, float softcap, size_t window,
+                                     size_t h0, size_t h1)
+{
+    size_t h, t, j, d, group = H / Hkv;
+    for (h = h0; h < h1; h++) {
+        size_t hk = h / group;
+        for (t = 0; t < N; t++) {
+            const float *qt = q + (t * H + h) * D;    /* (D) */
+            const float *dot = dout + (t * H + h) * D; /* (D) */
+            const float *p = att + (h * N + t) * S;    /* (S) */
+            float *dqt = dq + (t * H + h) * D;         /* (D) */
+            float *dp = scratch;                       /* (S) */
+            size_t p_t = (size_t)qpos[t];
+            size_t lo = window && p_t >= window ? p_t - window + 1 : 0;
+            float pdp = 0.0f;
+            for (j = lo; j <= p_t; j++) {
+                const float *vj = v + (j * Hkv + hk) * D; /* (D) */
+                float *dvj = dv + (j * Hkv + hk) * D;     /* (D) */
+                dp[j] = kmed_dot_row(KMED_F32, vj, dot, D);
+                pdp += p[j] * dp[j];
+                for (d = 0; d < D; d++) dvj[d] += p[j] * dot[d];
+            }
+            for (j = lo; j <= p_t; j++) {
+                const float *kj = k + (j * Hkv + hk) * D; /* (D) */
+                float *dkj = dk + (j * Hkv + hk) * D;     /* (D) */
+                float ds = p[j] * (dp[j] - pdp);
+                if (ds == 0.0f) continue;
+                if (softcap > 0.0f) {
+                    float th = tanhf(kmed_dot_row(KMED_F32, kj, qt, D) * scale / softcap);
+                    ds *= 1.0f - th * th;
+                }
+                ds *= scale;
+                for (d = 0; d < D; d++) {
+                    dqt[d] += ds * kj[d];
+                    dkj[d] += ds * qt[d];
+                }
+            }
+        }
+    }
+}
+
 /* LoRA delta: y (M, N) += scale * (x A^T) B^T with x (M, K), A (r, K), B (N, r). Saves
    xa = x A^T (M, r), which the backward needs for dB. */
 static void kmed__lora_forward(kmed_pool *pool, float *y, float *xa,
@@ -153,4 +301,19 @@ static void kmed__lora_forward(kmed_pool *pool, float *y, float *xa,
 {
     kmed_sgemm(pool, 0, 1, M, r, K, 1.0f, x, K, A, K, 0.0f, xa, r);
     kmed_sgemm(pool, 0, 1, M, N, r, scale, xa, r, B, r, 1.0f, y, N);
+}
+
+/* Backward of kmed__lora_forward: dB += scale * dy^T xa; with dxa = scale * dy B
+   (M, r) in scratch: dA += dxa^T x, dx += dxa A. dx, dA, dB may be NULL. */
+static void kmed__lora_backward(kmed_pool *pool, float *dx, float *dA, float *dB,
+                                const float *dy, const float *xa,
+                                const float *x, const float *A, const float *B,
+                                float *dxa,
+                                size_t M, size_t N, size_t K, size_t r, float scale)
+{
+    if (dB) kmed_sgemm(pool, 1, 0, N, r, M, scale, dy, N, xa, r, 1.0f, dB, r);
+    if (!dA && !dx) return;
+    kmed_sgemm(pool, 0, 0, M, r, N, scale, dy, N, B, r, 0.0f, dxa, r);
+    if (dA) kmed_sgemm(pool, 1, 0, r, K, M, 1.0f, dxa, r, x, K, 1.0f, dA, K);
+    if (dx) kmed_sgemm(pool, 0, 0, M, K, r, 1.0f, dxa, r, A, K, 1.0f, dx, K);
 }
