@@ -29,9 +29,8 @@ static void *kmed__json_alloc(kmed_json_doc *doc, size_t n, size_t align)
     }
     {
         /* Each new chunk at least doubles the last one: O(log n) chunks per document. */
-        size_t cap = c ? c->cap * 2 : 4096;
+        size_t cap = !c ? 4096 : c->cap < ((size_t)128 << 20) ? c->cap * 2 : (size_t)256 << 20;
         kmed__json_chunk *nc;
-        if (cap > ((size_t)256 << 20)) cap = (size_t)256 << 20;
         if (cap < n) cap = n;
         if (cap > (size_t)-1 - KMED__JSON_HDR) return NULL;
         nc = (kmed__json_chunk *)KMED_MALLOC(KMED__JSON_HDR + cap);
@@ -614,8 +613,11 @@ KMED_API int kmed_json_bool(const kmed_json *j, int def)
 
 /* ---- line streaming ---- */
 
-/* Read granularity; a line that fits in one chunk is returned in place, without a copy. */
+/* Read granularity; a line that fits in one chunk is returned in place, without a copy.
+   Overridable so the fuzz harness can push lines across chunk boundaries. */
+#ifndef KMED__LINES_CHUNK
 #define KMED__LINES_CHUNK ((size_t)1 << 16)
+#endif
 
 KMED_API kmed_result kmed_lines_open(kmed_lines *r, const char *path, kmed_error *err)
 {
