@@ -569,6 +569,7 @@ struct kmed_train {
     float *dxa;                /* (N, r) */
     float *att_scratch;        /* (threads, T) */
     float *logits;             /* (head_rows, V) */
+    float *head_scratch;       /* (threads, 2, V) */
     float *hx, *hdx;           /* (head_rows, C) */
     double *hnll;              /* (head_rows) */
     int *pos;                  /* (N) */
@@ -879,7 +880,8 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     af = kmed__train_acts_floats(c, B, T, r, nlora);
     arena_n = nacts * af + 16 * 40 + (size_t)(L + 1) * N * C + 7 * N * C + N +
               3 * N * HD + 3 * N * KD + 3 * N * F + N * (r ? r : 1) +
-              (size_t)tr->nthreads * T + tr->head_rows * V + 2 * tr->head_rows * C;
+              (size_t)tr->nthreads * T + tr->head_rows * V + 2 * tr->head_rows * C +
+              (size_t)tr->nthreads * 2 * V;
     tr->arena = (float *)kmed__calloc(arena_n, sizeof(float));
     tr->acts = (kmed__train_acts *)kmed__calloc(nacts, sizeof *tr->acts);
     tr->pos = (int *)kmed__calloc(N, sizeof(int));
@@ -911,6 +913,7 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     tr->dxa = kmed__train_take(&cur, N * (r ? r : 1));
     tr->att_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * T);
     tr->logits = kmed__train_take(&cur, tr->head_rows * V);
+    tr->head_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * 2 * V);
     tr->hx = kmed__train_take(&cur, tr->head_rows * C);
     tr->hdx = kmed__train_take(&cur, tr->head_rows * C);
     KMED_ASSERT((size_t)(cur - tr->arena) <= arena_n);
@@ -1182,7 +1185,8 @@ static void kmed__train_head_fn(void *ctx, size_t b, size_t e, int thread)
     kmed_train *tr = c->tr;
     size_t V = (size_t)tr->m->cfg.vocab_size, i, j;
     float cap = tr->m->cfg.final_softcap;
-    (void)thread;
+    float *ds = tr->head_scratch + (size_t)thread * 2 * V; /* (V) */
+    float *ys = ds + V;                                      /* (V) */
     for (i = b; i < e; i++) {
         float *y = tr->logits + i * V; /* (V) */
         int tgt = tr->htgt[c->s + i];
@@ -1194,17 +1198,15 @@ static void kmed__train_head_fn(void *ctx, size_t b, size_t e, int thread)
         lse = (double)mx + log(sum);
         tr->hnll[i] = lse - (double)y[tgt];
         if (c->inv == 0.0f) continue;
-        /* d nll / d y = softmax - onehot; through the cap by 1 - (y/cap)^2 (the op's
-           backward, inlined because it overwrites y in place). */
+        /* d nll / d y = softmax - onehot, then through the cap; the op's backward
+           accumulates, so y moves to scratch and the row is rebuilt as the gradient. */
         for (j = 0; j < V; j++) {
             float d = expf((float)((double)y[j] - lse)) * c->inv;
-            if (j == (size_t)tgt) d -= c->inv;
-            if (cap > 0.0f) {
-                float t = y[j] / cap;
-                d *= 1.0f - t * t;
-            }
-            y[j] = d;
+            ds[j] = j == (size_t)tgt ? d - c->inv : d;
         }
+        memcpy(ys, y, V * sizeof(float));
+        memset(y, 0, V * sizeof(float));
+        kmed__softcap_backward(y, ds, ys, V, cap);
     }
 }
 
