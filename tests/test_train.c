@@ -196,6 +196,429 @@ static void test_op_backwards(void)
     fd_check("lora dB", J_lora, &c, c.k, dk, 10);
 }
 
+
+/* ---- tiny random model ---- */
+
+#define TV 96
+#define TC 32
+#define TF 64
+#define TL 2
+#define TB 2
+#define TT 9
+
+static kmed_gemma_config tiny_cfg(void)
+{
+    kmed_gemma_config c;
+    memset(&c, 0, sizeof c);
+    c.vocab_size = TV; c.hidden_size = TC; c.intermediate_size = TF; c.n_layers = TL;
+    c.n_heads = 4; c.n_kv_heads = 2; c.head_dim = 8; c.query_pre_attn_scalar = 8;
+    c.rms_norm_eps = 1e-6f; c.rope_theta = 10000; c.max_position = 64;
+    /* soft-caps and window small enough to matter at these sizes */
+    c.attn_softcap = 2.0f; c.final_softcap = 3.0f; c.sliding_window = 3;
+    c.bos_id = 2; c.eos_id = 1; c.pad_id = 0;
+    return c;
+}
+
+/* Source weights of the tiny model: embed, then per layer q k v o gate up down; norms. */
+typedef struct tiny_src { float *w[1 + TL * 7]; size_t rows[1 + TL * 7], cols[1 + TL * 7];
+                          float norms[TL * 4 + 1][TC]; } tiny_src;
+typedef struct tiny_model { kmed_gemma m; void *buf[1 + TL * 7]; } tiny_model;
+
+static void tiny_src_init(tiny_src *s)
+{
+    kmed_gemma_config c = tiny_cfg();
+    int l, t, i = 0;
+    s->rows[i] = TV; s->cols[i] = TC; i++;
+    for (l = 0; l < TL; l++)
+        for (t = 0; t < 7; t++, i++) kmed__lora_dims(&c, t, &s->rows[i], &s->cols[i]);
+    for (i = 0; i < 1 + TL * 7; i++) {
+        s->w[i] = (float *)malloc(s->rows[i] * s->cols[i] * sizeof(float));
+        fill(s->w[i], s->rows[i] * s->cols[i], i == 0 ? 0.5 : 1.0 / sqrt((double)s->cols[i]));
+    }
+    fill(&s->norms[0][0], (TL * 4 + 1) * TC, 0.3);
+}
+
+static void tiny_src_free(tiny_src *s)
+{
+    int i;
+    for (i = 0; i < 1 + TL * 7; i++) free(s->w[i]);
+}
+
+/* Model over the source weights stored in dtype dt (quantized row by row); deq: store
+   the dequantized values in f32 instead (the f32 reference for a quantized base). */
+static void tiny_model_init(tiny_model *tm, const tiny_src *s, kmed_dtype dt, int deq)
+{
+    kmed_gemma_config c = tiny_cfg();
+    kmed_error e = {0};
+    int l, i;
+    CHECK_OK(kmed_gemma_init(&tm->m, &c, &e));
+    for (i = 0; i < 1 + TL * 7; i++) {
+        size_t rb = kmed_dtype_bytes(dt, s->cols[i]), r;
+        kmed_weight *w;
+        unsigned char *q = (unsigned char *)malloc(rb * s->rows[i]);
+        for (r = 0; r < s->rows[i]; r++)
+            kmed_quantize_row(dt, s->w[i] + r * s->cols[i], q + r * rb, s->cols[i]);
+        if (deq) {
+            float *f = (float *)malloc(s->rows[i] * s->cols[i] * sizeof(float));
+            for (r = 0; r < s->rows[i]; r++)
+                kmed_dequantize_row(dt, q + r * rb, f + r * s->cols[i], s->cols[i]);
+            free(q);
+            q = (unsigned char *)f;
+        }
+        tm->buf[i] = q;
+        w = i == 0 ? &tm->m.embed : (kmed_weight *)kmed__lora_base(&tm->m.layers[(i - 1) / 7],
+                                                                    (i - 1) % 7);
+        w->data = q;
+        w->type = deq ? KMED_F32 : dt;
+        w->rows = s->rows[i];
+        w->cols = s->cols[i];
+    }
+    for (l = 0; l < TL; l++) {
+        memcpy(tm->m.layers[l].attn_norm, s->norms[l * 4 + 0], sizeof s->norms[0]);
+        memcpy(tm->m.layers[l].post_attn_norm, s->norms[l * 4 + 1], sizeof s->norms[0]);
+        memcpy(tm->m.layers[l].pre_ffn_norm, s->norms[l * 4 + 2], sizeof s->norms[0]);
+        memcpy(tm->m.layers[l].post_ffn_norm, s->norms[l * 4 + 3], sizeof s->norms[0]);
+    }
+    memcpy(tm->m.final_norm, s->norms[TL * 4], sizeof s->norms[0]);
+}
+
+static void tiny_model_free(tiny_model *tm)
+{
+    int i;
+    kmed_gemma_free(&tm->m);
+    for (i = 0; i < 1 + TL * 7; i++) free(tm->buf[i]);
+}
+
+/* Two sequences with different label masks (a padded batch in HF's convention). */
+static void tiny_batch(int *ids, int *labels)
+{
+    int i;
+    for (i = 0; i < TB * TT; i++) ids[i] = 3 + (int)kmed_rng_below(&trng, TV - 3);
+    for (i = 0; i < TB * TT; i++) labels[i] = ids[i];
+    labels[0] = labels[1] = labels[2] = KMED_LABEL_IGNORE;
+    labels[TT + 4] = KMED_LABEL_IGNORE;
+    labels[2 * TT - 2] = labels[2 * TT - 1] = KMED_LABEL_IGNORE; /* padding at the end */
+    ids[2 * TT - 2] = ids[2 * TT - 1] = 0;
+}
+
+static kmed_train *tiny_trainer(const kmed_gemma *m, kmed_lora *lora, int full, int ckpt,
+                                kmed_pool *pool)
+{
+    kmed_train_config tc;
+    kmed_train *tr = NULL;
+    kmed_error e = {0};
+    memset(&tc, 0, sizeof tc);
+    tc.full = full;
+    tc.max_batch = TB;
+    tc.max_seq = TT;
+    tc.checkpointing = ckpt;
+    tc.head_rows = 5; /* several LM-head blocks even at this size */
+    tc.optim.lr = 1e-2f;
+    tc.optim.weight_decay = 0.1f;
+    CHECK_OK(kmed_train_create(&tr, m, lora, &tc, pool, &e));
+    return tr;
+}
+
+typedef struct fdctx { kmed_train *tr; const int *ids, *labels; } fdctx;
+static double J_loss(void *p)
+{
+    fdctx *c = (fdctx *)p;
+    double loss = 0;
+    kmed_error e = {0};
+    CHECK_OK(kmed_train_loss(c->tr, c->ids, c->labels, TB, TT, &loss, &e));
+    return loss;
+}
+
+/* Finite differences on a few elements of every parameter tensor (all of small ones). */
+static void fd_params(kmed_train *tr, const int *ids, const int *labels, const char *what)
+{
+    kmed_param *ps;
+    size_t np = kmed_train_params(tr, &ps), i, j, count = kmed_train_count(labels, TB, TT);
+    fdctx c;
+    double worst = 0;
+    kmed_error e = {0};
+    c.tr = tr; c.ids = ids; c.labels = labels;
+    kmed_train_zero_grad(tr);
+    CHECK_OK(kmed_train_forward_backward(tr, ids, labels, TB, TT, (double)count, NULL, NULL,
+                                         &e));
+    for (i = 0; i < np; i++) {
+        double gm = dmax(ps[i].g, ps[i].n), maxe = 0;
+        size_t nchk = ps[i].n < 24 ? ps[i].n : 24;
+        for (j = 0; j < nchk; j++) {
+            size_t at = ps[i].n < 24 ? j : (size_t)kmed_rng_below(&trng, ps[i].n);
+            float x0 = ps[i].p[at], xp, xm;
+            double h = 1e-2, num;
+            xp = (float)(x0 + h); xm = (float)(x0 - h);
+            ps[i].p[at] = xp;
+            num = J_loss(&c);
+            ps[i].p[at] = xm;
+            num = (num - J_loss(&c)) / ((double)xp - xm);
+            ps[i].p[at] = x0;
+            if (fabs(num - ps[i].g[at]) > maxe) maxe = fabs(num - ps[i].g[at]);
+        }
+        if (gm > 0 && maxe / gm > worst) worst = maxe / gm;
+        /* the loss itself is f32 (noise ~1e-7 relative): allow 1e-4 absolute */
+        CHECKF(gm > 0 && maxe <= 1e-2 * gm + 1e-4, "%s %s: fd err %.3g, max |grad| %.3g", what,
+               ps[i].name, maxe, gm);
+    }
+    printf("  fd %s: %zu tensors, worst err/max|grad| %.3g\n", what, np, worst);
+}
+
+static void grads_copy(kmed_train *tr, float *out)
+{
+    kmed_param *ps;
+    size_t np = kmed_train_params(tr, &ps), i, o = 0;
+    for (i = 0; i < np; i++) {
+        memcpy(out + o, ps[i].g, ps[i].n * sizeof(float));
+        o += ps[i].n;
+    }
+}
+
+static double rel_diff(const float *a, const float *b, size_t n)
+{
+    double m = dmax(b, n);
+    return kmed_test_maxdiff(a, b, n) / (m > 0 ? m : 1);
+}
+
+static void lora_randomize_B(kmed_lora *lora)
+{
+    int l, t;
+    size_t out, in;
+    kmed_gemma_config c = tiny_cfg();
+    for (l = 0; l < lora->n_layers; l++)
+        for (t = 0; t < 7; t++)
+            if (lora->ab[l][t].B) {
+                kmed__lora_dims(&c, t, &out, &in);
+                fill(lora->ab[l][t].B, out * (size_t)lora->r, 0.2);
+            }
+}
+
+static void test_tiny(kmed_pool *pool)
+{
+    tiny_src src;
+    tiny_model f32m, qm, dm;
+    kmed_lora lora, lora2;
+    kmed_lora_config lc;
+    kmed_train *tr, *tr2;
+    kmed_error e = {0};
+    int ids[TB * TT], labels[TB * TT];
+    size_t count, n, i;
+    float *g1, *g2;
+    double loss, loss2;
+    kmed_dtype qt[2] = {KMED_Q8_0, KMED_Q4_0};
+    int k;
+
+    tiny_src_init(&src);
+    tiny_batch(ids, labels);
+    count = kmed_train_count(labels, TB, TT);
+    CHECK(count == (TT - 1 - 2) + (TT - 1 - 1 - 2));
+    tiny_model_init(&f32m, &src, KMED_F32, 0);
+
+    /* full-parameter gradients: every weight, norms and the tied embedding */
+    tr = tiny_trainer(&f32m.m, NULL, 1, 0, NULL);
+    if (tr) {
+        kmed_param *ps;
+        CHECK(kmed_train_params(tr, &ps) == 2 + TL * 11);
+        CHECK(!strcmp(ps[0].name, "model.embed_tokens.weight"));
+        fd_params(tr, ids, labels, "full-parameter");
+        kmed_train_free(tr);
+    }
+
+    /* LoRA gradients with another rank/alpha and a subset of targets and layers */
+    memset(&lc, 0, sizeof lc);
+    lc.r = 3; lc.alpha = 5; lc.seed = 7;
+    lc.targets = (1u << KMED_LORA_Q) | (1u << KMED_LORA_V) | (1u << KMED_LORA_O) |
+                 (1u << KMED_LORA_UP) | (1u << KMED_LORA_DOWN);
+    lc.layers = 2; /* layer 1 only: the backward stops above layer 0 */
+    CHECK_OK(kmed_lora_create(&lora, &f32m.m, &lc, &e));
+    CHECK(lora.ab[0][0].A == NULL && lora.ab[1][0].A && lora.ab[1][1].A == NULL);
+    CHECK(fabsf(lora.scale - 5.0f / 3.0f) < 1e-7f);
+    lora_randomize_B(&lora);
+    tr = tiny_trainer(&f32m.m, &lora, 0, 0, NULL);
+    if (tr) { fd_params(tr, ids, labels, "LoRA r=3 alpha=5"); kmed_train_free(tr); }
+    kmed_lora_free(&lora);
+
+    /* all targets, all layers */
+    memset(&lc, 0, sizeof lc);
+    lc.r = 4; lc.alpha = 8; lc.seed = 11;
+    CHECK_OK(kmed_lora_create(&lora, &f32m.m, &lc, &e));
+    lora_randomize_B(&lora);
+    n = kmed_lora_numel(&lora);
+    CHECK(n == (size_t)TL * 4 * (32 + 32 + 32 + 16 + 32 + 16 + 32 + 32 + 32 + 64 + 32 + 64 +
+                                 64 + 32));
+    g1 = (float *)malloc(n * sizeof(float));
+    g2 = (float *)malloc(n * sizeof(float));
+    tr = tiny_trainer(&f32m.m, &lora, 0, 0, NULL);
+    if (tr) fd_params(tr, ids, labels, "LoRA all targets");
+
+    /* checkpointing and 2 threads give the same bits */
+    if (tr) grads_copy(tr, g1);
+    tr2 = tiny_trainer(&f32m.m, &lora, 0, 1, pool);
+    if (tr && tr2) {
+        kmed_train_zero_grad(tr2);
+        CHECK_OK(kmed_train_forward_backward(tr2, ids, labels, TB, TT, (double)count, NULL,
+                                             NULL, &e));
+        grads_copy(tr2, g2);
+        CHECKF(memcmp(g1, g2, n * sizeof(float)) == 0, "checkpointing + 2 threads changed the "
+               "gradients (max diff %.3g)", kmed_test_maxdiff(g1, g2, n));
+    }
+    kmed_train_free(tr2);
+
+    /* gradient accumulation: two micro-batches of one = one batch of two */
+    if (tr) {
+        double s1 = 0, s2 = 0;
+        kmed_train_zero_grad(tr);
+        CHECK_OK(kmed_train_forward_backward(tr, ids, labels, 1, TT, (double)count, &s1, NULL,
+                                             &e));
+        CHECK_OK(kmed_train_forward_backward(tr, ids + TT, labels + TT, 1, TT, (double)count,
+                                             &s2, NULL, &e));
+        grads_copy(tr, g2);
+        CHECKF(rel_diff(g2, g1, n) < 1e-5, "accumulated gradients differ: %.3g",
+               rel_diff(g2, g1, n));
+        CHECK_OK(kmed_train_loss(tr, ids, labels, TB, TT, &loss, &e));
+        CHECKF(fabs((s1 + s2) / (double)count - loss) < 1e-6 * loss,
+               "batch loss %.9g is not the mean over all counted tokens %.9g", loss,
+               (s1 + s2) / (double)count);
+    }
+
+    /* the training forward agrees with the inference forward (with the adapter) */
+    if (tr) {
+        kmed_gemma_state st;
+        float *logits = (float *)malloc((size_t)TT * TV * sizeof(float));
+        double nll = 0;
+        size_t cnt = 0, b, t, j;
+        CHECK_OK(kmed_gemma_state_init(&st, &f32m.m, TT, &e));
+        for (b = 0; b < TB; b++) {
+            CHECK_OK(kmed_gemma_state_set_pos(&st, 0, &e));
+            CHECK_OK(kmed_gemma_forward(&f32m.m, &lora, &st, NULL, ids + b * TT, TT,
+                                        KMED_FWD_LOGITS_ALL, logits, NULL, &e));
+            for (t = 0; t + 1 < TT; t++) {
+                int lab = labels[b * TT + t + 1];
+                double mx = -1e30, se = 0;
+                if (lab < 0) continue;
+                for (j = 0; j < TV; j++) mx = fmax(mx, logits[t * TV + j]);
+                for (j = 0; j < TV; j++) se += exp(logits[t * TV + j] - mx);
+                nll += mx + log(se) - logits[t * TV + lab];
+                cnt++;
+            }
+        }
+        CHECK_OK(kmed_train_loss(tr, ids, labels, TB, TT, &loss, &e));
+        printf("  train forward loss %.9g, inference forward loss %.9g\n", loss, nll / cnt);
+        CHECKF(cnt == count && fabs(loss - nll / cnt) < 2e-6 * loss, "train loss %.9g vs "
+               "kmed_gemma_forward %.9g", loss, nll / cnt);
+
+        /* merge: the merged f32 model without adapter = the base with the adapter */
+        {
+            tiny_model mm;
+            double lm = 0;
+            kmed_train *trm;
+            kmed_lora none;
+            float *mw = (float *)malloc(TF * TC * sizeof(float));
+            tiny_model_init(&mm, &src, KMED_F32, 0);
+            CHECK_OK(kmed_lora_merged_weight(&f32m.m, &lora, 1, KMED_LORA_UP, mw, &e));
+            CHECK_OK(kmed_lora_merge(&mm.m, &lora, &e));
+            CHECK(kmed_test_maxdiff(mw, (const float *)mm.m.layers[1].up.data, TF * TC) < 1e-6);
+            memset(&lc, 0, sizeof lc);
+            lc.r = 1; lc.targets = 1; lc.layers = 1;
+            CHECK_OK(kmed_lora_create(&none, &mm.m, &lc, &e)); /* B = 0: adds nothing */
+            trm = tiny_trainer(&mm.m, &none, 0, 0, NULL);
+            if (trm) CHECK_OK(kmed_train_loss(trm, ids, labels, TB, TT, &lm, &e));
+            printf("  merged model loss %.9g vs adapter loss %.9g\n", lm, loss);
+            CHECKF(fabs(lm - loss) < 1e-5 * loss, "merged %.9g vs adapter %.9g", lm, loss);
+            kmed_train_free(trm);
+            kmed_lora_free(&none);
+            tiny_model_free(&mm);
+            free(mw);
+        }
+        kmed_gemma_state_free(&st);
+        free(logits);
+    }
+    kmed_train_free(tr);
+
+    /* LoRA over a Q8_0 / Q4_0 base = f32 on the dequantized weights */
+    for (k = 0; k < 2; k++) {
+        tiny_model_init(&qm, &src, qt[k], 0);
+        tiny_model_init(&dm, &src, qt[k], 1);
+        tr = tiny_trainer(&qm.m, &lora, 0, 0, pool);
+        tr2 = tiny_trainer(&dm.m, &lora, 0, 0, pool);
+        if (tr && tr2) {
+            loss = loss2 = 0;
+            kmed_train_zero_grad(tr);
+            CHECK_OK(kmed_train_forward_backward(tr, ids, labels, TB, TT, (double)count, &loss,
+                                                 NULL, &e));
+            grads_copy(tr, g1);
+            kmed_train_zero_grad(tr2);
+            CHECK_OK(kmed_train_forward_backward(tr2, ids, labels, TB, TT, (double)count,
+                                                 &loss2, NULL, &e));
+            grads_copy(tr2, g2);
+            printf("  %s base: loss rel diff %.3g, gradients max rel diff %.3g vs dequantized "
+                   "f32\n", kmed_dtype_name(qt[k]), fabs(loss - loss2) / loss2,
+                   rel_diff(g1, g2, n));
+            CHECK(fabs(loss - loss2) <= 1e-6 * loss2);
+            CHECK(rel_diff(g1, g2, n) < 1e-5);
+        }
+        kmed_train_free(tr);
+        kmed_train_free(tr2);
+        tiny_model_free(&qm);
+        tiny_model_free(&dm);
+    }
+
+    /* PEFT save/load round trip */
+    {
+        kmed_json_doc jd = {0};
+        char *text = NULL;
+        size_t len;
+        const kmed_json *tm;
+        CHECK_OK(kmed_lora_save(&lora, "build/test_train_adapter", "tiny", &e));
+        CHECK_OK(kmed_lora_load(&lora2, &f32m.m, "build/test_train_adapter", &e));
+        CHECK(lora2.r == lora.r && lora2.alpha == lora.alpha && lora2.scale == lora.scale &&
+              lora2.targets == lora.targets && kmed_lora_numel(&lora2) == n);
+        if (lora2.impl_)
+            CHECK(memcmp(((kmed__lora_impl *)lora.impl_)->block,
+                         ((kmed__lora_impl *)lora2.impl_)->block, n * sizeof(float)) == 0);
+        CHECK_OK(kmed_file_read("build/test_train_adapter/adapter_config.json", 0, &text, &len,
+                                &e));
+        CHECK_OK(kmed_json_parse(&jd, text, len, "adapter_config.json", 0, &e));
+        tm = kmed_json_get(jd.root, "target_modules");
+        CHECK(tm && tm->len == 7 && !strcmp(kmed_json_str(kmed_json_at(tm, 6), ""),
+                                             "down_proj"));
+        CHECK(!strcmp(kmed_json_str(kmed_json_get(jd.root, "task_type"), ""), "CAUSAL_LM"));
+        CHECK(!strcmp(kmed_json_str(kmed_json_get(jd.root, "peft_type"), ""), "LORA"));
+        CHECK(kmed_json_num(kmed_json_get(jd.root, "r"), 0) == 4);
+        CHECK(kmed_json_num(kmed_json_get(jd.root, "lora_alpha"), 0) == 8);
+        CHECK(!strcmp(kmed_json_str(kmed_json_get(jd.root, "base_model_name_or_path"), ""),
+                      "tiny"));
+        kmed_json_free(&jd);
+        kmed_free(text);
+        kmed_lora_free(&lora2);
+    }
+
+    /* PEFT init: B zero, A within 1/sqrt(in), deterministic for a seed */
+    memset(&lc, 0, sizeof lc);
+    lc.r = 4; lc.seed = 5;
+    CHECK_OK(kmed_lora_create(&lora2, &f32m.m, &lc, &e));
+    {
+        double amax = 0, bmax = 0;
+        kmed_lora l3;
+        for (i = 0; i < 4 * TF; i++) amax = fmax(amax, fabs(lora2.ab[0][KMED_LORA_DOWN].A[i]));
+        for (i = 0; i < TC * 4; i++) bmax = fmax(bmax, fabs(lora2.ab[0][KMED_LORA_DOWN].B[i]));
+        CHECK(amax <= 1.0 / sqrt((double)TF) && amax > 0.8 / sqrt((double)TF) && bmax == 0);
+        CHECK(lora2.alpha == 8.0f && lora2.targets == 0x7F);
+        CHECK_OK(kmed_lora_create(&l3, &f32m.m, &lc, &e));
+        CHECK(memcmp(((kmed__lora_impl *)l3.impl_)->block,
+                     ((kmed__lora_impl *)lora2.impl_)->block,
+                     kmed_lora_numel(&l3) * sizeof(float)) == 0);
+        kmed_lora_free(&l3);
+    }
+    kmed_lora_free(&lora2);
+
+    free(g1);
+    free(g2);
+    kmed_lora_free(&lora);
+    tiny_model_free(&f32m);
+    tiny_src_free(&src);
+}
+
 /* ---- fixture ---- */
 
 static const kmed_tensor_info *fx_tensor(const kmed_st *st, const char *name, size_t numel)
@@ -344,6 +767,7 @@ int main(void)
     kmed_rng_seed(&trng, 1234);
     CHECK_OK(kmed_pool_create(&pool, 2, &e));
     test_op_backwards();
+    test_tiny(pool);
     if (fx) test_fixture(fx, pool);
     kmed_pool_free(pool);
     return kmed_test_done();
