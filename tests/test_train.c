@@ -619,6 +619,193 @@ static void test_tiny(kmed_pool *pool)
     tiny_src_free(&src);
 }
 
+
+/* ---- checkpoint/resume, guards, SGD, schedule ---- */
+
+static kmed_train *resume_trainer(const kmed_gemma *m, kmed_lora *lora, int full)
+{
+    kmed_train_config tc;
+    kmed_train *tr = NULL;
+    kmed_error e = {0};
+    memset(&tc, 0, sizeof tc);
+    tc.full = full;
+    tc.max_batch = TB;
+    tc.max_seq = TT;
+    tc.optim.lr = 1e-2f;
+    tc.optim.weight_decay = 0.05f;
+    tc.optim.clip = 0.5f;
+    tc.optim.schedule = KMED_SCHED_COSINE;
+    tc.optim.warmup = 2;
+    tc.optim.total_steps = 6;
+    CHECK_OK(kmed_train_create(&tr, m, lora, &tc, NULL, &e));
+    return tr;
+}
+
+/* Steps from data position pos to `to`: batch = data[pos % 3]. */
+static void run_steps(kmed_train *tr, int (*ids)[TB * TT], int (*labels)[TB * TT], size_t pos,
+                      size_t to)
+{
+    kmed_error e = {0};
+    double loss;
+    for (; pos < to; pos++)
+        CHECK_OK(kmed_train_step(tr, ids[pos % 3], labels[pos % 3], 1, TB, TT, &loss, &e));
+}
+
+static void test_resume_and_guards(void)
+{
+    tiny_src src;
+    tiny_model tm;
+    kmed_lora la, lb;
+    kmed_lora_config lc;
+    kmed_train *ta, *tb;
+    kmed_error e = {0};
+    int ids[3][TB * TT], labels[3][TB * TT];
+    kmed_param *pa, *pb;
+    size_t np, i;
+    int full;
+
+    tiny_src_init(&src);
+    tiny_model_init(&tm, &src, KMED_Q8_0, 0);
+    for (i = 0; i < 3; i++) tiny_batch(ids[i], labels[i]);
+    for (full = 0; full < 2; full++) {
+        kmed_gemma *m = &tm.m;
+        tiny_model fm;
+        int same = 1;
+        kmed_train_ckpt ck, got;
+        if (full) { tiny_model_init(&fm, &src, KMED_F32, 0); m = &fm.m; }
+        memset(&lc, 0, sizeof lc);
+        lc.r = 2; lc.seed = 3;
+        if (!full) CHECK_OK(kmed_lora_create(&la, m, &lc, &e));
+        ta = resume_trainer(m, full ? NULL : &la, full);
+        if (ta) run_steps(ta, ids, labels, 0, 6);
+        /* interrupted run: 3 steps, checkpoint, a fresh process state (another adapter
+           init), resume, 3 more */
+        if (!full) CHECK_OK(kmed_lora_create(&lb, m, &lc, &e));
+        tb = resume_trainer(m, full ? NULL : &lb, full);
+        if (tb) run_steps(tb, ids, labels, 0, 3);
+        memset(&ck, 0, sizeof ck);
+        ck.data_pos = 3;
+        kmed_rng_seed(&ck.rng, 77);
+        ck.train_loss = (float *)calloc(3, sizeof(float));
+        ck.train_loss[2] = 1.5f;
+        ck.n_train = 3;
+        if (tb) CHECK_OK(kmed_train_ckpt_save(tb, "build/test_train.ckpt", &ck, &e));
+        kmed_train_free(tb);
+        if (!full) {
+            kmed_lora_free(&lb);
+            lc.seed = 99;
+            CHECK_OK(kmed_lora_create(&lb, m, &lc, &e));
+        }
+        tb = resume_trainer(m, full ? NULL : &lb, full);
+        if (tb && ta) {
+            CHECK_OK(kmed_train_ckpt_load(tb, "build/test_train.ckpt", &got, &e));
+            CHECK(got.data_pos == 3 && got.n_train == 3 && got.train_loss[2] == 1.5f &&
+                  memcmp(&got.rng, &ck.rng, sizeof ck.rng) == 0);
+            CHECK(kmed_train_step_count(tb) == 3);
+            run_steps(tb, ids, labels, got.data_pos, 6);
+            kmed_train_ckpt_free(&got);
+            np = kmed_train_params(ta, &pa);
+            CHECK(kmed_train_params(tb, &pb) == np);
+            for (i = 0; i < np; i++)
+                same &= memcmp(pa[i].p, pb[i].p, pa[i].n * sizeof(float)) == 0 &&
+                        memcmp(pa[i].m, pb[i].m, pa[i].n * sizeof(float)) == 0;
+            CHECKF(same, "%s: 3 steps + checkpoint + resume + 3 steps differs from 6 steps",
+                   full ? "full" : "LoRA");
+            printf("  resume (%s): 6 steps == 3 + checkpoint + 3, bit for bit: %s\n",
+                   full ? "full" : "LoRA over Q8_0", same ? "yes" : "NO");
+        }
+        free(ck.train_loss);
+
+        /* NaN guard: a poisoned weight stops the step with a message, changes nothing */
+        if (ta) {
+            float *snap;
+            size_t tot = 0, o = 0;
+            long before = kmed_train_step_count(ta);
+            kmed_result rc;
+            double loss;
+            np = kmed_train_params(ta, &pa);
+            for (i = 0; i < np; i++) tot += pa[i].n;
+            snap = (float *)malloc(tot * sizeof(float));
+            pa[np - 1].p[0] = NAN;
+            for (i = 0; i < np; i++, o += pa[i - 1].n)
+                memcpy(snap + o, pa[i].p, pa[i].n * sizeof(float));
+            rc = kmed_train_step(ta, ids[0], labels[0], 1, TB, TT, &loss, &e);
+            CHECKF(rc == KMED_ERR_NUMERIC && strstr(e.msg, "NaN"), "NaN guard: %s", e.msg);
+            for (i = 0, o = 0; i < np; i++, o += pa[i - 1].n)
+                CHECK(memcmp(snap + o, pa[i].p, pa[i].n * sizeof(float)) == 0);
+            CHECK(kmed_train_step_count(ta) == before);
+            kmed_train_zero_grad(ta);
+            pa[1].g[3] = INFINITY;
+            rc = kmed_train_check_grads(ta, &e);
+            CHECKF(rc == KMED_ERR_NUMERIC && strstr(e.msg, pa[1].name), "grad guard: %s",
+                   e.msg);
+            free(snap);
+        }
+        kmed_train_free(ta);
+        kmed_train_free(tb);
+        if (!full) { kmed_lora_free(&la); kmed_lora_free(&lb); }
+        if (full) tiny_model_free(&fm);
+    }
+
+    /* SGD: p -= lr * (g + wd * p) */
+    {
+        kmed_train_config tc;
+        kmed_train *tr = NULL;
+        float *p0, *g0;
+        size_t o = 0, tot;
+        double maxd = 0;
+        memset(&lc, 0, sizeof lc);
+        lc.r = 2;
+        CHECK_OK(kmed_lora_create(&la, &tm.m, &lc, &e));
+        lora_randomize_B(&la);
+        memset(&tc, 0, sizeof tc);
+        tc.max_batch = TB; tc.max_seq = TT;
+        tc.optim.kind = KMED_OPTIM_SGD; tc.optim.lr = 0.5f; tc.optim.weight_decay = 0.1f;
+        CHECK_OK(kmed_train_create(&tr, &tm.m, &la, &tc, NULL, &e));
+        if (tr) {
+            np = kmed_train_params(tr, &pa);
+            tot = kmed_lora_numel(&la);
+            p0 = (float *)malloc(tot * sizeof(float));
+            g0 = (float *)malloc(tot * sizeof(float));
+            kmed_train_zero_grad(tr);
+            CHECK_OK(kmed_train_forward_backward(tr, ids[0], labels[0], TB, TT,
+                     (double)kmed_train_count(labels[0], TB, TT), NULL, NULL, &e));
+            for (i = 0; i < np; o += pa[i].n, i++) {
+                memcpy(p0 + o, pa[i].p, pa[i].n * sizeof(float));
+                memcpy(g0 + o, pa[i].g, pa[i].n * sizeof(float));
+            }
+            CHECK_OK(kmed_train_step(tr, ids[0], labels[0], 1, TB, TT, NULL, &e));
+            for (i = 0, o = 0; i < np; o += pa[i].n, i++) {
+                size_t j;
+                for (j = 0; j < pa[i].n; j++) {
+                    double want = p0[o + j] - 0.5 * (g0[o + j] + 0.1 * p0[o + j]);
+                    maxd = fmax(maxd, fabs(pa[i].p[j] - want));
+                }
+            }
+            CHECKF(maxd < 1e-6, "SGD step off by %.3g", maxd);
+            free(p0);
+            free(g0);
+        }
+        kmed_train_free(tr);
+        kmed_lora_free(&la);
+    }
+
+    /* schedules (HF: step k uses lambda(k - 1)) */
+    {
+        kmed_optim_config oc;
+        memset(&oc, 0, sizeof oc);
+        oc.lr = 1.0f; oc.warmup = 4; oc.schedule = KMED_SCHED_COSINE; oc.total_steps = 104;
+        CHECK(kmed_optim_lr(&oc, 1) == 0.0f && kmed_optim_lr(&oc, 3) == 0.5f);
+        CHECK(kmed_optim_lr(&oc, 5) == 1.0f);
+        CHECK(fabsf(kmed_optim_lr(&oc, 55) - 0.5f) < 1e-6f);
+        CHECK(kmed_optim_lr(&oc, 105) < 1e-6f);
+        oc.schedule = KMED_SCHED_CONSTANT;
+        CHECK(kmed_optim_lr(&oc, 2) == 0.25f && kmed_optim_lr(&oc, 1000) == 1.0f);
+    }
+    tiny_model_free(&tm);
+    tiny_src_free(&src);
+}
+
 /* ---- fixture ---- */
 
 static const kmed_tensor_info *fx_tensor(const kmed_st *st, const char *name, size_t numel)
@@ -768,6 +955,7 @@ int main(void)
     CHECK_OK(kmed_pool_create(&pool, 2, &e));
     test_op_backwards();
     test_tiny(pool);
+    test_resume_and_guards();
     if (fx) test_fixture(fx, pool);
     kmed_pool_free(pool);
     return kmed_test_done();
