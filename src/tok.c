@@ -373,6 +373,7 @@ typedef struct kmed__tok_work {
     int *ids; size_t cap, count, limit; /* limit: content ids allowed */
     int full;                           /* limit reached: stop */
     int32_t *unused; size_t n_unused, unused_cap; /* SentencePiece: (id, left len) pairs */
+    int prev_unk;                       /* SentencePiece: the last id emitted was <unk> */
 } kmed__tok_work;
 
 static void kmed__tok_work_free(kmed__tok_work *w)
@@ -927,6 +928,9 @@ static void kmed__tok_spm_out(const kmed_tok *tok, const kmed__tok_impl *im, kme
         }
         return;
     }
+    /* SentencePiece merges a run of unknown pieces into one <unk>. */
+    if (id == tok->unk_id && w->prev_unk) return;
+    w->prev_unk = id == tok->unk_id;
     kmed__tok_emit(w, id);
 }
 

@@ -23,6 +23,7 @@ static size_t ids_diff_at(const int *a, size_t na, const kmed_json *want)
 {
     size_t i;
     int64_t v;
+    if (!want) return 0;
     for (i = 0; i < na && i < want->len; i++)
         if (!kmed_json_int(&want->kids[i], &v) || v != a[i]) return i;
     return i;
@@ -471,58 +472,87 @@ static void test_gemma(const char *fx)
 
 /* ---- SentencePiece models from Debian's spm_train, ids from spm_encode ---- */
 
-static void test_spm(const char *model, const char *sentences, const char *expected)
+/* Reads a whole text file into lines (pointers into *buf); returns the count. */
+static size_t read_lines(const char *path, char **buf, char ***lines)
 {
+    kmed_error e = {0};
+    size_t len = 0, n = 0, i;
+    char *p;
+    *lines = NULL;
+    if (kmed_file_read(path, 0, buf, &len, &e) != KMED_OK) {
+        CHECKF(0, "%s", e.msg);
+        return 0;
+    }
+    for (i = 0; i < len; i++) n += (*buf)[i] == '\n';
+    *lines = (char **)calloc(n + 1, sizeof **lines);
+    n = 0;
+    for (p = *buf; p < *buf + len;) {
+        char *nl = strchr(p, '\n');
+        if (!nl) nl = *buf + len;
+        *nl = 0;
+        (*lines)[n++] = p;
+        p = nl + 1;
+    }
+    return n;
+}
+
+/* base.model encodes tests/data/spm/<input>.txt line by line as spm_encode did (base.<input>.ids)
+   and decodes those ids as spm_decode did (base.<input>.decoded). */
+static void test_spm(const char *base, const char *input)
+{
+    char path[256], *tb, *ib, *db, **tl, **il, **dl;
     kmed_tok tok;
     kmed_error e = {0};
-    kmed_lines ls, le;
-    const char *s, *x;
-    size_t sl, xl;
-    int eof1 = 0, eof2 = 0, n_lines = 0, bad = 0;
-    CHECK_OK(kmed_tok_load(&tok, model, &e));
+    size_t nt, ni, nd, k;
+    int bad = 0, bad_dec = 0;
+    snprintf(path, sizeof path, "tests/data/spm/%s.model", base);
+    CHECK_OK(kmed_tok_load(&tok, path, &e));
     if (e.code) return;
-    CHECK(tok.kind == KMED_TOK_SPM_BPE);
-    if (kmed_lines_open(&ls, sentences, &e) || kmed_lines_open(&le, expected, &e)) {
-        CHECKF(0, "%s", e.msg);
-        kmed_tok_free(&tok);
-        return;
-    }
-    for (;;) {
-        char *text;
-        int *ids, want[4096];
-        size_t n = 0, nw = 0, i;
-        const char *p;
-        if (kmed_lines_next(&ls, &s, &sl, &eof1, &e) || eof1) break;
-        text = (char *)malloc(sl + 1);
-        memcpy(text, s, sl);
-        text[sl] = 0;
-        if (kmed_lines_next(&le, &x, &xl, &eof2, &e) || eof2) {
-            CHECKF(0, "%s: fewer expected lines than sentences", expected);
-            free(text);
-            break;
-        }
-        for (p = x; p < x + xl && nw < 4096;) {
+    CHECK(tok.kind == KMED_TOK_SPM_BPE && tok.unk_id == 0);
+    snprintf(path, sizeof path, "tests/data/spm/%s.txt", input);
+    nt = read_lines(path, &tb, &tl);
+    snprintf(path, sizeof path, "tests/data/spm/%s.%s.ids", base, input);
+    ni = read_lines(path, &ib, &il);
+    snprintf(path, sizeof path, "tests/data/spm/%s.%s.decoded", base, input);
+    nd = read_lines(path, &db, &dl);
+    CHECKF(nt > 0 && nt == ni && nt == nd, "%s: %zu lines, %zu ids, %zu decoded", base, nt, ni,
+           nd);
+    for (k = 0; k < nt && k < ni && k < nd; k++) {
+        int want[2048], *ids;
+        size_t nw = 0, n = 0, i;
+        const char *p = il[k];
+        kmed_buf b = {0};
+        int ok;
+        while (nw < 2048) {
             char *end;
             long v = strtol(p, &end, 10);
             if (end == p) break;
             want[nw++] = (int)v;
             p = end;
         }
-        n_lines++;
-        ids = encode_all(&tok, text, sl, 1, &n);
-        {
-            int ok = ids && n == nw;
-            for (i = 0; ok && i < n; i++) ok = ids[i] == want[i];
-            if (!ok) bad++;
-            CHECKF(ok, "%s line %d: %zu ids, spm_encode gave %zu", model, n_lines, n, nw);
+        ids = encode_all(&tok, tl[k], strlen(tl[k]), 1, &n);
+        ok = ids && n == nw;
+        for (i = 0; ok && i < n; i++) ok = ids[i] == want[i];
+        if (!ok) bad++;
+        CHECKF(ok, "%s %s line %zu: %zu ids, spm_encode gave %zu (first diff at %zu)", base,
+               input, k + 1, n, nw, ids ? ids_diff_at(ids, n, NULL) : 0);
+        if (!ok && ids) {
+            fprintf(stderr, "  got: ");
+            for (i = 0; i < n; i++) fprintf(stderr, "%d ", ids[i]);
+            fprintf(stderr, "\n  want: %s\n", il[k]);
         }
+        CHECK_OK(kmed_tok_decode(&tok, want, nw, 1, &b, &e));
+        ok = b.data && !strcmp(b.data, dl[k]);
+        if (!ok) bad_dec++;
+        CHECKF(ok, "%s %s line %zu: decoded '%s', spm_decode gave '%s'", base, input, k + 1,
+               b.data ? b.data : "", dl[k]);
+        kmed_buf_free(&b);
         free(ids);
-        free(text);
     }
-    printf("%s: %d sentences, %d differ from spm_encode\n", model, n_lines, bad);
-    CHECK(n_lines > 0);
-    kmed_lines_close(&ls);
-    kmed_lines_close(&le);
+    printf("%s on %s.txt: %zu lines, %d differ from spm_encode, %d from spm_decode\n", base,
+           input, nt, bad, bad_dec);
+    free(tb); free(ib); free(db);
+    free(tl); free(il); free(dl);
     kmed_tok_free(&tok);
 }
 
@@ -537,6 +567,12 @@ int main(void)
     test_pipeline_ops();
     test_malformed();
     test_chat_errors();
+    test_spm("bpe_identity", "sentences");
+    test_spm("bpe_identity", "train");
+    test_spm("bpe_nfkc", "sentences");
+    test_spm("bpe_nfkc", "train");
+    test_spm("bpe_gemmalike", "sentences");
+    test_spm("bpe_gemmalike", "train");
     fx = kmed_test_fixtures();
     if (fx) test_gemma(fx);
     return kmed_test_done();
