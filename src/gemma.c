@@ -731,6 +731,46 @@ static void kmed__gemma_attn_job(void *ctx, size_t begin, size_t end, int thread
                             a->D, a->scale, a->softcap, a->window, begin, end);
 }
 
+/* Row-parallel elementwise work of the forward: GeGLU and the residual norms. */
+typedef struct kmed__gemma_rows_ctx {
+    int op;                     /* 0: geglu g = gelu(g) * u; 1: x += rmsnorm(t) */
+    float *g; const float *u;   /* (n, F) */
+    float *x, *t;               /* (n, C) */
+    const float *w;
+    size_t width;
+    float eps;
+} kmed__gemma_rows_ctx;
+
+static void kmed__gemma_rows_job(void *ctx, size_t begin, size_t end, int thread)
+{
+    kmed__gemma_rows_ctx *c = (kmed__gemma_rows_ctx *)ctx;
+    size_t W = c->width, i;
+    (void)thread;
+    if (c->op == 0) {
+        kmed__geglu_forward(c->g + begin * W, c->g + begin * W, c->u + begin * W,
+                            (end - begin) * W);
+        return;
+    }
+    kmed__rmsnorm_forward(c->t + begin * W, NULL, c->t + begin * W, c->w, end - begin, W,
+                          c->eps);
+    for (i = begin * W; i < end * W; i++) c->x[i] += c->t[i];
+}
+
+/* x += rmsnorm(t) * (1 + w) over n rows (the post-attention / post-FFN residual). */
+static void kmed__gemma_residual(kmed_pool *pool, float *x, float *t, const float *w,
+                                 size_t n, size_t C, float eps)
+{
+    kmed__gemma_rows_ctx c;
+    memset(&c, 0, sizeof c);
+    c.op = 1;
+    c.x = x;
+    c.t = t;
+    c.w = w;
+    c.width = C;
+    c.eps = eps;
+    kmed_pool_for(pool, n, 1, kmed__gemma_rows_job, &c);
+}
+
 /* y (n, out) = x W^T, plus the LoRA delta of target t when the adapter has it. */
 static void kmed__gemma_linear(kmed_pool *pool, float *y, const float *x, const kmed_weight *w,
                                const kmed_lora *lora, size_t layer, int target, float *xa,
@@ -759,6 +799,7 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
     int mm = (flags & KMED_FWD_FAST) ? KMED_MM_FAST : 0;
     int threads = kmed_pool_threads(pool);
     kmed__gemma_attn_ctx actx;
+    kmed__gemma_rows_ctx rctx;
     kmed_result r;
 
     if (!s) return KMED__ERR(err, KMED_ERR_STATE, "gemma: state not initialised");
@@ -789,6 +830,8 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
     kmed__embed_forward(s->x, ids, m->embed.data, m->embed.type, n, C);
     if (hidden) memcpy(hidden, s->x, n * C * sizeof(float));
 
+    memset(&rctx, 0, sizeof rctx);
+    rctx.width = F;
     actx.q = s->q;
     actx.out = s->att;
     actx.pos = s->pos;
@@ -798,7 +841,7 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
     actx.H = H;
     actx.Hkv = Hkv;
     actx.D = D;
-    actx.scale = 1.0f / sqrtf(c->query_pre_attn_scalar);
+    actx.scale = (float)(1.0 / sqrt((double)c->query_pre_attn_scalar));
     actx.softcap = c->attn_softcap;
     for (l = 0; l < L; l++) {
         const kmed_gemma_layer *y = &m->layers[l];
@@ -821,19 +864,18 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
         kmed_pool_for(pool, H, 1, kmed__gemma_attn_job, &actx);
 
         kmed__gemma_linear(pool, s->tmp, s->att, &y->o, lora, l, KMED_LORA_O, s->xa, n, mm);
-        kmed__rmsnorm_forward(s->tmp, NULL, s->tmp, y->post_attn_norm, n, C,
-                              c->rms_norm_eps);
-        for (i = 0; i < n * C; i++) s->x[i] += s->tmp[i];
+        kmed__gemma_residual(pool, s->x, s->tmp, y->post_attn_norm, n, C, c->rms_norm_eps);
 
         kmed__rmsnorm_forward(s->xn, NULL, s->x, y->pre_ffn_norm, n, C, c->rms_norm_eps);
         kmed__gemma_linear(pool, s->g, s->xn, &y->gate, lora, l, KMED_LORA_GATE, s->xa, n,
                            mm);
         kmed__gemma_linear(pool, s->u, s->xn, &y->up, lora, l, KMED_LORA_UP, s->xa, n, mm);
-        kmed__geglu_forward(s->g, s->g, s->u, n * F);
+        rctx.g = s->g;
+        rctx.u = s->u;
+        kmed_pool_for(pool, n, 1, kmed__gemma_rows_job, &rctx);
         kmed__gemma_linear(pool, s->tmp, s->g, &y->down, lora, l, KMED_LORA_DOWN, s->xa, n,
                            mm);
-        kmed__rmsnorm_forward(s->tmp, NULL, s->tmp, y->post_ffn_norm, n, C, c->rms_norm_eps);
-        for (i = 0; i < n * C; i++) s->x[i] += s->tmp[i];
+        kmed__gemma_residual(pool, s->x, s->tmp, y->post_ffn_norm, n, C, c->rms_norm_eps);
         if (hidden) memcpy(hidden + (l + 1) * n * C, s->x, n * C * sizeof(float));
     }
 

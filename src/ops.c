@@ -7,6 +7,135 @@
 
 #include <math.h>
 #include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KMED__OPS_AVX2 1
+#endif
+
+/* ---- vector helpers for the forwards: AVX2+FMA when compiled in, scalar otherwise ---- */
+
+#ifdef KMED__OPS_AVX2
+/* exp on 8 lanes (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). */
+static __m256 kmed__ops_exp8(__m256 x)
+{
+    __m256 fx, y, z;
+    __m256i e;
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)),
+                      _mm256_set1_ps(88.72283f));
+    fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    z = _mm256_mul_ps(x, x);
+    y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* tanh on 8 lanes as sign(x) (1 - t) / (1 + t), t = exp(-2|x|): absolute error ~1e-7. */
+static __m256 kmed__ops_tanh8(__m256 x)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    __m256 ax = _mm256_andnot_ps(sign, x);
+    __m256 t = kmed__ops_exp8(_mm256_mul_ps(ax, _mm256_set1_ps(-2.0f)));
+    __m256 r = _mm256_div_ps(_mm256_sub_ps(one, t), _mm256_add_ps(one, t));
+    return _mm256_or_ps(r, _mm256_and_ps(x, sign));
+}
+
+static float kmed__ops_hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* The tanh GELU (HF gelu_pytorch_tanh) in f32, no lookup table. */
+static float kmed__gelu_tanh(float x)
+{
+    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+/* y = cap * tanh(x * pre / cap) over n values; y may alias x. */
+static void kmed__ops_softcap_row(float *y, const float *x, size_t n, float cap, float pre)
+{
+    size_t i = 0;
+    float inv = pre / cap;
+#ifdef KMED__OPS_AVX2
+    __m256 vi = _mm256_set1_ps(inv), vc = _mm256_set1_ps(cap);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(vc, kmed__ops_tanh8(
+                                                      _mm256_mul_ps(_mm256_loadu_ps(x + i), vi))));
+#endif
+    for (; i < n; i++) y[i] = cap * tanhf(x[i] * inv);
+}
+
+/* x = exp(x - mx) over n values; returns the sum. */
+static float kmed__ops_exp_sum(float *x, size_t n, float mx)
+{
+    size_t i = 0;
+    float sum = 0.0f;
+#ifdef KMED__OPS_AVX2
+    __m256 vm = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = kmed__ops_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = kmed__ops_hsum8(acc);
+#endif
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        sum += x[i];
+    }
+    return sum;
+}
+
+/* y[0..n) += a * x[0..n) */
+static void kmed__ops_axpy(float *y, float a, const float *x, size_t n)
+{
+    size_t i = 0;
+#ifdef KMED__OPS_AVX2
+    __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
+                                                _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* out[j] = q . k_j for 4 rows k_j = k + j * ld (n values each); four keys share the
+   loads of q and amortise the horizontal sums. */
+static void kmed__ops_dot4(float *out, const float *q, const float *k, size_t ld, size_t n)
+{
+    size_t i = 0, j;
+    float s[4] = { 0, 0, 0, 0 };
+#ifdef KMED__OPS_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 vq = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k + i), a0);
+        a1 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k + ld + i), a1);
+        a2 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k + 2 * ld + i), a2);
+        a3 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k + 3 * ld + i), a3);
+    }
+    s[0] = kmed__ops_hsum8(a0);
+    s[1] = kmed__ops_hsum8(a1);
+    s[2] = kmed__ops_hsum8(a2);
+    s[3] = kmed__ops_hsum8(a3);
+#endif
+    for (; i < n; i++)
+        for (j = 0; j < 4; j++) s[j] += q[i] * k[j * ld + i];
+    for (j = 0; j < 4; j++) out[j] = s[j];
+}
 
 /* y = x / sqrt(mean(x^2) + eps) * (1 + w) per row (Gemma stores w, not 1 + w). Saves
    1/rms per row in rstd when it is non-NULL. y may alias x. */
@@ -61,9 +190,9 @@ static void kmed__rope_forward(float *y,
                                size_t N, size_t H, size_t D, float theta)
 {
     size_t n, h, i, half = D / 2;
-    for (n = 0; n < N; n++) {
-        for (i = 0; i < half; i++) {
-            float inv_freq = (float)(1.0 / pow((double)theta, (double)(2 * i) / (double)D));
+    for (i = 0; i < half; i++) {
+        float inv_freq = (float)(1.0 / pow((double)theta, (double)(2 * i) / (double)D));
+        for (n = 0; n < N; n++) {
             float ang = (float)pos[n] * inv_freq;
             float c = cosf(ang), s = sinf(ang);
             for (h = 0; h < H; h++) {
@@ -83,9 +212,9 @@ static void kmed__rope_backward(float *dx,
                                 size_t N, size_t H, size_t D, float theta)
 {
     size_t n, h, i, half = D / 2;
-    for (n = 0; n < N; n++) {
-        for (i = 0; i < half; i++) {
-            float inv_freq = (float)(1.0 / pow((double)theta, (double)(2 * i) / (double)D));
+    for (i = 0; i < half; i++) {
+        float inv_freq = (float)(1.0 / pow((double)theta, (double)(2 * i) / (double)D));
+        for (n = 0; n < N; n++) {
             float ang = (float)pos[n] * inv_freq;
             float c = cosf(ang), s = sinf(ang);
             for (h = 0; h < H; h++) {
@@ -99,19 +228,24 @@ static void kmed__rope_backward(float *dx,
     }
 }
 
-/* The tanh GELU (HF gelu_pytorch_tanh), exact in f32: no lookup table. */
-static float kmed__gelu_tanh(float x)
-{
-    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
-    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
-}
-
 /* GeGLU: h = gelu_tanh(g) * u elementwise, g and u (N, F) as n = N*F values. The backward
    needs g and u, so nothing extra is saved. h may alias g or u. */
 static void kmed__geglu_forward(float *h, const float *g, const float *u, size_t n)
 {
-    size_t i;
-    for (i = 0; i < n; i++) h[i] = kmed__gelu_tanh(g[i]) * u[i];
+    size_t i = 0;
+#ifdef KMED__OPS_AVX2
+    const __m256 k = _mm256_set1_ps(0.7978845608028654f), c = _mm256_set1_ps(0.044715f);
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 in = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(c, x), _mm256_mul_ps(x, x),
+                                                     x));
+        __m256 y = _mm256_mul_ps(_mm256_mul_ps(half, x),
+                                 _mm256_add_ps(one, kmed__ops_tanh8(in)));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(y, _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) h[i] = kmed__gelu_tanh(g[i]) * u[i];
 }
 
 /* Backward of kmed__geglu_forward: du += dh * gelu(g), dg += dh * u * gelu'(g).
@@ -136,12 +270,11 @@ static void kmed__geglu_backward(float *dg, float *du,
    dy/dx = 1 - (y/cap)^2). y may alias x. cap <= 0 copies. */
 static void kmed__softcap_forward(float *y, const float *x, size_t n, float cap)
 {
-    size_t i;
     if (cap <= 0.0f) {
         if (y != x) memmove(y, x, n * sizeof *y);
         return;
     }
-    for (i = 0; i < n; i++) y[i] = cap * tanhf(x[i] / cap);
+    kmed__ops_softcap_row(y, x, n, cap, 1.0f);
 }
 
 /* Backward of kmed__softcap_forward from its output y: dx += dy * (1 - (y/cap)^2).
@@ -206,7 +339,7 @@ static void kmed__attention_forward(float *out, float *att,
                                     float scale, float softcap, size_t window,
                                     size_t h0, size_t h1)
 {
-    size_t h, t, j, d, group = H / Hkv;
+    size_t h, t, j, group = H / Hkv, ld = Hkv * D;
     for (h = h0; h < h1; h++) {
         size_t hk = h / group;
         for (t = 0; t < N; t++) {
@@ -214,25 +347,20 @@ static void kmed__attention_forward(float *out, float *att,
             float *ot = out + (t * H + h) * D;     /* (D) */
             float *p = att ? att + (h * N + t) * S : scratch; /* (S) */
             size_t p_t = (size_t)qpos[t];
-            size_t lo = window && p_t >= window ? p_t - window + 1 : 0;
-            float mx = -INFINITY, sum = 0.0f, inv;
-            for (j = lo; j <= p_t; j++) {
-                float s = kmed_dot_row(KMED_F32, k + (j * Hkv + hk) * D, qt, D) * scale;
-                if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
-                p[j] = s;
-                if (s > mx) mx = s;
-            }
-            for (j = lo; j <= p_t; j++) {
-                p[j] = expf(p[j] - mx);
-                sum += p[j];
-            }
+            size_t lo = window && p_t >= window ? p_t - window + 1 : 0, nk = p_t + 1 - lo;
+            const float *kb = k + lo * ld + hk * D; /* key lo of head hk */
+            float mx = -INFINITY, sum, inv;
+            for (j = 0; j + 4 <= nk; j += 4) kmed__ops_dot4(p + lo + j, qt, kb + j * ld, ld, D);
+            for (; j < nk; j++) p[lo + j] = kmed_dot_row(KMED_F32, kb + j * ld, qt, D);
+            if (softcap > 0.0f) kmed__ops_softcap_row(p + lo, p + lo, nk, softcap, scale);
+            else for (j = 0; j < nk; j++) p[lo + j] *= scale;
+            for (j = lo; j <= p_t; j++) if (p[j] > mx) mx = p[j];
+            sum = kmed__ops_exp_sum(p + lo, nk, mx);
             inv = 1.0f / sum;
-            for (d = 0; d < D; d++) ot[d] = 0.0f;
+            memset(ot, 0, D * sizeof *ot);
             for (j = lo; j <= p_t; j++) {
-                const float *vj = v + (j * Hkv + hk) * D; /* (D) */
-                float pj = p[j] * inv;
-                p[j] = pj;
-                for (d = 0; d < D; d++) ot[d] += pj * vj[d];
+                p[j] *= inv;
+                kmed__ops_axpy(ot, p[j], v + (j * Hkv + hk) * D, D);
             }
             if (att) {
                 for (j = 0; j < lo; j++) p[j] = 0.0f;

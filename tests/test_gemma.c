@@ -11,8 +11,9 @@
 #define TOL_LSE 2e-5         /* logsumexp, absolute */
 #define TOL_LOSS_REL 2e-6    /* loss, relative */
 #define MARGIN_ARGMAX 0.01   /* argmax must agree where top1 - top2 exceeds this */
-/* Prefill vs step-by-step decode: the same f32 ops in a different matmul row grouping. */
-#define TOL_PREFILL 1e-4
+/* Prefill vs step-by-step decode: the same f32 ops, but the matmul kernels sum in another
+   order for one row than for a block of rows (observed ~5e-4 on logits up to 30). */
+#define TOL_PREFILL 1e-3
 /* The fast path may deviate from the dequant reference this much more than llama.cpp's
    own quantized logits do (different rounding of the same Q8_0 activations). */
 #define FAST_MARGIN 1.5
@@ -67,6 +68,39 @@ static void *load_npy(const char *name, size_t numel)
     for (i = 0; i < nd; i++) n *= shape[i];
     CHECKF(n == numel, "%s: %llu elements, expected %zu", name, (unsigned long long)n, numel);
     return data;
+}
+
+/* Mean NLL of labels[t+1] at position t over the unmasked labels of forward.json. */
+static double golden_loss(const float *logits, double *golden, const char *key)
+{
+    char path[1200];
+    char *js = NULL;
+    size_t jlen, t;
+    kmed_json_doc doc;
+    kmed_error e = {0};
+    double nll = 0;
+    int counted = 0;
+    snprintf(path, sizeof path, "%s/tiny-gemma2/golden/forward.json", fx);
+    CHECK_OK(kmed_file_read(path, 0, &js, &jlen, &e));
+    if (!js) return -1;
+    *golden = -1;
+    if (kmed_json_parse(&doc, js, jlen, path, 0, &e) == KMED_OK) {
+        const kmed_json *labels = kmed_json_get(doc.root, "labels");
+        *golden = kmed_json_num(kmed_json_get(doc.root, key), -1);
+        for (t = 0; t + 1 < NTOK; t++) {
+            int64_t lab;
+            double lse;
+            int am;
+            if (!kmed_json_int(kmed_json_at(labels, t + 1), &lab) || lab < 0) continue;
+            lse_argmax(logits + t * NV, NV, &lse, &am, NULL);
+            nll += lse - logits[t * NV + (size_t)lab];
+            counted++;
+        }
+    }
+    kmed_json_free(&doc);
+    kmed_free(js);
+    CHECK(counted == 28);
+    return counted ? nll / counted : -1;
 }
 
 /* Full forward of the 40 golden tokens: logits (40, V) and hidden (L+1, 40, C). */
@@ -151,14 +185,9 @@ static void check_hf_golden(const kmed_gemma *m, const kmed_st *g, const char *l
     const float *gmargin = st_f32(g, "argmax_margin", NTOK);
     const kmed_tensor_info *gam = kmed_st_find(g, "argmax");
     float fn[NTOK * 64];
-    double worst = 0, d, lse_d = 0, log_d = 0, nll = 0;
+    double worst = 0, d, lse_d = 0, log_d = 0;
     size_t l, t, j;
-    int am_ok = 1, counted = 0;
-    char path[1200];
-    char *js = NULL;
-    size_t jlen;
-    kmed_json_doc doc;
-    kmed_error e = {0};
+    int am_ok = 1;
 
     if (!gh || !gfn || !glse || !glog || !gmargin || !gam) return;
     for (l = 0; l <= L; l++) {
@@ -187,28 +216,12 @@ static void check_hf_golden(const kmed_gemma *m, const kmed_st *g, const char *l
     CHECKF(am_ok, "%s: argmax differs", label);
     printf("%s: hidden rel %.2e, logits %.2e, lse %.2e\n", label, worst, log_d, lse_d);
 
-    /* loss: mean NLL of labels[t+1] at position t over unmasked labels */
-    snprintf(path, sizeof path, "%s/tiny-gemma2/golden/forward.json", fx);
-    CHECK_OK(kmed_file_read(path, 0, &js, &jlen, &e));
-    if (!js) return;
-    if (kmed_json_parse(&doc, js, jlen, path, 0, &e) == KMED_OK) {
-        const kmed_json *labels = kmed_json_get(doc.root, "labels");
-        double loss = kmed_json_num(kmed_json_get(doc.root, "loss"), -1), rel;
-        for (t = 0; t + 1 < NTOK; t++) {
-            int64_t lab;
-            double lse;
-            int am;
-            if (!kmed_json_int(kmed_json_at(labels, t + 1), &lab) || lab < 0) continue;
-            lse_argmax(logits + t * NV, NV, &lse, &am, NULL);
-            nll += lse - logits[t * NV + (size_t)lab];
-            counted++;
-        }
-        rel = fabs(nll / counted - loss) / loss;
-        CHECKF(counted == 28 && rel <= TOL_LOSS_REL, "%s: loss %.8g vs %.8g (rel %.3g, %d "
-               "tokens)", label, nll / counted, loss, rel, counted);
+    {
+        double loss, gl, rel;
+        loss = golden_loss(logits, &gl, "loss");
+        rel = fabs(loss - gl) / gl;
+        CHECKF(rel <= TOL_LOSS_REL, "%s: loss %.8g vs %.8g (rel %.3g)", label, loss, gl, rel);
     }
-    kmed_json_free(&doc);
-    kmed_free(js);
 }
 
 static void get_ids(const kmed_st *g, int *ids)
@@ -217,6 +230,66 @@ static void get_ids(const kmed_st *g, int *ids)
     size_t i;
     CHECK(t && t->dtype == KMED_I32 && kmed_tensor_numel(t) == NTOK);
     for (i = 0; i < NTOK; i++) ids[i] = t ? ((const int32_t *)t->data)[i] : 2;
+}
+
+/* LoRA through the forward: an adapter built over golden/lora_init must reproduce
+   lora.json's loss_with_lora. A/B point into the mapped file (read only). */
+static void test_lora(const kmed_gemma *m, kmed_pool *pool, const int *ids, float *logits)
+{
+    static const char *const mods[7] = { "self_attn.q_proj", "self_attn.k_proj",
+        "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj" };
+    kmed_lora_ab ab[2][KMED_LORA_NTARGETS];
+    kmed_lora lo;
+    kmed_st st;
+    kmed_error e = {0};
+    kmed_gemma_state s;
+    char path[1200], name[256];
+    char *js = NULL;
+    size_t jlen;
+    int l, t, ok = 1;
+    double loss, gl = -1, rel;
+    kmed_json_doc doc;
+    snprintf(path, sizeof path, "%s/tiny-gemma2/golden/lora_init/adapter_model.safetensors", fx);
+    CHECK_OK(kmed_st_open(&st, path, &e));
+    if (e.code) return;
+    for (l = 0; l < 2; l++)
+        for (t = 0; t < 7; t++) {
+            const kmed_tensor_info *a, *b;
+            snprintf(name, sizeof name, "base_model.model.model.layers.%d.%s.lora_A.weight", l,
+                     mods[t]);
+            a = kmed_st_find(&st, name);
+            snprintf(name, sizeof name, "base_model.model.model.layers.%d.%s.lora_B.weight", l,
+                     mods[t]);
+            b = kmed_st_find(&st, name);
+            if (!a || !b || a->dtype != KMED_F32 || b->dtype != KMED_F32) { ok = 0; continue; }
+            ab[l][t].A = (float *)(uintptr_t)a->data;
+            ab[l][t].B = (float *)(uintptr_t)b->data;
+        }
+    CHECK(ok);
+    memset(&lo, 0, sizeof lo);
+    lo.r = 4;
+    lo.alpha = 8;
+    lo.scale = 2;
+    lo.targets = (1u << KMED_LORA_NTARGETS) - 1;
+    lo.n_layers = 2;
+    lo.ab = ab;
+    if (ok && kmed_gemma_state_init(&s, m, 64, &e) == KMED_OK) {
+        CHECK_OK(kmed_gemma_forward(m, &lo, &s, pool, ids, NTOK, KMED_FWD_LOGITS_ALL, logits,
+                                    NULL, &e));
+        kmed_gemma_state_free(&s);
+        snprintf(path, sizeof path, "%s/tiny-gemma2/golden/lora.json", fx);
+        CHECK_OK(kmed_file_read(path, 0, &js, &jlen, &e));
+        if (js && kmed_json_parse(&doc, js, jlen, path, 0, &e) == KMED_OK)
+            gl = kmed_json_num(kmed_json_get(doc.root, "loss_with_lora"), -1);
+        kmed_json_free(&doc);
+        kmed_free(js);
+        loss = golden_loss(logits, &rel, "loss");
+        rel = fabs(loss - gl) / gl;
+        CHECKF(rel <= TOL_LOSS_REL, "lora: loss %.8g vs %.8g (rel %.3g)", loss, gl, rel);
+        printf("lora forward: loss %.8g vs golden %.8g (rel %.2e)\n", loss, gl, rel);
+    }
+    kmed_st_close(&st);
 }
 
 static void test_hf(kmed_pool *pool1, kmed_pool *pool2, int *ids)
@@ -249,6 +322,8 @@ static void test_hf(kmed_pool *pool1, kmed_pool *pool2, int *ids)
             CHECK(memcmp(hidden, hidden2, 3 * NTOK * 64 * sizeof(float)) == 0);
         }
     }
+
+    if (m.layers) test_lora(&m, pool2, ids, logits);
 
     /* as stored: BF16 weights mmapped, f32 activations */
     CHECK_OK(kmed_gemma_load(&mb, path, NULL, &e));
@@ -292,7 +367,7 @@ static void test_hf(kmed_pool *pool1, kmed_pool *pool2, int *ids)
         CHECK_OK(kmed_gemma_state_set_pos(&st, 25, &e));
         CHECK_OK(kmed_gemma_forward(&m, NULL, &st, pool2, ids + 25, NTOK - 25,
                                     KMED_FWD_LOGITS_LAST, step, NULL, &e));
-        CHECK(memcmp(step, logits2 + (size_t)(NTOK - 26) * NV, NV * sizeof(float)) == 0);
+        CHECK(kmed_test_maxdiff(step, logits2 + (size_t)(NTOK - 26) * NV, NV) <= TOL_PREFILL);
         CHECK(kmed_gemma_state_set_pos(&st, 41, &e) == KMED_ERR_ARG);
         {
             int bad = NV;
@@ -312,6 +387,46 @@ static void test_hf(kmed_pool *pool1, kmed_pool *pool2, int *ids)
     free(logits2);
     free(hidden);
     free(hidden2);
+}
+
+/* Quantize-on-load from the HF bf16 weights gives exactly the blocks llama-quantize wrote. */
+static void test_convert_matches_gguf(void)
+{
+    static const char *const files[2] = { "q8_0", "q4_0-pure" };
+    static const kmed_dtype types[2] = { KMED_Q8_0, KMED_Q4_0 };
+    int v, l;
+    for (v = 0; v < 2; v++) {
+        kmed_gemma a, b;
+        kmed_gemma_opts o;
+        kmed_error e = {0};
+        char path[1200];
+        int same = 1;
+        memset(&o, 0, sizeof o);
+        o.convert = 1;
+        o.type = types[v];
+        snprintf(path, sizeof path, "%s/tiny-gemma2", fx);
+        CHECK_OK(kmed_gemma_load(&a, path, &o, &e));
+        snprintf(path, sizeof path, "%s/tiny-gemma2/gguf/tiny-gemma2-%s.gguf", fx, files[v]);
+        CHECK_OK(kmed_gemma_load(&b, path, NULL, &e));
+        if (a.layers && b.layers) {
+            const kmed_weight *wa, *wb;
+            same = memcmp(a.embed.data, b.embed.data,
+                          kmed_dtype_bytes(types[v], (uint64_t)NV * 64)) == 0;
+            for (l = 0; l < 2; l++)
+                for (wa = &a.layers[l].q, wb = &b.layers[l].q; wa <= &a.layers[l].down;
+                     wa++, wb++)
+                    if (wa->type != wb->type || memcmp(wa->data, wb->data,
+                            kmed_dtype_bytes(wa->type, (uint64_t)wa->rows * wa->cols)) != 0)
+                        same = 0;
+            CHECKF(same, "HF -> %s on load differs from llama-quantize's file", files[v]);
+            /* norms: GGUF's 1 + w back to w equals the HF value */
+            CHECK(kmed_test_maxdiff(a.final_norm, b.final_norm, 64) < 1e-6 &&
+                  kmed_test_maxdiff(a.layers[1].post_ffn_norm, b.layers[1].post_ffn_norm, 64)
+                      < 1e-6);
+        }
+        kmed_gemma_free(&a);
+        kmed_gemma_free(&b);
+    }
 }
 
 /* rel. L2 and max abs of a - b over the first 1024 logits of each position */
@@ -447,6 +562,7 @@ int main(void)
     if (fx[0]) {
         test_hf(pool1, pool2, ids);
         test_gguf(pool2, ids);
+        test_convert_matches_gguf();
     }
     kmed_pool_free(pool1);
     kmed_pool_free(pool2);
