@@ -552,7 +552,7 @@ struct kmed_train {
     float *dembed, *dfinal;    /* full mode */
     kmed__train_lgrad *lg;     /* [L] */
     long step;
-    double loss_ema;
+    double loss_ema, last_loss;
     long loss_n;
     size_t maxB, maxT, head_rows;
     int nthreads;
@@ -1393,9 +1393,9 @@ KMED_API void kmed_train_apply(kmed_train *tr, float lr)
     kmed_pool_for(tr->pool, tr->total, 4096, kmed__train_opt_fn, &o);
 }
 
-KMED_API kmed_result kmed_train_step(kmed_train *tr, const int *ids, const int *labels,
-                                     size_t accum, size_t B, size_t T, double *loss,
-                                     kmed_error *err)
+KMED_API kmed_result kmed_train_grads(kmed_train *tr, const int *ids, const int *labels,
+                                      size_t accum, size_t B, size_t T, double *loss,
+                                      kmed_error *err)
 {
     size_t a, count = 0, per = B * T;
     double sum = 0.0, mean;
@@ -1412,6 +1412,7 @@ KMED_API kmed_result kmed_train_step(kmed_train *tr, const int *ids, const int *
         if (rc != KMED_OK) return rc;
     }
     mean = sum / (double)count;
+    tr->last_loss = mean;
     if (loss) *loss = mean;
     if (!isfinite(mean))
         return KMED__ERR(err, KMED_ERR_NUMERIC, "loss is %s at step %ld; nothing was updated "
@@ -1421,11 +1422,23 @@ KMED_API kmed_result kmed_train_step(kmed_train *tr, const int *ids, const int *
         return KMED__ERR(err, KMED_ERR_NUMERIC, "loss spike at step %ld: %.4f > %.1f x running "
                          "mean %.4f; nothing was updated or saved", tr->step + 1, mean,
                          (double)tr->cfg.spike_factor, tr->loss_ema);
-    if ((rc = kmed_train_check_grads(tr, err)) != KMED_OK) return rc;
-    tr->loss_ema = tr->loss_n ? 0.9 * tr->loss_ema + 0.1 * mean : mean;
+    return kmed_train_check_grads(tr, err);
+}
+
+KMED_API void kmed_train_update(kmed_train *tr)
+{
+    tr->loss_ema = tr->loss_n ? 0.9 * tr->loss_ema + 0.1 * tr->last_loss : tr->last_loss;
     tr->loss_n++;
     kmed_train_apply(tr, kmed_optim_lr(&tr->oc, tr->step + 1));
-    return KMED_OK;
+}
+
+KMED_API kmed_result kmed_train_step(kmed_train *tr, const int *ids, const int *labels,
+                                     size_t accum, size_t B, size_t T, double *loss,
+                                     kmed_error *err)
+{
+    kmed_result rc = kmed_train_grads(tr, ids, labels, accum, B, T, loss, err);
+    if (rc == KMED_OK) kmed_train_update(tr);
+    return rc;
 }
 
 /* ---- saving: gradients, full model, checkpoints, loss curve ---- */

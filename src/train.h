@@ -140,12 +140,20 @@ KMED_API double kmed_train_grad_norm(kmed_train *tr);
 KMED_API void kmed_train_apply(kmed_train *tr, float lr);
 /* One whole step: `accum` micro-batches of B sequences each, ids and labels
    (accum, B, T); the loss (mean over all their counted tokens) goes to *loss.
-   Zeroes gradients, runs forward/backward, checks the loss (NaN/inf, spike guard) and
-   gradients, then applies the update at the scheduled lr. On KMED_ERR_NUMERIC nothing
-   was updated. */
+   = kmed_train_grads + kmed_train_update. On KMED_ERR_NUMERIC nothing was updated. */
 KMED_API kmed_result kmed_train_step(kmed_train *tr, const int *ids, const int *labels,
                                      size_t accum, size_t B, size_t T, double *loss,
                                      kmed_error *err);
+/* The first half of a step: zeroes gradients, runs forward/backward over the
+   micro-batches, checks the loss (NaN/inf, spike guard) and the gradients. The gradients
+   can be inspected or saved before kmed_train_update. KMED_ERR_ARG when no token of the
+   step is counted. */
+KMED_API kmed_result kmed_train_grads(kmed_train *tr, const int *ids, const int *labels,
+                                      size_t accum, size_t B, size_t T, double *loss,
+                                      kmed_error *err);
+/* The second half: records the loss for the spike guard and applies the update at the
+   scheduled lr (kmed_optim_lr of the next step). */
+KMED_API void kmed_train_update(kmed_train *tr);
 /* Writes the current gradients as F32 safetensors under the parameter names. */
 KMED_API kmed_result kmed_train_save_grads(kmed_train *tr, const char *path,
                                            kmed_error *err);
