@@ -1,0 +1,409 @@
+/* kmed-inspect: lists the metadata and tensors of a safetensors file, a Hugging Face model
+   directory (sharded or not), a GGUF file, or a PEFT adapter directory.
+
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tools/kmed-inspect.c -o build/kmed-inspect \
+      -lm -lpthread
+*/
+#define KMED_IMPLEMENTATION
+#include "kmed.h"
+#include "tools/common.h"
+
+static const char usage[] =
+    "usage: kmed-inspect [options] PATH\n"
+    "\n"
+    "PATH is a .safetensors file, a model directory (model.safetensors.index.json and its\n"
+    "shards, or one *.safetensors), a .gguf file, or a PEFT adapter directory\n"
+    "(adapter_config.json + adapter_model.safetensors).\n"
+    "\n"
+    "options:\n"
+    "  --json          print one JSON object instead of tables (default: off)\n"
+    "  --values N      array values shown per metadata entry (default: 5)\n"
+    "  --no-tensors    leave out the tensor table (default: off)\n"
+    "  --help          this text\n";
+
+typedef struct opts { int json, no_tensors; long values; } opts;
+
+/* Appends s[0..n) as a JSON string, replacing invalid UTF-8 by U+FFFD so the output is
+   always valid JSON (token pieces can hold arbitrary bytes). */
+static void put_str(kmed_buf *b, const char *s, size_t n)
+{
+    kmed_buf clean = {0};
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = (unsigned char)s[i];
+        size_t k, len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        int ok = len > 0 && i + len <= n;
+        for (k = 1; ok && k < len; k++) ok = ((unsigned char)s[i + k] >> 6) == 2;
+        if (ok && len == 2 && c < 0xc2) ok = 0;
+        if (ok && len == 3) {
+            unsigned char c1 = (unsigned char)s[i + 1];
+            if ((c == 0xe0 && c1 < 0xa0) || (c == 0xed && c1 >= 0xa0)) ok = 0;
+        }
+        if (ok && len == 4) {
+            unsigned char c1 = (unsigned char)s[i + 1];
+            if ((c == 0xf0 && c1 < 0x90) || (c == 0xf4 && c1 >= 0x90) || c > 0xf4) ok = 0;
+        }
+        if (ok) { kmed_buf_put(&clean, s + i, len); i += len; }
+        else { kmed_buf_puts(&clean, "\xef\xbf\xbd"); i++; }
+    }
+    kmed_buf_json_str(b, clean.data ? clean.data : "", clean.len);
+    kmed_buf_free(&clean);
+}
+
+static const char *gguf_type_name(kmed_gguf_type t)
+{
+    static const char *const names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool",
+                                        "string", "array", "u64", "i64", "f64"};
+    return (unsigned)t < 13 ? names[t] : "?";
+}
+
+/* One numeric value of type t at p (little-endian, as stored). */
+static void put_num(kmed_buf *b, kmed_gguf_type t, const unsigned char *p)
+{
+    uint64_t raw = 0;
+    size_t n = t == KMED_GGUF_U8 || t == KMED_GGUF_I8 || t == KMED_GGUF_BOOL ? 1
+             : t == KMED_GGUF_U16 || t == KMED_GGUF_I16 ? 2
+             : t == KMED_GGUF_U64 || t == KMED_GGUF_I64 || t == KMED_GGUF_F64 ? 8 : 4;
+    size_t k;
+    for (k = 0; k < n; k++) raw |= (uint64_t)p[k] << (8 * k);
+    switch (t) {
+    case KMED_GGUF_I8: kmed_buf_printf(b, "%d", (int)(int8_t)raw); break;
+    case KMED_GGUF_I16: kmed_buf_printf(b, "%d", (int)(int16_t)raw); break;
+    case KMED_GGUF_I32: kmed_buf_printf(b, "%ld", (long)(int32_t)raw); break;
+    case KMED_GGUF_I64: kmed_buf_printf(b, "%lld", (long long)(int64_t)raw); break;
+    case KMED_GGUF_BOOL: kmed_buf_puts(b, raw ? "true" : "false"); break;
+    case KMED_GGUF_F32: {
+        uint32_t u = (uint32_t)raw;
+        float f;
+        memcpy(&f, &u, 4);
+        kmed_buf_json_f32(b, f);
+        break;
+    }
+    case KMED_GGUF_F64: {
+        double d;
+        memcpy(&d, &raw, 8);
+        if (d != d || d - d != 0) kmed_buf_puts(b, "null");
+        else kmed_buf_printf(b, "%.17g", d);
+        break;
+    }
+    default: kmed_buf_printf(b, "%llu", (unsigned long long)raw); break;
+    }
+}
+
+static size_t gguf_elem_size(kmed_gguf_type t)
+{
+    switch (t) {
+    case KMED_GGUF_U8: case KMED_GGUF_I8: case KMED_GGUF_BOOL: return 1;
+    case KMED_GGUF_U16: case KMED_GGUF_I16: return 2;
+    case KMED_GGUF_U64: case KMED_GGUF_I64: case KMED_GGUF_F64: return 8;
+    default: return 4;
+    }
+}
+
+/* The value of one kv: scalars as JSON values, arrays as [first values, ...]. */
+static void put_kv_value(kmed_buf *b, const kmed_gguf_kv *kv, long values, int json)
+{
+    uint64_t i, show;
+    if (kv->type == KMED_GGUF_STRING) { put_str(b, kv->str, kv->len); return; }
+    if (kv->type != KMED_GGUF_ARRAY) {
+        unsigned char tmp[8];
+        uint64_t bits = kv->u;
+        int k;
+        if (kv->type == KMED_GGUF_F32) {
+            float f = (float)kv->f;
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            bits = u;
+        } else if (kv->type == KMED_GGUF_F64) {
+            memcpy(&bits, &kv->f, 8);
+        }
+        for (k = 0; k < 8; k++) tmp[k] = (unsigned char)(bits >> (8 * k));
+        put_num(b, kv->type, tmp);
+        return;
+    }
+    show = values < 0 ? 0 : (uint64_t)values;
+    if (show > kv->n) show = kv->n;
+    kmed_buf_puts(b, "[");
+    for (i = 0; i < show; i++) {
+        if (i) kmed_buf_puts(b, ", ");
+        if (kv->arr_type == KMED_GGUF_STRING) put_str(b, kv->strs[i], kv->str_lens[i]);
+        else put_num(b, kv->arr_type,
+                     (const unsigned char *)kv->raw + i * gguf_elem_size(kv->arr_type));
+    }
+    if (show < kv->n && !json) kmed_buf_puts(b, show ? ", ..." : "...");
+    kmed_buf_puts(b, "]");
+}
+
+static void put_shape(kmed_buf *b, const kmed_tensor_info *t)
+{
+    int k;
+    kmed_buf_puts(b, "[");
+    for (k = 0; k < t->ndim; k++)
+        kmed_buf_printf(b, "%s%llu", k ? ", " : "", (unsigned long long)t->shape[k]);
+    kmed_buf_puts(b, "]");
+}
+
+/* Tensor table (text) or array (JSON). dtype_of gives the dtype text of tensor i. */
+static void put_tensors(kmed_buf *b, const kmed_tensor_info *ts, size_t n,
+                        const char *(*dtype_of)(const void *ctx, size_t i), const void *ctx,
+                        int json)
+{
+    size_t i, w = 4;
+    if (json) {
+        kmed_buf_puts(b, "\"tensors\": [");
+        for (i = 0; i < n; i++) {
+            kmed_buf_puts(b, i ? ",\n    {\"name\": " : "\n    {\"name\": ");
+            put_str(b, ts[i].name, strlen(ts[i].name));
+            kmed_buf_puts(b, ", \"dtype\": ");
+            put_str(b, dtype_of(ctx, i), strlen(dtype_of(ctx, i)));
+            kmed_buf_puts(b, ", \"shape\": ");
+            put_shape(b, &ts[i]);
+            kmed_buf_printf(b, ", \"bytes\": %zu", ts[i].nbytes);
+            kmed_buf_puts(b, "}");
+        }
+        kmed_buf_puts(b, n ? "\n  ]" : "]");
+        return;
+    }
+    for (i = 0; i < n; i++) if (strlen(ts[i].name) > w) w = strlen(ts[i].name);
+    kmed_buf_printf(b, "tensors (%zu):\n  %-*s  %-8s  %-20s  %12s\n", n, (int)w, "name", "dtype",
+                    "shape", "bytes");
+    for (i = 0; i < n; i++) {
+        kmed_buf sh = {0};
+        put_shape(&sh, &ts[i]);
+        kmed_buf_printf(b, "  %-*s  %-8s  %-20s  %12zu\n", (int)w, ts[i].name, dtype_of(ctx, i),
+                        sh.data ? sh.data : "[]", ts[i].nbytes);
+        kmed_buf_free(&sh);
+    }
+}
+
+static const char *st_dtype_of(const void *ctx, size_t i)
+{
+    const kmed_st *st = (const kmed_st *)ctx;
+    return st->tensors[i].dtype == KMED_DTYPE_UNKNOWN ? kmed_st_dtype_str(st, i)
+                                                       : kmed_dtype_name(st->tensors[i].dtype);
+}
+
+static const char *gguf_dtype_of(const void *ctx, size_t i)
+{
+    const kmed_gguf *g = (const kmed_gguf *)ctx;
+    return kmed_ggml_type_name(g->tensors[i].ggml_type);
+}
+
+static void inspect_gguf(kmed_buf *b, const char *path, const opts *o)
+{
+    kmed_gguf g;
+    kmed_error err = {0};
+    size_t i, w = 4, total = 0;
+    die_if(kmed_gguf_open(&g, path, &err), &err, "cannot read GGUF");
+    for (i = 0; i < g.n_tensors; i++) total += g.tensors[i].nbytes;
+    if (o->json) {
+        kmed_buf_puts(b, "{\n  \"path\": ");
+        put_str(b, path, strlen(path));
+        kmed_buf_printf(b, ",\n  \"format\": \"gguf\",\n  \"version\": %u,\n  \"alignment\": %zu,"
+                        "\n  \"data_offset\": %zu,\n  \"tensor_bytes\": %zu,\n  \"metadata\": [",
+                        (unsigned)g.version, g.alignment, g.data_offset, total);
+        for (i = 0; i < g.n_kv; i++) {
+            const kmed_gguf_kv *kv = &g.kv[i];
+            kmed_buf_puts(b, i ? ",\n    {\"key\": " : "\n    {\"key\": ");
+            put_str(b, kv->key, strlen(kv->key));
+            if (kv->type == KMED_GGUF_ARRAY)
+                kmed_buf_printf(b, ", \"type\": \"%s[]\", \"n\": %llu, \"head\": ",
+                                gguf_type_name(kv->arr_type), (unsigned long long)kv->n);
+            else kmed_buf_printf(b, ", \"type\": \"%s\", \"value\": ", gguf_type_name(kv->type));
+            put_kv_value(b, kv, o->values, 1);
+            kmed_buf_puts(b, "}");
+        }
+        kmed_buf_puts(b, g.n_kv ? "\n  ]" : "]");
+        if (!o->no_tensors) {
+            kmed_buf_puts(b, ",\n  ");
+            put_tensors(b, g.tensors, g.n_tensors, gguf_dtype_of, &g, 1);
+        }
+        kmed_buf_puts(b, "\n}\n");
+    } else {
+        kmed_buf_printf(b, "%s: GGUF v%u, %zu metadata entries, %zu tensors (%zu bytes), "
+                        "alignment %zu, data at offset %zu\n", path, (unsigned)g.version, g.n_kv,
+                        g.n_tensors, total, g.alignment, g.data_offset);
+        for (i = 0; i < g.n_kv; i++) if (strlen(g.kv[i].key) > w) w = strlen(g.kv[i].key);
+        kmed_buf_printf(b, "metadata (%zu):\n", g.n_kv);
+        for (i = 0; i < g.n_kv; i++) {
+            const kmed_gguf_kv *kv = &g.kv[i];
+            char ty[48];
+            if (kv->type == KMED_GGUF_ARRAY)
+                snprintf(ty, sizeof ty, "%s[%llu]", gguf_type_name(kv->arr_type),
+                         (unsigned long long)kv->n);
+            else snprintf(ty, sizeof ty, "%s", gguf_type_name(kv->type));
+            kmed_buf_printf(b, "  %-*s  %-14s  ", (int)w, kv->key, ty);
+            put_kv_value(b, kv, o->values, 0);
+            kmed_buf_puts(b, "\n");
+        }
+        if (!o->no_tensors) put_tensors(b, g.tensors, g.n_tensors, gguf_dtype_of, &g, 0);
+    }
+    kmed_gguf_close(&g);
+}
+
+/* Adapter or model config summary: the listed keys that are present, in that order. */
+static void put_config(kmed_buf *b, const char *path, const char *const *keys, int json)
+{
+    char *text = NULL;
+    size_t len = 0, i, shown = 0;
+    kmed_json_doc doc = {0};
+    kmed_error err = {0};
+    die_if(kmed_file_read(path, (size_t)64 << 20, &text, &len, &err), &err, "cannot read config");
+    die_if(kmed_json_parse(&doc, text, len, path, 1, &err), &err, "cannot parse config");
+    if (json) kmed_buf_puts(b, "{");
+    for (i = 0; keys[i]; i++) {
+        const kmed_json *v = kmed_json_get(doc.root, keys[i]);
+        size_t k;
+        if (!v) continue;
+        if (json) {
+            kmed_buf_puts(b, shown ? ", " : "");
+            put_str(b, keys[i], strlen(keys[i]));
+            kmed_buf_puts(b, ": ");
+        } else {
+            kmed_buf_printf(b, "  %-24s  ", keys[i]);
+        }
+        shown++;
+        switch (v->type) {
+        case KMED_JSON_STRING:
+            if (json) put_str(b, v->str, v->len);
+            else kmed_buf_printf(b, "%s", v->str);
+            break;
+        case KMED_JSON_NUMBER: kmed_buf_put(b, v->str, v->len); break;
+        case KMED_JSON_TRUE: kmed_buf_puts(b, "true"); break;
+        case KMED_JSON_FALSE: kmed_buf_puts(b, "false"); break;
+        case KMED_JSON_NULL: kmed_buf_puts(b, "null"); break;
+        case KMED_JSON_ARRAY:
+            kmed_buf_puts(b, "[");
+            for (k = 0; k < v->len; k++) {
+                const kmed_json *x = &v->kids[k];
+                if (k) kmed_buf_puts(b, ", ");
+                if (x->type == KMED_JSON_STRING) put_str(b, x->str, x->len);
+                else if (x->type == KMED_JSON_NUMBER) kmed_buf_put(b, x->str, x->len);
+                else kmed_buf_puts(b, "null");
+            }
+            kmed_buf_puts(b, "]");
+            break;
+        case KMED_JSON_OBJECT: kmed_buf_printf(b, json ? "{}" : "{%zu entries}", v->len); break;
+        }
+        if (!json) kmed_buf_puts(b, "\n");
+    }
+    if (json) kmed_buf_puts(b, "}");
+    kmed_json_free(&doc);
+    kmed_free(text);
+}
+
+static const char *const adapter_keys[] = {
+    "peft_type", "base_model_name_or_path", "task_type", "r", "lora_alpha", "lora_dropout",
+    "target_modules", "bias", "use_rslora", "use_dora", "fan_in_fan_out", NULL};
+static const char *const model_keys[] = {
+    "model_type", "architectures", "torch_dtype", "vocab_size", "hidden_size",
+    "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "max_position_embeddings", "sliding_window", NULL};
+
+static void inspect_st(kmed_buf *b, const char *path, const opts *o)
+{
+    kmed_st st;
+    kmed_error err = {0};
+    char cfg[4200];
+    const char *kind = "safetensors";
+    const char *const *keys = NULL;
+    size_t i, total = 0;
+    if (kmed_is_dir(path)) {
+        FILE *f;
+        kind = "safetensors directory";
+        snprintf(cfg, sizeof cfg, "%s/adapter_config.json", path);
+        if ((f = fopen(cfg, "rb")) != NULL) { kind = "PEFT adapter"; keys = adapter_keys; }
+        else {
+            snprintf(cfg, sizeof cfg, "%s/config.json", path);
+            if ((f = fopen(cfg, "rb")) != NULL) { kind = "model directory"; keys = model_keys; }
+        }
+        if (f) fclose(f);
+    }
+    die_if(kmed_st_open(&st, path, &err), &err, "cannot read safetensors");
+    for (i = 0; i < st.n_tensors; i++) total += st.tensors[i].nbytes;
+    if (o->json) {
+        kmed_buf_puts(b, "{\n  \"path\": ");
+        put_str(b, path, strlen(path));
+        kmed_buf_printf(b, ",\n  \"format\": \"%s\",\n  \"tensor_bytes\": %zu,\n",
+                        keys == adapter_keys ? "peft-adapter" : keys ? "hf-model" : "safetensors",
+                        total);
+        if (keys) {
+            kmed_buf_puts(b, "  \"config\": ");
+            put_config(b, cfg, keys, 1);
+            kmed_buf_puts(b, ",\n");
+        }
+        kmed_buf_puts(b, "  \"metadata\": {");
+        for (i = 0; i < st.n_meta; i++) {
+            kmed_buf_puts(b, i ? ", " : "");
+            put_str(b, st.meta_keys[i], strlen(st.meta_keys[i]));
+            kmed_buf_puts(b, ": ");
+            put_str(b, st.meta_vals[i], strlen(st.meta_vals[i]));
+        }
+        kmed_buf_puts(b, "}");
+        if (!o->no_tensors) {
+            kmed_buf_puts(b, ",\n  ");
+            put_tensors(b, st.tensors, st.n_tensors, st_dtype_of, &st, 1);
+        }
+        kmed_buf_puts(b, "\n}\n");
+    } else {
+        kmed_buf_printf(b, "%s: %s, %zu tensors (%zu bytes)\n", path, kind, st.n_tensors, total);
+        if (keys) {
+            kmed_buf_printf(b, "%s:\n", cfg);
+            put_config(b, cfg, keys, 0);
+        }
+        kmed_buf_printf(b, "metadata (%zu):\n", st.n_meta);
+        for (i = 0; i < st.n_meta; i++) {
+            kmed_buf_printf(b, "  %s = ", st.meta_keys[i]);
+            put_str(b, st.meta_vals[i], strlen(st.meta_vals[i]));
+            kmed_buf_puts(b, "\n");
+        }
+        if (!o->no_tensors) put_tensors(b, st.tensors, st.n_tensors, st_dtype_of, &st, 0);
+    }
+    kmed_st_close(&st);
+}
+
+static int is_gguf(const char *path)
+{
+    unsigned char m[4];
+    FILE *f = fopen(path, "rb");
+    int yes = 0;
+    if (!f) return 0;
+    yes = fread(m, 1, 4, f) == 4 && memcmp(m, "GGUF", 4) == 0;
+    fclose(f);
+    return yes;
+}
+
+int main(int argc, char **argv)
+{
+    opts o = {0, 0, 5};
+    const char *path = NULL;
+    kmed_buf out = {0};
+    int i;
+    kmed_tool_name = "kmed-inspect";
+    for (i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            fputs(usage, stdout);
+            return 0;
+        } else if (strcmp(argv[i], "--json") == 0) {
+            o.json = 1;
+        } else if (strcmp(argv[i], "--no-tensors") == 0) {
+            o.no_tensors = 1;
+        } else if (strcmp(argv[i], "--values") == 0) {
+            o.values = arg_long(argc, argv, &i, usage);
+            if (o.values < 0) usage_error(usage, "--values must be >= 0");
+        } else if (argv[i][0] == '-' && argv[i][1]) {
+            usage_error(usage, "unknown option %s", argv[i]);
+        } else if (path) {
+            usage_error(usage, "only one PATH may be given");
+        } else {
+            path = argv[i];
+        }
+    }
+    if (!path) usage_error(usage, "no PATH given");
+    if (!kmed_is_dir(path) && is_gguf(path)) inspect_gguf(&out, path, &o);
+    else inspect_st(&out, path, &o);
+    if (out.failed) die("output: out of memory");
+    fwrite(out.data, 1, out.len, stdout);
+    kmed_buf_free(&out);
+    return 0;
+}
