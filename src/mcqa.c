@@ -14,10 +14,14 @@ static void kmed__mcqa_item_free(kmed_mcqa_item *it)
     memset(it, 0, sizeof *it);
 }
 
+KMED_API void kmed_mcqa_truncate(kmed_mcqa_set *set, size_t n)
+{
+    while (set->n > n) kmed__mcqa_item_free(&set->items[--set->n]);
+}
+
 KMED_API void kmed_mcqa_free(kmed_mcqa_set *set)
 {
-    size_t i;
-    for (i = 0; i < set->n; i++) kmed__mcqa_item_free(&set->items[i]);
+    kmed_mcqa_truncate(set, 0);
     KMED_FREE(set->items);
     memset(set, 0, sizeof *set);
 }
@@ -207,9 +211,7 @@ KMED_API kmed_result kmed_mcqa_load(kmed_mcqa_set *set, const char *path, const 
         }
         kmed_jsonl_close(&jl);
     }
-    if (r != KMED_OK) { /* all or nothing: drop what this file added */
-        while (set->n > n0) kmed__mcqa_item_free(&set->items[--set->n]);
-    }
+    if (r != KMED_OK) kmed_mcqa_truncate(set, n0); /* all or nothing */
     return r;
 }
 
@@ -614,4 +616,207 @@ KMED_API void kmed_mcqa_chart_svg(const kmed_mcqa_summary *runs, const char *con
                         left + 150.0 * (double)r, H - 24, colors[r % 4], left + 150.0 * (double)r + 16,
                         H - 14, labels[r]);
     kmed_buf_puts(out, "</svg>\n");
+}
+
+/* ---- scoring ---- */
+
+/* Token ids of text (with <bos> unless the text carries its own, as chat prompts do). */
+static kmed_result kmed__mcqa_encode(const kmed_tok *tok, const char *text, size_t len,
+                                     int with_bos, int **ids, size_t *n, kmed_error *err)
+{
+    kmed_tok_config tc;
+    size_t need = 0;
+    kmed_result r;
+    memset(&tc, 0, sizeof tc);
+    tc.no_bos = !with_bos;
+    *ids = NULL;
+    r = kmed_tok_encode(tok, &tc, text, len, NULL, 0, &need, err);
+    if (r != KMED_OK && r != KMED_ERR_SPACE) return r;
+    *ids = (int *)KMED_MALLOC((need + 1) * sizeof **ids);
+    if (!*ids) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
+    return kmed_tok_encode(tok, &tc, text, len, *ids, need, n, err);
+}
+
+/* log softmax of logits[want] over V entries */
+static float kmed__mcqa_logprob(const float *logits, size_t V, int want)
+{
+    double mx = logits[0], s = 0;
+    size_t v;
+    for (v = 1; v < V; v++) if (logits[v] > mx) mx = logits[v];
+    for (v = 0; v < V; v++) s += exp((double)logits[v] - mx);
+    return (float)((double)logits[want] - mx - log(s));
+}
+
+/* Continuation ids of each answer letter: "▁A".."▁E" after a plain prompt (lm-eval's
+   target " A"), "A".."E" at the start of a chat model turn. */
+static kmed_result kmed__mcqa_letter_ids(const kmed_tok *tok, int chat, int *ids,
+                                         kmed_error *err)
+{
+    int k;
+    for (k = 0; k < KMED_MCQA_NOPT; k++) {
+        char piece[8];
+        snprintf(piece, sizeof piece, "%s%c", chat ? "" : "\xe2\x96\x81", 'A' + k);
+        ids[k] = kmed_tok_id(tok, piece, strlen(piece));
+        if (ids[k] < 0)
+            return KMED__ERR(err, KMED_ERR_NOT_FOUND, "tokenizer has no piece '%s'", piece);
+    }
+    return KMED_OK;
+}
+
+typedef struct kmed__mcqa_run {
+    const kmed_gemma *model;
+    const kmed_lora *lora;
+    const kmed_tok *tok;
+    kmed_pool *pool;
+    int fwd;                    /* KMED_FWD_FAST or 0 */
+    kmed_gemma_state st;
+    float *logits;              /* (max_cont, V) */
+    size_t V, max_cont;
+} kmed__mcqa_run;
+
+/* Sum of log p(cont | prompt) given the prompt's last-position logits `last` and the cache
+   holding the prompt; leaves the cache at the prompt. */
+static kmed_result kmed__mcqa_cont_logprob(kmed__mcqa_run *run, const float *last,
+                                           const int *cont, size_t nc, double *lp,
+                                           kmed_error *err)
+{
+    size_t pos = run->st.pos, j;
+    kmed_result r;
+    *lp = kmed__mcqa_logprob(last, run->V, cont[0]);
+    if (nc > 1) {
+        if (nc - 1 > run->max_cont)
+            return KMED__ERR(err, KMED_ERR_LIMIT, "option of %zu tokens is too long", nc);
+        r = kmed_gemma_forward(run->model, run->lora, &run->st, run->pool, cont, nc - 1,
+                               KMED_FWD_LOGITS_ALL | run->fwd, run->logits, NULL, err);
+        if (r != KMED_OK) return r;
+        for (j = 1; j < nc; j++)
+            *lp += kmed__mcqa_logprob(run->logits + (j - 1) * run->V, run->V, cont[j]);
+    }
+    return kmed_gemma_state_set_pos(&run->st, pos, err);
+}
+
+/* Scores one item whose prompt ids are ids[0..n); the cache already holds ids[0..cached). */
+static kmed_result kmed__mcqa_item(kmed__mcqa_run *run, const kmed_mcqa_config *cfg,
+                                   const kmed_mcqa_item *it, const int *ids, size_t n,
+                                   size_t cached, const int *letters, kmed_mcqa_pred *p,
+                                   kmed_error *err)
+{
+    float *last = run->logits;
+    kmed_result r;
+    int k;
+    if ((r = kmed_gemma_state_set_pos(&run->st, cached, err)) != KMED_OK) return r;
+    r = kmed_gemma_forward(run->model, run->lora, &run->st, run->pool, ids + cached, n - cached,
+                           KMED_FWD_LOGITS_LAST | run->fwd, last, NULL, err);
+    if (r != KMED_OK) return r;
+    p->pred = 0;
+    if (cfg->method == KMED_MCQA_LETTER) {
+        for (k = 0; k < KMED_MCQA_NOPT; k++)
+            p->score[k] = kmed__mcqa_logprob(last, run->V, letters[k]);
+    } else if (cfg->method == KMED_MCQA_OPTION) {
+        /* the prompt's last logits are overwritten by the continuation: keep a copy */
+        float *keep = (float *)KMED_MALLOC(run->V * sizeof *keep);
+        if (!keep) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
+        memcpy(keep, last, run->V * sizeof *keep);
+        for (k = 0; k < KMED_MCQA_NOPT && r == KMED_OK; k++) {
+            kmed_buf cont = {0};
+            int *cids = NULL;
+            size_t nc = 0, nchar = 0, i;
+            double lp = 0;
+            if (!cfg->chat) kmed_buf_puts(&cont, " ");
+            kmed_buf_puts(&cont, it->opt[k]);
+            if (cont.failed) r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
+            if (r == KMED_OK) r = kmed__mcqa_encode(run->tok, cont.data, cont.len, 0, &cids, &nc, err);
+            if (r == KMED_OK && nc == 0) {
+                p->score[k] = -INFINITY;
+            } else if (r == KMED_OK) {
+                r = kmed__mcqa_cont_logprob(run, keep, cids, nc, &lp, err);
+                for (i = 0; i < cont.len; i++) nchar += ((unsigned char)cont.data[i] & 0xc0) != 0x80;
+                p->score[k] = (float)(lp / (double)nchar); /* per character, as acc_norm */
+            }
+            KMED_FREE(cids);
+            kmed_buf_free(&cont);
+        }
+        KMED_FREE(keep);
+        if (r != KMED_OK) return r;
+    }
+    for (k = 1; k < KMED_MCQA_NOPT; k++)
+        if (p->score[k] > p->score[p->pred]) p->pred = k;
+    return KMED_OK;
+}
+
+KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *lora,
+                                     const kmed_tok *tok, kmed_pool *pool,
+                                     const kmed_mcqa_set *set, const kmed_mcqa_config *cfg,
+                                     kmed_mcqa_pred *preds, const kmed_callbacks *cb,
+                                     kmed_error *err)
+{
+    kmed__mcqa_run run;
+    kmed_buf text = {0}, prefix = {0};
+    char cur_subset[64] = "";
+    int letters[KMED_MCQA_NOPT], *ids = NULL, *pids = NULL;
+    size_t i, n = 0, np = 0, max_tokens = 0;
+    kmed_result r = KMED_OK;
+    memset(&run, 0, sizeof run);
+    memset(preds, 0, set->n * sizeof *preds);
+    if (cfg->method == KMED_MCQA_GENERATE)
+        return KMED__ERR(err, KMED_ERR_UNSUPPORTED, "generation scoring is not built in yet");
+    if (cfg->method == KMED_MCQA_LETTER &&
+        (r = kmed__mcqa_letter_ids(tok, cfg->chat, letters, err)) != KMED_OK)
+        return r;
+    run.model = model; run.lora = lora; run.tok = tok; run.pool = pool;
+    run.fwd = cfg->fast ? KMED_FWD_FAST : 0;
+    run.V = (size_t)model->cfg.vocab_size;
+    /* the longest prompt sizes the cache; options add up to max_cont tokens */
+    for (i = 0; i < set->n && r == KMED_OK; i++) {
+        text.len = 0;
+        r = kmed_mcqa_prompt(&set->items[i], cfg->fewshot, cfg->shots, cfg->chat, &text, err);
+        if (r == KMED_OK) r = kmed__mcqa_encode(tok, text.data, text.len, !cfg->chat, &ids, &n, err);
+        if (n > max_tokens) max_tokens = n;
+        KMED_FREE(ids);
+        ids = NULL;
+    }
+    run.max_cont = cfg->method == KMED_MCQA_OPTION ? 256 : 1;
+    if (r == KMED_OK) r = kmed_gemma_state_init(&run.st, model, max_tokens + run.max_cont + 1, err);
+    if (r == KMED_OK && !(run.logits = (float *)kmed__calloc(run.max_cont * run.V, sizeof(float))))
+        r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
+    for (i = 0; i < set->n && r == KMED_OK; i++) {
+        const kmed_mcqa_item *it = &set->items[i];
+        size_t cached = 0;
+        text.len = 0;
+        r = kmed_mcqa_prompt(it, cfg->fewshot, cfg->shots, cfg->chat, &text, err);
+        if (r == KMED_OK) r = kmed__mcqa_encode(tok, text.data, text.len, !cfg->chat, &ids, &n, err);
+        if (r == KMED_OK && !cfg->no_prefix_cache && strcmp(cur_subset, it->subset) != 0) {
+            /* a new subset: run its shared prefix once; the cache keeps it */
+            snprintf(cur_subset, sizeof cur_subset, "%s", it->subset);
+            prefix.len = 0;
+            KMED_FREE(pids);
+            pids = NULL;
+            np = 0;
+            r = kmed_mcqa_prefix(cfg->fewshot, it->subset, cfg->shots, cfg->chat, &prefix, err);
+            if (r == KMED_OK && prefix.len)
+                r = kmed__mcqa_encode(tok, prefix.data, prefix.len, !cfg->chat, &pids, &np, err);
+            if (r == KMED_OK) r = kmed_gemma_state_set_pos(&run.st, 0, err);
+            if (r == KMED_OK && np)
+                r = kmed_gemma_forward(model, lora, &run.st, pool, pids, np, run.fwd, NULL, NULL,
+                                       err);
+        }
+        /* reuse the cached prefix only where the item's ids really start with it (the
+           tokenizer could merge across the boundary; Gemma's "\n\n" is an added token,
+           so in practice it always holds) */
+        if (r == KMED_OK && !cfg->no_prefix_cache && np && np < n &&
+            memcmp(ids, pids, np * sizeof *ids) == 0)
+            cached = np;
+        if (r == KMED_OK && cached == 0 && np && !cfg->no_prefix_cache) cur_subset[0] = 0;
+        if (r == KMED_OK) r = kmed__mcqa_item(&run, cfg, it, ids, n, cached, letters, &preds[i], err);
+        KMED_FREE(ids);
+        ids = NULL;
+        kmed_progress(cb, "eval", (double)(i + 1), (double)set->n, "items");
+    }
+    KMED_FREE(ids);
+    KMED_FREE(pids);
+    KMED_FREE(run.logits);
+    kmed_gemma_state_free(&run.st);
+    kmed_buf_free(&text);
+    kmed_buf_free(&prefix);
+    return r;
 }

@@ -23,6 +23,8 @@ typedef struct kmed_mcqa_set { kmed_mcqa_item *items; size_t n, cap; } kmed_mcqa
 KMED_API kmed_result kmed_mcqa_load(kmed_mcqa_set *set, const char *path, const char *subset,
                                     kmed_error *err);
 KMED_API void kmed_mcqa_free(kmed_mcqa_set *set);
+/* Keeps the first n items (frees the rest); no-op when the set is not larger. */
+KMED_API void kmed_mcqa_truncate(kmed_mcqa_set *set, size_t n);
 
 /* The lm-evaluation-harness kormedmcqa item text:
    "{question stripped}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nE. {E}\n정답：" (U+FF1A colon). */
@@ -61,6 +63,7 @@ typedef struct kmed_mcqa_config {
     int chat;                       /* wrap in Gemma's chat template */
     int max_gen_tokens;             /* GENERATE: 0 = 32 */
     int no_prefix_cache;            /* recompute the shared prefix for every item */
+    int fast;                       /* forward with KMED_FWD_FAST (quantized activations) */
     const kmed_mcqa_set *fewshot;
 } kmed_mcqa_config;
 
@@ -71,6 +74,17 @@ typedef struct kmed_mcqa_pred {
     char *generation;               /* GENERATE: the text (owned; kmed_mcqa_preds_free) */
 } kmed_mcqa_pred;
 KMED_API void kmed_mcqa_preds_free(kmed_mcqa_pred *preds, size_t n);
+
+/* Scores every item of `set` with `model` (+ `lora`, may be NULL) into preds[0..set->n).
+   Prompts are tokenized with a <bos> first (as lm-eval does for Gemma; under chat the
+   template's own). The few-shot prefix of each subset is run once and its KV cache
+   reused for every item (unless cfg->no_prefix_cache), so an item costs one prefill of
+   its own tokens. Progress goes to cb ("eval", items). */
+KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *lora,
+                                     const kmed_tok *tok, kmed_pool *pool,
+                                     const kmed_mcqa_set *set, const kmed_mcqa_config *cfg,
+                                     kmed_mcqa_pred *preds, const kmed_callbacks *cb,
+                                     kmed_error *err);
 
 /* Accuracy of one subset, or of all items. */
 typedef struct kmed_mcqa_acc {

@@ -156,6 +156,105 @@ static void test_summary_report(void)
     kmed_mcqa_free(&s);
 }
 
+/* Letter scores on the fixture model equal log-softmax of the golden logits, and the
+   few-shot prefix cache changes nothing. */
+static void test_scoring(void)
+{
+    /* golden logits within 0.005 and logsumexp within 2e-5 (fixture README) */
+    const double tol_golden = 0.00502;
+    /* cached prefix vs full recompute: same f32 math, different matmul row blocking */
+    const double tol_cache = 1e-4;
+    kmed_error e = {0};
+    const char *fx = kmed_test_fixtures();
+    char path[1200], tpath[1200];
+    kmed_gemma model;
+    kmed_tok tok;
+    kmed_st golden;
+    kmed_gemma_opts opts;
+    kmed__mcqa_run run;
+    kmed_mcqa_config cfg;
+    kmed_mcqa_pred p1, p2;
+    int letters[KMED_MCQA_NOPT], k;
+    if (!fx) return;
+    memset(&opts, 0, sizeof opts);
+    opts.convert = 1;
+    opts.type = KMED_F32;
+    snprintf(path, sizeof path, "%s/tiny-gemma2", fx);
+    snprintf(tpath, sizeof tpath, "%s/gemma2-tokenizer", fx);
+    CHECK_OK(kmed_gemma_load(&model, path, &opts, &e));
+    CHECK_OK(kmed_tok_load(&tok, tpath, &e));
+    snprintf(path, sizeof path, "%s/tiny-gemma2/golden/forward.safetensors", fx);
+    CHECK_OK(kmed_st_open(&golden, path, &e));
+    memset(&run, 0, sizeof run);
+    memset(&cfg, 0, sizeof cfg);
+    run.model = &model;
+    run.tok = &tok;
+    run.V = (size_t)model.cfg.vocab_size;
+    run.max_cont = 1;
+    run.logits = (float *)calloc(run.V, sizeof(float));
+    CHECK_OK(kmed_gemma_state_init(&run.st, &model, 64, &e));
+    CHECK_OK(kmed__mcqa_letter_ids(&tok, 0, letters, &e));
+    {
+        const kmed_tensor_info *ids = kmed_st_find(&golden, "input_ids");
+        const kmed_tensor_info *lse = kmed_st_find(&golden, "logsumexp");
+        const kmed_tensor_info *lg = kmed_st_find(&golden, "logits_first1024");
+        const int *id = ids ? (const int *)ids->data : NULL;
+        size_t n = ids ? ids->shape[0] : 0;
+        CHECK(id && lse && lg && n == 40);
+        if (id && lse && lg) {
+            const float *gl = (const float *)lg->data + (n - 1) * 1024;
+            double worst = 0, worst_cache = 0;
+            CHECK_OK(kmed__mcqa_item(&run, &cfg, NULL, id, n, 0, letters, &p1, &e));
+            for (k = 0; k < KMED_MCQA_NOPT; k++) {
+                double want = (double)gl[letters[k]] - (double)((const float *)lse->data)[n - 1];
+                CHECK(letters[k] < 1024);
+                if (fabs(p1.score[k] - want) > worst) worst = fabs(p1.score[k] - want);
+            }
+            printf("letter log-probs vs golden: max abs diff %.2e\n", worst);
+            CHECKF(worst <= tol_golden, "letter scores differ from golden by %g", worst);
+            /* 25 tokens cached as a "prefix", the rest computed on top */
+            CHECK_OK(kmed_gemma_state_set_pos(&run.st, 0, &e));
+            CHECK_OK(kmed_gemma_forward(&model, NULL, &run.st, NULL, id, 25, 0, NULL, NULL, &e));
+            CHECK_OK(kmed__mcqa_item(&run, &cfg, NULL, id, n, 25, letters, &p2, &e));
+            for (k = 0; k < KMED_MCQA_NOPT; k++)
+                if (fabs(p1.score[k] - p2.score[k]) > worst_cache) worst_cache = fabs(p1.score[k] - p2.score[k]);
+            CHECKF(worst_cache <= tol_cache, "cached prefix changes scores by %g", worst_cache);
+            CHECK(p1.pred == p2.pred);
+        }
+    }
+    /* whole-set scoring: 2-shot with the prefix cache equals recomputing every prompt */
+    {
+        kmed_mcqa_set items = {0}, shots = {0};
+        kmed_mcqa_pred a[2], b[2];
+        double worst = 0;
+        size_t i;
+        CHECK_OK(kmed_mcqa_load(&items, "tests/data/mcqa/doctor_test.jsonl", NULL, &e));
+        CHECK_OK(kmed_mcqa_load(&shots, "tests/data/mcqa/fewshot.csv", NULL, &e));
+        cfg.shots = 2;
+        cfg.fewshot = &shots;
+        CHECK_OK(kmed_mcqa_score(&model, NULL, &tok, NULL, &items, &cfg, a, NULL, &e));
+        cfg.no_prefix_cache = 1;
+        CHECK_OK(kmed_mcqa_score(&model, NULL, &tok, NULL, &items, &cfg, b, NULL, &e));
+        for (i = 0; i < items.n && i < 2; i++)
+            for (k = 0; k < KMED_MCQA_NOPT; k++)
+                if (fabs(a[i].score[k] - b[i].score[k]) > worst) worst = fabs(a[i].score[k] - b[i].score[k]);
+        CHECKF(items.n == 2 && worst <= tol_cache, "prefix cache vs recompute: %g", worst);
+        /* option scoring runs and picks the best per-character log-likelihood */
+        cfg.method = KMED_MCQA_OPTION;
+        CHECK_OK(kmed_mcqa_score(&model, NULL, &tok, NULL, &items, &cfg, a, NULL, &e));
+        for (i = 0; i < items.n && i < 2; i++)
+            for (k = 0; k < KMED_MCQA_NOPT; k++)
+                CHECK(a[i].score[k] <= a[i].score[a[i].pred] && a[i].score[k] < 0);
+        kmed_mcqa_free(&items);
+        kmed_mcqa_free(&shots);
+    }
+    free(run.logits);
+    kmed_gemma_state_free(&run.st);
+    kmed_st_close(&golden);
+    kmed_tok_free(&tok);
+    kmed_gemma_free(&model);
+}
+
 int main(void)
 {
     test_load_and_prompts();
@@ -163,5 +262,6 @@ int main(void)
     test_extract();
     test_stats();
     test_summary_report();
+    test_scoring();
     return kmed_test_done();
 }
