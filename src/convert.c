@@ -480,7 +480,6 @@ static kmed_result kmed__cv_tok_json(const kmed_tok *tok, const char *path, floa
             else if (kmed_json_bool(kmed_json_get(a, "special"), 0))
                 types[id] = KMED__CV_TT_CONTROL;
             else types[id] = KMED__CV_TT_USER;
-            scores[id] = 0;
         }
     }
 done:
