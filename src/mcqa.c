@@ -704,11 +704,13 @@ static kmed_result kmed__mcqa_item(kmed__mcqa_run *run, const kmed_mcqa_config *
     float *last = run->logits;
     kmed_result r;
     int k;
-    if ((r = kmed_gemma_state_set_pos(&run->st, cached, err)) != KMED_OK) return r;
-    r = kmed_gemma_forward(run->model, run->lora, &run->st, run->pool, ids + cached, n - cached,
-                           KMED_FWD_LOGITS_LAST | run->fwd, last, NULL, err);
-    if (r != KMED_OK) return r;
     p->pred = 0;
+    if (cfg->method != KMED_MCQA_GENERATE) {
+        if ((r = kmed_gemma_state_set_pos(&run->st, cached, err)) != KMED_OK) return r;
+        r = kmed_gemma_forward(run->model, run->lora, &run->st, run->pool, ids + cached,
+                               n - cached, KMED_FWD_LOGITS_LAST | run->fwd, last, NULL, err);
+        if (r != KMED_OK) return r;
+    }
     if (cfg->method == KMED_MCQA_LETTER) {
         for (k = 0; k < KMED_MCQA_NOPT; k++)
             p->score[k] = kmed__mcqa_logprob(last, run->V, letters[k]);
@@ -738,6 +740,24 @@ static kmed_result kmed__mcqa_item(kmed__mcqa_run *run, const kmed_mcqa_config *
         }
         KMED_FREE(keep);
         if (r != KMED_OK) return r;
+    } else { /* GENERATE: greedy with lm-eval's stop sequences, then its extraction */
+        static const char *const stops[] = {"Q:", "</s>", "<|im_end|>", ".", "\n\n"};
+        kmed_generate_config gc;
+        kmed_generate_result res;
+        if ((r = kmed_gemma_state_set_pos(&run->st, cached, err)) != KMED_OK) return r;
+        memset(&gc, 0, sizeof gc);
+        gc.max_tokens = cfg->max_gen_tokens > 0 ? cfg->max_gen_tokens : 32;
+        gc.stop = stops;
+        gc.n_stop = sizeof stops / sizeof *stops;
+        gc.fast = cfg->fast;
+        r = kmed_generate(run->model, run->lora, run->tok, &run->st, run->pool, ids + cached,
+                          n - cached, &gc, &res, err);
+        if (r != KMED_OK) return r;
+        p->pred = kmed_mcqa_extract(res.text, strlen(res.text));
+        p->generation = res.text;
+        res.text = NULL;
+        kmed_generate_result_free(&res);
+        return p->generation ? KMED_OK : KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     }
     for (k = 1; k < KMED_MCQA_NOPT; k++)
         if (p->score[k] > p->score[p->pred]) p->pred = k;
@@ -754,12 +774,10 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
     kmed_buf text = {0}, prefix = {0};
     char cur_subset[64] = "";
     int letters[KMED_MCQA_NOPT], *ids = NULL, *pids = NULL;
-    size_t i, n = 0, np = 0, max_tokens = 0;
+    size_t i, n = 0, np = 0, max_tokens = 0, extra;
     kmed_result r = KMED_OK;
     memset(&run, 0, sizeof run);
     memset(preds, 0, set->n * sizeof *preds);
-    if (cfg->method == KMED_MCQA_GENERATE)
-        return KMED__ERR(err, KMED_ERR_UNSUPPORTED, "generation scoring is not built in yet");
     if (cfg->method == KMED_MCQA_LETTER &&
         (r = kmed__mcqa_letter_ids(tok, cfg->chat, letters, err)) != KMED_OK)
         return r;
@@ -775,8 +793,11 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
         KMED_FREE(ids);
         ids = NULL;
     }
+    /* room after the prompt: an option's tokens, or the generation budget */
     run.max_cont = cfg->method == KMED_MCQA_OPTION ? 256 : 1;
-    if (r == KMED_OK) r = kmed_gemma_state_init(&run.st, model, max_tokens + run.max_cont + 1, err);
+    extra = cfg->method == KMED_MCQA_GENERATE
+                ? (size_t)(cfg->max_gen_tokens > 0 ? cfg->max_gen_tokens : 32) : run.max_cont;
+    if (r == KMED_OK) r = kmed_gemma_state_init(&run.st, model, max_tokens + extra + 1, err);
     if (r == KMED_OK && !(run.logits = (float *)kmed__calloc(run.max_cont * run.V, sizeof(float))))
         r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     for (i = 0; i < set->n && r == KMED_OK; i++) {

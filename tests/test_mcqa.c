@@ -245,6 +245,16 @@ static void test_scoring(void)
         for (i = 0; i < items.n && i < 2; i++)
             for (k = 0; k < KMED_MCQA_NOPT; k++)
                 CHECK(a[i].score[k] <= a[i].score[a[i].pred] && a[i].score[k] < 0);
+        /* generation: greedy text, extraction applied, same as extracting by hand */
+        cfg.method = KMED_MCQA_GENERATE;
+        cfg.max_gen_tokens = 8;
+        CHECK_OK(kmed_mcqa_score(&model, NULL, &tok, NULL, &items, &cfg, a, NULL, &e));
+        for (i = 0; i < items.n && i < 2; i++) {
+            CHECK(a[i].generation != NULL);
+            if (a[i].generation)
+                CHECK(a[i].pred == kmed_mcqa_extract(a[i].generation, strlen(a[i].generation)));
+        }
+        kmed_mcqa_preds_free(a, items.n < 2 ? items.n : 2);
         kmed_mcqa_free(&items);
         kmed_mcqa_free(&shots);
     }
