@@ -227,6 +227,8 @@ static kmed_result kmed__st_parse_entry(kmed_st *st, kmed__st_impl *im, const km
     size_t i;
     const char *tn = m->key;
     memset(t, 0, sizeof *t);
+    if (strlen(tn) != m->key_len || m->key_len == 0)
+        return KMED__ERRF(err, KMED_ERR_FORMAT, name, "tensor name is empty or holds a NUL");
     if (m->type != KMED_JSON_OBJECT)
         return KMED__ERRF(err, KMED_ERR_FORMAT, name, "tensor '%s': entry is not an object", tn);
     if (!jd || jd->type != KMED_JSON_STRING)

@@ -26,7 +26,8 @@ typedef enum kmed_dtype {
 
 /* Descriptor of one stored tensor. shape is outermost-first (row-major; numpy and
    safetensors order; GGUF's ne[] reversed), so a linear weight is [out, in]. data points
-   into the mapped file (or caller memory when writing). */
+   into the mapped file (or caller memory when writing); safetensors does not promise
+   alignment, so data may be unaligned for its element type when the file places it so. */
 typedef struct kmed_tensor_info {
     const char *name;
     kmed_dtype dtype;

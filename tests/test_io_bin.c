@@ -3,6 +3,25 @@
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_io_bin.c -o build/test_io_bin \
       -lm -lpthread
    Also run under -fsanitize=address,undefined. */
+#define _POSIX_C_SOURCE 200809L /* before any system header, as kmed.h would set it */
+#include <stdlib.h>
+
+/* Allocation hooks that can fail the N-th call, to test every out-of-memory path. */
+static long alloc_fail_at = -1, alloc_count = 0;
+static void *test_malloc(size_t n)
+{
+    if (alloc_fail_at >= 0 && alloc_count++ == alloc_fail_at) return NULL;
+    return malloc(n);
+}
+static void *test_realloc(void *p, size_t n)
+{
+    if (alloc_fail_at >= 0 && alloc_count++ == alloc_fail_at) return NULL;
+    return realloc(p, n);
+}
+#define KMED_MALLOC(n) test_malloc(n)
+#define KMED_REALLOC(p, n) test_realloc(p, n)
+#define KMED_FREE(p) free(p)
+
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "test.h"
@@ -1196,6 +1215,49 @@ static void test_mutations(const char *fx)
     kmed_buf_free(&b);
 }
 
+/* Fails each allocation of a parse in turn: every run must end in OK or NOMEM, never a
+   crash or a leak (ASan checks the leaks). */
+static void test_out_of_memory(void)
+{
+    kmed_buf gb = {0}, hb = {0}, sb = {0};
+    gg_spec s = gg_default();
+    long k;
+    int bad = 0, nomem = 0, which;
+    gg_build(&gb, &s);
+    build_all_types_gguf(&hb);
+    st_image(&sb, "{\"__metadata__\":{\"format\":\"pt\"},"
+                  "\"a\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},"
+                  "\"b\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[16,24]}}", 24);
+    for (which = 0; which < 3; which++) {
+        for (k = 0; k < 10000; k++) {
+            kmed_result r;
+            kmed_gguf g;
+            kmed_st st;
+            alloc_count = 0;
+            alloc_fail_at = k;
+            if (which == 0) {
+                r = kmed__gguf_open_mem(&g, gb.data, gb.len, "oom", NULL);
+                if (r == KMED_OK) kmed_gguf_close(&g);
+            } else if (which == 1) {
+                r = kmed__gguf_open_mem(&g, hb.data, hb.len, "oom", NULL);
+                if (r == KMED_OK) kmed_gguf_close(&g);
+            } else {
+                r = kmed__st_open_mem(&st, sb.data, sb.len, "oom", NULL);
+                if (r == KMED_OK) kmed_st_close(&st);
+            }
+            alloc_fail_at = -1;
+            if (r == KMED_ERR_NOMEM) nomem++;
+            else if (r != KMED_OK) { bad++; fprintf(stderr, "oom %d/%ld: %s\n", which, k,
+                                                    kmed_result_str(r)); }
+            if (alloc_count <= k) break; /* the k-th allocation never happened: all done */
+        }
+    }
+    CHECKF(bad == 0 && nomem > 10, "out-of-memory runs: %d NOMEM, %d other errors", nomem, bad);
+    kmed_buf_free(&gb);
+    kmed_buf_free(&hb);
+    kmed_buf_free(&sb);
+}
+
 int main(void)
 {
     const char *fx = kmed_test_fixtures();
@@ -1208,6 +1270,7 @@ int main(void)
     test_st_dirs();
     test_gguf_malformed();
     test_mutations(fx);
+    test_out_of_memory();
     if (fx) {
         test_fixture_hf(fx);
         test_fixture_golden(fx);
