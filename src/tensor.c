@@ -9,6 +9,9 @@
 #ifdef KMED_USE_OPENBLAS
 #include <cblas.h>
 #endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
 
 /* GGUF block layouts: 2-byte fp16 scale then the quants, no padding. */
 typedef char kmed__tensor_q8_0_is_34_bytes[sizeof(kmed_block_q8_0) == 34 ? 1 : -1];
@@ -471,24 +474,33 @@ static void kmed__mm_scalar_range(void *vctx, size_t n0, size_t n1, int thread)
     }
 }
 
-KMED_API void kmed_matmul(kmed_pool *pool, float *y, const float *x, const void *w,
-                          kmed_dtype wt, size_t M, size_t N, size_t K, int flags)
+/* x quantized for the FAST path: Q8_0 rows for Q8_0/Q4_0 weights, BF16 for BF16; NULL when
+   FAST does not apply or memory is short (the exact path then runs). Free with KMED_FREE. */
+static void *kmed__mm_fast_x(const float *x, kmed_dtype wt, size_t M, size_t K, int flags)
+{
+    kmed_dtype qt = wt == KMED_BF16 ? KMED_BF16 : KMED_Q8_0;
+    size_t rb = kmed__tensor_row_bytes(qt, K), m;
+    char *xq;
+    if (!(flags & KMED_MM_FAST) || !(wt == KMED_Q8_0 || wt == KMED_Q4_0 || wt == KMED_BF16))
+        return NULL;
+    xq = (char *)KMED_MALLOC(M * rb + 1);
+    if (xq) for (m = 0; m < M; m++) kmed_quantize_row(qt, x + m * K, xq + m * rb, K);
+    return xq;
+}
+
+/* Scalar reference of kmed_matmul. */
+static void kmed__matmul_ref(kmed_pool *pool, float *y, const float *x, const void *w,
+                             kmed_dtype wt, size_t M, size_t N, size_t K, int flags)
 {
     kmed__mm_ctx c;
-    void *xq = NULL;
-    size_t m;
+    void *xq;
     if (M == 0 || N == 0) return;
     memset(&c, 0, sizeof c);
     c.y = y; c.x = x; c.w = w; c.wt = wt; c.M = M; c.N = N; c.K = K; c.flags = flags;
     c.wrow = kmed__tensor_row_bytes(wt, K);
-    if ((flags & KMED_MM_FAST) && (wt == KMED_Q8_0 || wt == KMED_Q4_0 || wt == KMED_BF16)) {
-        kmed_dtype qt = wt == KMED_BF16 ? KMED_BF16 : KMED_Q8_0;
-        size_t rb = kmed__tensor_row_bytes(qt, K);
-        xq = KMED_MALLOC(M * rb + 1);
-        if (!xq) c.flags &= ~KMED_MM_FAST;  /* no memory: the exact path needs none */
-        else for (m = 0; m < M; m++) kmed_quantize_row(qt, x + m * K, (char *)xq + m * rb, K);
-        c.xq = xq;
-    }
+    xq = kmed__mm_fast_x(x, wt, M, K, flags);
+    if (!xq) c.flags &= ~KMED_MM_FAST;
+    c.xq = xq;
     kmed_pool_for(pool, N, 16, kmed__mm_scalar_range, &c);
     KMED_FREE(xq);
 }
@@ -525,8 +537,8 @@ static void kmed__mmdx_range(void *vctx, size_t k0, size_t k1, int thread)
     }
 }
 
-KMED_API void kmed_matmul_dx(kmed_pool *pool, float *dx, const float *dy, const void *w,
-                             kmed_dtype wt, size_t M, size_t N, size_t K)
+static void kmed__matmul_dx_ref(kmed_pool *pool, float *dx, const float *dy, const void *w,
+                                kmed_dtype wt, size_t M, size_t N, size_t K)
 {
     kmed__mmdx_ctx c;
     if (M == 0 || K == 0) return;
@@ -558,8 +570,8 @@ static void kmed__mmdw_range(void *vctx, size_t n0, size_t n1, int thread)
     }
 }
 
-KMED_API void kmed_matmul_dw(kmed_pool *pool, float *dw, const float *dy, const float *x,
-                             size_t M, size_t N, size_t K)
+static void kmed__matmul_dw_ref(kmed_pool *pool, float *dw, const float *dy, const float *x,
+                                size_t M, size_t N, size_t K)
 {
     kmed__mmdw_ctx c;
     if (N == 0 || K == 0) return;
@@ -594,6 +606,755 @@ static void kmed__sgemm_ref_range(void *vctx, size_t m0, size_t m1, int thread)
     }
 }
 
+static void kmed__sgemm_ref(kmed_pool *pool, int ta, int tb, size_t M, size_t N, size_t K,
+                            float alpha, const float *A, size_t lda, const float *B,
+                            size_t ldb, float beta, float *C, size_t ldc)
+{
+    kmed__sgemm_ctx c;
+    if (M == 0 || N == 0) return;
+    c.ta = ta; c.tb = tb; c.M = M; c.N = N; c.K = K; c.lda = lda; c.ldb = ldb; c.ldc = ldc;
+    c.alpha = alpha; c.beta = beta; c.A = A; c.B = B; c.C = C;
+    kmed_pool_for(pool, M, 4, kmed__sgemm_ref_range, &c);
+}
+
+/* ---- SIMD kernels, chosen at compile time (the scalar code above is the reference) ---- */
+
+#if defined(__AVX512F__)
+#define KMED__SIMD 512
+#define KMED__MR 12          /* micro-tile rows: 12 x 2 zmm accumulators of 16 floats */
+#define KMED__NR 32
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KMED__SIMD 256
+#define KMED__MR 6           /* 6 x 2 ymm accumulators of 8 floats */
+#define KMED__NR 16
+#endif
+
+#ifdef KMED__SIMD
+#define KMED__KC 256         /* k-depth of packed panels: a B panel (KC x NR) stays in L1 */
+#define KMED__MC (KMED__MR * 12)
+#define KMED__NC 512         /* B block KC x NC (512 KB) stays in L2 */
+
+static float kmed__tensor_h2f(uint16_t h)
+{
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return kmed_f16_to_f32(h);
+#endif
+}
+
+/* Dequantizes n elements (a multiple of 32 for block types) exactly, like
+   kmed_dequantize_row. */
+static void kmed__dequant_simd(kmed_dtype t, const void *src, float *y, size_t n)
+{
+    size_t i = 0;
+#if KMED__SIMD == 512
+    switch (t) {
+    case KMED_BF16: {
+        const uint16_t *s = (const uint16_t *)src;
+        for (; i + 16 <= n; i += 16) {
+            __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i)));
+            _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+        }
+        for (; i < n; i++) y[i] = kmed_bf16_to_f32(s[i]);
+        return;
+    }
+    case KMED_F16: {
+        const uint16_t *s = (const uint16_t *)src;
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
+        for (; i < n; i++) y[i] = kmed_f16_to_f32(s[i]);
+        return;
+    }
+    case KMED_Q8_0: {
+        const kmed_block_q8_0 *b = (const kmed_block_q8_0 *)src;
+        for (; i < n / KMED_QK; i++) {
+            __m512 d = _mm512_set1_ps(kmed__tensor_h2f(b[i].d));
+            __m128i q0 = _mm_loadu_si128((const __m128i *)b[i].qs);
+            __m128i q1 = _mm_loadu_si128((const __m128i *)(b[i].qs + 16));
+            _mm512_storeu_ps(y + i * 32, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))));
+            _mm512_storeu_ps(y + i * 32 + 16,
+                             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))));
+        }
+        return;
+    }
+    case KMED_Q4_0: {
+        const kmed_block_q4_0 *b = (const kmed_block_q4_0 *)src;
+        const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
+        for (; i < n / KMED_QK; i++) {
+            __m512 d = _mm512_set1_ps(kmed__tensor_h2f(b[i].d));
+            __m128i v = _mm_loadu_si128((const __m128i *)b[i].qs);
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, m4), e8);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), e8);
+            _mm512_storeu_ps(y + i * 32, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
+            _mm512_storeu_ps(y + i * 32 + 16,
+                             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
+        }
+        return;
+    }
+    default: break;
+    }
+#else
+    switch (t) {
+    case KMED_BF16: {
+        const uint16_t *s = (const uint16_t *)src;
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
+            _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+        }
+        for (; i < n; i++) y[i] = kmed_bf16_to_f32(s[i]);
+        return;
+    }
+    case KMED_Q8_0: {
+        const kmed_block_q8_0 *b = (const kmed_block_q8_0 *)src;
+        for (; i < n / KMED_QK; i++) {
+            __m256 d = _mm256_set1_ps(kmed__tensor_h2f(b[i].d));
+            int j;
+            for (j = 0; j < 4; j++) {
+                __m128i q = _mm_loadl_epi64((const __m128i *)(b[i].qs + 8 * j));
+                _mm256_storeu_ps(y + i * 32 + 8 * j,
+                                 _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
+            }
+        }
+        return;
+    }
+    case KMED_Q4_0: {
+        const kmed_block_q4_0 *b = (const kmed_block_q4_0 *)src;
+        const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
+        for (; i < n / KMED_QK; i++) {
+            __m256 d = _mm256_set1_ps(kmed__tensor_h2f(b[i].d));
+            __m128i v = _mm_loadu_si128((const __m128i *)b[i].qs);
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, m4), e8);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), e8);
+            float *o = y + i * 32;
+            _mm256_storeu_ps(o, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+            _mm256_storeu_ps(o + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
+                                                         _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+            _mm256_storeu_ps(o + 16, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+            _mm256_storeu_ps(o + 24, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
+                                                          _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+        }
+        return;
+    }
+    default: break;
+    }
+#endif
+    kmed_dequantize_row(t, src, y, n);
+}
+
+/* Dequantizes elements [n0, n0 + n) of a row (any n0; block types go through a block). */
+static void kmed__dequant_span(kmed_dtype t, const unsigned char *row, size_t n0, size_t n,
+                               float *y)
+{
+    if (t == KMED_F32) { memcpy(y, (const float *)row + n0, n * sizeof(float)); return; }
+    if (t == KMED_F16 || t == KMED_BF16) {
+        kmed__dequant_simd(t, row + 2 * n0, y, n);
+        return;
+    }
+    while (n > 0) {
+        size_t b = n0 / KMED_QK, off = n0 % KMED_QK, take = KMED_QK - off;
+        float tmp[KMED_QK];
+        if (take > n) take = n;
+        kmed__dequant_simd(t, row + b * kmed__tensor_row_bytes(t, KMED_QK), tmp, KMED_QK);
+        memcpy(y, tmp + off, take * sizeof(float));
+        y += take; n0 += take; n -= take;
+    }
+}
+
+/* One GEMM operand. A(i,k) = trans ? p[k*ld + i] : p[i*ld + k] (F32, scaled by alpha while
+   packing). B(k,n) = trans ? row n, element k : row k, element n, rows of `ld` elements in
+   dtype t (any computable dtype: dequantized while packing). */
+typedef struct kmed__gsrc {
+    const void *p;
+    kmed_dtype t;
+    size_t ld;
+    int trans;
+    float alpha;
+} kmed__gsrc;
+
+/* ap[k*MR + i] = A(i0+i, k0+k), zero rows past mr. */
+static void kmed__pack_a(float *ap, const kmed__gsrc *A, size_t i0, size_t mr, size_t k0,
+                         size_t kc)
+{
+    const float *a = (const float *)A->p;
+    size_t i, k;
+    if (A->trans) {
+        for (k = 0; k < kc; k++) {
+            const float *src = a + (k0 + k) * A->ld + i0;
+            for (i = 0; i < mr; i++) ap[k * KMED__MR + i] = A->alpha * src[i];
+            for (; i < KMED__MR; i++) ap[k * KMED__MR + i] = 0.0f;
+        }
+    } else {
+        for (i = 0; i < mr; i++) {
+            const float *src = a + (i0 + i) * A->ld + k0;
+            for (k = 0; k < kc; k++) ap[k * KMED__MR + i] = A->alpha * src[k];
+        }
+        for (; i < KMED__MR; i++)
+            for (k = 0; k < kc; k++) ap[k * KMED__MR + i] = 0.0f;
+    }
+}
+
+#if KMED__SIMD == 512
+/* dst[j*ldd + i] = src[i*lds + j] for a 16x16 tile. */
+static void kmed__tr16(const float *src, size_t lds, float *dst, size_t ldd)
+{
+    __m512 r[16], t[16];
+    int i, j;
+    for (i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + (size_t)i * lds);
+    for (i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (i = 0; i < 2; i++)
+        for (j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+    for (j = 0; j < 16; j++) _mm512_storeu_ps(dst + (size_t)j * ldd, r[j]);
+}
+#endif
+
+/* bp[k*NR + j] = src[j*lds + k] for j < nr, k < kc; zero columns past nr. */
+static void kmed__pack_bt(float *bp, const float *src, size_t lds, size_t nr, size_t kc)
+{
+    size_t j = 0, k;
+#if KMED__SIMD == 512
+    for (; j + 16 <= nr; j += 16) {
+        for (k = 0; k + 16 <= kc; k += 16) kmed__tr16(src + j * lds + k, lds, bp + k * KMED__NR + j, KMED__NR);
+        for (; k < kc; k++) {
+            size_t jj;
+            for (jj = j; jj < j + 16; jj++) bp[k * KMED__NR + jj] = src[jj * lds + k];
+        }
+    }
+#endif
+    for (; j < nr; j++)
+        for (k = 0; k < kc; k++) bp[k * KMED__NR + j] = src[j * lds + k];
+    for (; j < KMED__NR; j++)
+        for (k = 0; k < kc; k++) bp[k * KMED__NR + j] = 0.0f;
+}
+
+/* Packs B(k0.., n0..) as a KC x NR panel; tmp holds NR x KC floats for dequantized rows. */
+static void kmed__pack_b(float *bp, const kmed__gsrc *B, size_t k0, size_t kc, size_t n0,
+                         size_t nr, float *tmp)
+{
+    const unsigned char *base = (const unsigned char *)B->p;
+    size_t rb = kmed__tensor_row_bytes(B->t, B->ld), j, k;
+    if (B->trans) {
+        if (B->t == KMED_F32) {
+            kmed__pack_bt(bp, (const float *)base + n0 * B->ld + k0, B->ld, nr, kc);
+        } else {
+            for (j = 0; j < nr; j++) kmed__dequant_span(B->t, base + (n0 + j) * rb, k0, kc, tmp + j * kc);
+            kmed__pack_bt(bp, tmp, kc, nr, kc);
+        }
+        return;
+    }
+    for (k = 0; k < kc; k++) {
+        float *d = bp + k * KMED__NR;
+        kmed__dequant_span(B->t, base + (k0 + k) * rb, n0, nr, d);
+        for (j = nr; j < KMED__NR; j++) d[j] = 0.0f;
+    }
+}
+
+/* Micro-kernel: C[mr, nr] (+)= Ap (MR x kc, packed) . Bp (kc x NR, packed). The k loop and
+   the final add are the same whatever mr/nr are, so edge tiles round like full ones. */
+#if KMED__SIMD == 512
+#define KMED__REP(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define KMED__VZERO() _mm512_setzero_ps()
+#define KMED__VT __m512
+#define KMED__VW 16
+#define KMED__VLOAD _mm512_loadu_ps
+#define KMED__VSTORE _mm512_storeu_ps
+#define KMED__VADD _mm512_add_ps
+#define KMED__VFMA _mm512_fmadd_ps
+#define KMED__VSET1 _mm512_set1_ps
+#else
+#define KMED__REP(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define KMED__VZERO() _mm256_setzero_ps()
+#define KMED__VT __m256
+#define KMED__VW 8
+#define KMED__VLOAD _mm256_loadu_ps
+#define KMED__VSTORE _mm256_storeu_ps
+#define KMED__VADD _mm256_add_ps
+#define KMED__VFMA _mm256_fmadd_ps
+#define KMED__VSET1 _mm256_set1_ps
+#endif
+
+static void kmed__gemm_ukr(size_t kc, const float *ap, const float *bp, float *c, size_t ldc,
+                           int accum, size_t mr, size_t nr)
+{
+#define KMED__D(i) KMED__VT c##i##a = KMED__VZERO(), c##i##b = KMED__VZERO();
+#define KMED__F(i) a = KMED__VSET1(ap[i]); c##i##a = KMED__VFMA(a, b0, c##i##a); \
+    c##i##b = KMED__VFMA(a, b1, c##i##b);
+#define KMED__S(i) KMED__VSTORE(t + i * KMED__NR, c##i##a); \
+    KMED__VSTORE(t + i * KMED__NR + KMED__VW, c##i##b);
+#define KMED__C(i) if (accum) { c##i##a = KMED__VADD(c##i##a, KMED__VLOAD(c + i * ldc)); \
+    c##i##b = KMED__VADD(c##i##b, KMED__VLOAD(c + i * ldc + KMED__VW)); } \
+    KMED__VSTORE(c + i * ldc, c##i##a); KMED__VSTORE(c + i * ldc + KMED__VW, c##i##b);
+    KMED__REP(KMED__D)
+    size_t k;
+    for (k = 0; k < kc; k++) {
+        KMED__VT b0 = KMED__VLOAD(bp), b1 = KMED__VLOAD(bp + KMED__VW), a;
+        KMED__REP(KMED__F)
+        ap += KMED__MR;
+        bp += KMED__NR;
+    }
+    if (mr == KMED__MR && nr == KMED__NR) {
+        KMED__REP(KMED__C)
+    } else {
+        float t[KMED__MR * KMED__NR];
+        size_t i, j;
+        KMED__REP(KMED__S)
+        for (i = 0; i < mr; i++)
+            for (j = 0; j < nr; j++)
+                c[i * ldc + j] = accum ? c[i * ldc + j] + t[i * KMED__NR + j] : t[i * KMED__NR + j];
+    }
+#undef KMED__D
+#undef KMED__F
+#undef KMED__S
+#undef KMED__C
+}
+
+typedef struct kmed__gemm_job {
+    kmed__gsrc A, B;
+    float *C;               /* (M, ldc) */
+    size_t ldc, M, N, K;
+    float beta;             /* with accum: C = beta * C + A.B, applied per thread range */
+    int accum;              /* 0: C = A.B (C not read) */
+    int split_n;            /* threads take column ranges (else row ranges) */
+    unsigned char *scratch; /* per thread: scratch_bytes each */
+    size_t scratch_bytes;
+} kmed__gemm_job;
+
+static float *kmed__align64(unsigned char *p)
+{
+    return (float *)(void *)(p + ((64 - ((uintptr_t)p & 63)) & 63));
+}
+
+static void kmed__gemm_block(const kmed__gemm_job *g, size_t m0, size_t m1, size_t n0,
+                             size_t n1, unsigned char *scratch)
+{
+    float *ap = kmed__align64(scratch);
+    float *bp = ap + KMED__MC * KMED__KC;
+    float *tmp = bp + KMED__NC * KMED__KC;
+    size_t jc, pc, ic, jr, ir, m, n;
+    if (g->accum && g->beta != 1.0f)
+        for (m = m0; m < m1; m++)
+            for (n = n0; n < n1; n++) g->C[m * g->ldc + n] *= g->beta;
+    if (g->K == 0) {
+        if (!g->accum)
+            for (m = m0; m < m1; m++)
+                for (n = n0; n < n1; n++) g->C[m * g->ldc + n] = 0.0f;
+        return;
+    }
+    for (jc = n0; jc < n1; jc += KMED__NC) {
+        size_t nc = n1 - jc < KMED__NC ? n1 - jc : KMED__NC;
+        for (pc = 0; pc < g->K; pc += KMED__KC) {
+            size_t kc = g->K - pc < KMED__KC ? g->K - pc : KMED__KC;
+            for (jr = 0; jr < nc; jr += KMED__NR)
+                kmed__pack_b(bp + jr * kc, &g->B, pc, kc, jc + jr,
+                             nc - jr < KMED__NR ? nc - jr : KMED__NR, tmp);
+            for (ic = m0; ic < m1; ic += KMED__MC) {
+                size_t mc = m1 - ic < KMED__MC ? m1 - ic : KMED__MC;
+                for (ir = 0; ir < mc; ir += KMED__MR)
+                    kmed__pack_a(ap + ir * kc, &g->A, ic + ir,
+                                 mc - ir < KMED__MR ? mc - ir : KMED__MR, pc, kc);
+                for (jr = 0; jr < nc; jr += KMED__NR)
+                    for (ir = 0; ir < mc; ir += KMED__MR)
+                        kmed__gemm_ukr(kc, ap + ir * kc, bp + jr * kc,
+                                       g->C + (ic + ir) * g->ldc + jc + jr, g->ldc,
+                                       g->accum || pc > 0,
+                                       mc - ir < KMED__MR ? mc - ir : KMED__MR,
+                                       nc - jr < KMED__NR ? nc - jr : KMED__NR);
+            }
+        }
+    }
+}
+
+static void kmed__gemm_range(void *vctx, size_t b, size_t e, int thread)
+{
+    const kmed__gemm_job *g = (const kmed__gemm_job *)vctx;
+    unsigned char *s = g->scratch + (size_t)thread * g->scratch_bytes;
+    if (g->split_n) kmed__gemm_block(g, 0, g->M, b, e, s);
+    else kmed__gemm_block(g, b, e, 0, g->N, s);
+}
+
+/* Runs the job over the pool; 0 when scratch memory is short (caller falls back). */
+static int kmed__gemm_run(kmed_pool *pool, kmed__gemm_job *g)
+{
+    int nt = kmed_pool_threads(pool);
+    size_t per = (size_t)(KMED__MC * KMED__KC + KMED__NC * KMED__KC + KMED__NR * KMED__KC) *
+                 sizeof(float) + 64;
+    unsigned char *mem = (unsigned char *)KMED_MALLOC(per * (size_t)nt);
+    if (!mem) return 0;
+    g->scratch = mem;
+    g->scratch_bytes = per;
+    if (g->split_n) kmed_pool_for(pool, g->N, KMED__NR, kmed__gemm_range, g);
+    else kmed_pool_for(pool, g->M, KMED__MR, kmed__gemm_range, g);
+    KMED_FREE(mem);
+    return 1;
+}
+
+/* ---- matrix-vector kernels (M small: decode). Each output is computed by the same
+   instruction sequence whatever rows share its loop, so results do not depend on the thread
+   split. ---- */
+
+typedef struct kmed__mv_ctx {
+    float *y;                  /* (M, N) */
+    const float *x;            /* (M, K) */
+    const unsigned char *w;    /* (N, K) in wt */
+    kmed_dtype wt;
+    size_t M, N, K, wrow;
+    int acc;
+    const void *xq;            /* FAST: x as Q8_0 blocks (M, K/32) or BF16 (M, K) */
+} kmed__mv_ctx;
+
+static void kmed__mv_out(const kmed__mv_ctx *c, size_t m, size_t n, float v)
+{
+    if (c->acc) c->y[m * c->N + n] += v;
+    else c->y[m * c->N + n] = v;
+}
+
+static float kmed__hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#if KMED__SIMD == 512
+#define KMED__HSUM(v) _mm512_reduce_add_ps(v)
+#define KMED__LD_F32(r, k) _mm512_loadu_ps((const float *)(const void *)(r) + (k))
+#define KMED__LD_BF16(r, k) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32( \
+    _mm256_loadu_si256((const __m256i *)(const void *)((const uint16_t *)(const void *)(r) + (k)))), 16))
+#define KMED__LD_F16(r, k) _mm512_cvtph_ps( \
+    _mm256_loadu_si256((const __m256i *)(const void *)((const uint16_t *)(const void *)(r) + (k))))
+/* 16 int8 -> 16 floats */
+#define KMED__I8X16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(p))
+#else
+#define KMED__HSUM(v) kmed__hsum8(v)
+#define KMED__LD_F32(r, k) _mm256_loadu_ps((const float *)(const void *)(r) + (k))
+#define KMED__LD_BF16(r, k) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
+    _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)(const void *)(r) + (k)))), 16))
+#define KMED__LD_F16(r, k) _mm256_cvtph_ps( \
+    _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)(const void *)(r) + (k))))
+#endif
+
+/* Float-like weights (F32, BF16, F16), four weight rows per pass over x. */
+#define KMED__MV_FLOATLIKE(NAME, LD, CVT)                                                   \
+static void NAME(const kmed__mv_ctx *c, size_t n0, size_t n1)                             \
+{                                                                                         \
+    size_t n, m, k, r, K = c->K, KV = K / KMED__VW * KMED__VW;                             \
+    for (n = n0; n < n1; n += 4) {                                                        \
+        size_t R = n1 - n < 4 ? n1 - n : 4;                                               \
+        const unsigned char *w0 = c->w + n * c->wrow;                                     \
+        const unsigned char *w1 = w0 + (R > 1 ? c->wrow : 0);                             \
+        const unsigned char *w2 = w0 + (R > 2 ? 2 * c->wrow : 0);                         \
+        const unsigned char *w3 = w0 + (R > 3 ? 3 * c->wrow : 0);                         \
+        for (m = 0; m < c->M; m++) {                                                      \
+            const float *x = c->x + m * K;                                                \
+            KMED__VT a0 = KMED__VZERO(), a1 = a0, a2 = a0, a3 = a0;                       \
+            float out[4];                                                                 \
+            for (k = 0; k < KV; k += KMED__VW) {                                          \
+                KMED__VT xv = KMED__VLOAD(x + k);                                         \
+                a0 = KMED__VFMA(LD(w0, k), xv, a0);                                       \
+                a1 = KMED__VFMA(LD(w1, k), xv, a1);                                       \
+                a2 = KMED__VFMA(LD(w2, k), xv, a2);                                       \
+                a3 = KMED__VFMA(LD(w3, k), xv, a3);                                       \
+            }                                                                             \
+            out[0] = KMED__HSUM(a0); out[1] = KMED__HSUM(a1);                             \
+            out[2] = KMED__HSUM(a2); out[3] = KMED__HSUM(a3);                             \
+            for (r = 0; r < R; r++) {                                                     \
+                const unsigned char *wr = c->w + (n + r) * c->wrow;                       \
+                for (k = KV; k < K; k++) out[r] += CVT(wr, k) * x[k];                     \
+                kmed__mv_out(c, m, n + r, out[r]);                                        \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+}
+#define KMED__CVT_F32(r, k) ((const float *)(const void *)(r))[k]
+#define KMED__CVT_BF16(r, k) kmed_bf16_to_f32(((const uint16_t *)(const void *)(r))[k])
+#define KMED__CVT_F16(r, k) kmed_f16_to_f32(((const uint16_t *)(const void *)(r))[k])
+KMED__MV_FLOATLIKE(kmed__mv_f32, KMED__LD_F32, KMED__CVT_F32)
+KMED__MV_FLOATLIKE(kmed__mv_bf16, KMED__LD_BF16, KMED__CVT_BF16)
+KMED__MV_FLOATLIKE(kmed__mv_f16, KMED__LD_F16, KMED__CVT_F16)
+
+/* 32 weights of block b as two (AVX-512) or four (AVX2) float vectors, unscaled. */
+#if KMED__SIMD == 512
+#define KMED__QDOT(t, q, xb)                                                               \
+    t = _mm512_mul_ps(KMED__I8X16(q##0), _mm512_loadu_ps(xb));                            \
+    t = _mm512_fmadd_ps(KMED__I8X16(q##1), _mm512_loadu_ps((xb) + 16), t)
+#else
+#define KMED__I8X8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(p))
+#define KMED__QDOT(t, q, xb)                                                               \
+    t = _mm256_mul_ps(KMED__I8X8(q##0), _mm256_loadu_ps(xb));                             \
+    t = _mm256_fmadd_ps(KMED__I8X8(_mm_srli_si128(q##0, 8)), _mm256_loadu_ps((xb) + 8), t); \
+    t = _mm256_fmadd_ps(KMED__I8X8(q##1), _mm256_loadu_ps((xb) + 16), t);                 \
+    t = _mm256_fmadd_ps(KMED__I8X8(_mm_srli_si128(q##1, 8)), _mm256_loadu_ps((xb) + 24), t)
+#endif
+
+/* Q8_0 / Q4_0 weights, exact f32 activations: per block, sum q*x then scale by d (as the
+   scalar reference does); two weight rows per pass. */
+static void kmed__mv_quant(const kmed__mv_ctx *c, size_t n0, size_t n1)
+{
+    size_t n, m, b, nb = c->K / KMED_QK;
+    const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
+    int q4 = c->wt == KMED_Q4_0;
+    for (n = n0; n < n1; n += 2) {
+        size_t R = n1 - n < 2 ? 1 : 2;
+        const unsigned char *r0 = c->w + n * c->wrow, *r1 = r0 + (R > 1 ? c->wrow : 0);
+        for (m = 0; m < c->M; m++) {
+            const float *x = c->x + m * c->K;
+            KMED__VT a0 = KMED__VZERO(), a1 = a0, t;
+            for (b = 0; b < nb; b++) {
+                __m128i p0, p1, s0, s1;
+                float d0, d1;
+                if (q4) {
+                    const kmed_block_q4_0 *k0 = (const kmed_block_q4_0 *)(const void *)r0 + b;
+                    const kmed_block_q4_0 *k1 = (const kmed_block_q4_0 *)(const void *)r1 + b;
+                    __m128i v0 = _mm_loadu_si128((const __m128i *)(const void *)k0->qs);
+                    __m128i v1 = _mm_loadu_si128((const __m128i *)(const void *)k1->qs);
+                    p0 = _mm_sub_epi8(_mm_and_si128(v0, m4), e8);
+                    p1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v0, 4), m4), e8);
+                    s0 = _mm_sub_epi8(_mm_and_si128(v1, m4), e8);
+                    s1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v1, 4), m4), e8);
+                    d0 = kmed__tensor_h2f(k0->d);
+                    d1 = kmed__tensor_h2f(k1->d);
+                } else {
+                    const kmed_block_q8_0 *k0 = (const kmed_block_q8_0 *)(const void *)r0 + b;
+                    const kmed_block_q8_0 *k1 = (const kmed_block_q8_0 *)(const void *)r1 + b;
+                    p0 = _mm_loadu_si128((const __m128i *)(const void *)k0->qs);
+                    p1 = _mm_loadu_si128((const __m128i *)(const void *)(k0->qs + 16));
+                    s0 = _mm_loadu_si128((const __m128i *)(const void *)k1->qs);
+                    s1 = _mm_loadu_si128((const __m128i *)(const void *)(k1->qs + 16));
+                    d0 = kmed__tensor_h2f(k0->d);
+                    d1 = kmed__tensor_h2f(k1->d);
+                }
+                KMED__QDOT(t, p, x + b * KMED_QK);
+                a0 = KMED__VFMA(t, KMED__VSET1(d0), a0);
+                KMED__QDOT(t, s, x + b * KMED_QK);
+                a1 = KMED__VFMA(t, KMED__VSET1(d1), a1);
+            }
+            kmed__mv_out(c, m, n, KMED__HSUM(a0));
+            if (R > 1) kmed__mv_out(c, m, n + 1, KMED__HSUM(a1));
+        }
+    }
+}
+
+/* ---- FAST: integer dot products against x quantized to Q8_0 (GGML's vec_dot_q8_0_q8_0
+   and vec_dot_q4_0_q8_0 scheme), and BF16 x BF16 ---- */
+
+/* 8 int32 partial sums of 32 signed int8 products, as floats (exact: |sum| < 2^24). */
+static __m256 kmed__i8dot(__m256i w, __m256i x)
+{
+    /* |w| as unsigned times x with w's sign: the unsigned x signed form the ISA has */
+    __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+#endif
+    return _mm256_cvtepi32_ps(s);
+}
+
+static void kmed__mv_fast_q(const kmed__mv_ctx *c, size_t n0, size_t n1)
+{
+    size_t n, m, b, nb = c->K / KMED_QK;
+    const __m256i m4 = _mm256_set1_epi8(15), e8 = _mm256_set1_epi8(8);
+    int q4 = c->wt == KMED_Q4_0;
+    for (n = n0; n < n1; n++) {
+        const unsigned char *row = c->w + n * c->wrow;
+        for (m = 0; m < c->M; m++) {
+            const kmed_block_q8_0 *xb = (const kmed_block_q8_0 *)c->xq + m * nb;
+            __m256 acc = _mm256_setzero_ps();
+            for (b = 0; b < nb; b++) {
+                __m256i wq;
+                float dw;
+                if (q4) {
+                    const kmed_block_q4_0 *k = (const kmed_block_q4_0 *)(const void *)row + b;
+                    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)k->qs);
+                    __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(v),
+                                                        _mm_srli_epi16(v, 4), 1);
+                    wq = _mm256_sub_epi8(_mm256_and_si256(t, m4), e8);
+                    dw = kmed__tensor_h2f(k->d);
+                } else {
+                    const kmed_block_q8_0 *k = (const kmed_block_q8_0 *)(const void *)row + b;
+                    wq = _mm256_loadu_si256((const __m256i *)(const void *)k->qs);
+                    dw = kmed__tensor_h2f(k->d);
+                }
+                acc = _mm256_fmadd_ps(kmed__i8dot(wq, _mm256_loadu_si256(
+                                          (const __m256i *)(const void *)xb[b].qs)),
+                                      _mm256_set1_ps(dw * kmed__tensor_h2f(xb[b].d)), acc);
+            }
+            kmed__mv_out(c, m, n, kmed__hsum8(acc));
+        }
+    }
+}
+
+static void kmed__mv_fast_bf16(const kmed__mv_ctx *c, size_t n0, size_t n1)
+{
+    size_t n, m, k, K = c->K;
+#if defined(__AVX512BF16__)
+    size_t KV = K / 32 * 32;
+#else
+    size_t KV = K / KMED__VW * KMED__VW;
+#endif
+    for (n = n0; n < n1; n++) {
+        const uint16_t *w = (const uint16_t *)(const void *)(c->w + n * c->wrow);
+        for (m = 0; m < c->M; m++) {
+            const uint16_t *xb = (const uint16_t *)c->xq + m * K;
+            float s;
+#if defined(__AVX512BF16__)
+            __m512 acc = _mm512_setzero_ps();
+            for (k = 0; k < KV; k += 32)
+                acc = _mm512_dpbf16_ps(acc,
+                                       (__m512bh)_mm512_loadu_si512((const void *)(w + k)),
+                                       (__m512bh)_mm512_loadu_si512((const void *)(xb + k)));
+#else
+            KMED__VT acc = KMED__VZERO();
+            for (k = 0; k < KV; k += KMED__VW)
+                acc = KMED__VFMA(KMED__LD_BF16(w, k), KMED__LD_BF16(xb, k), acc);
+#endif
+            s = KMED__HSUM(acc);
+            for (k = KV; k < K; k++) s += kmed_bf16_to_f32(w[k]) * kmed_bf16_to_f32(xb[k]);
+            kmed__mv_out(c, m, n, s);
+        }
+    }
+}
+
+static void kmed__mv_range(void *vctx, size_t n0, size_t n1, int thread)
+{
+    const kmed__mv_ctx *c = (const kmed__mv_ctx *)vctx;
+    (void)thread;
+    if (c->xq) {
+        if (c->wt == KMED_BF16) kmed__mv_fast_bf16(c, n0, n1);
+        else kmed__mv_fast_q(c, n0, n1);
+        return;
+    }
+    switch (c->wt) {
+    case KMED_F32: kmed__mv_f32(c, n0, n1); break;
+    case KMED_BF16: kmed__mv_bf16(c, n0, n1); break;
+    case KMED_F16: kmed__mv_f16(c, n0, n1); break;
+    default: kmed__mv_quant(c, n0, n1); break;
+    }
+}
+#endif /* KMED__SIMD */
+
+/* ---- public kernels: SIMD where compiled in, else the scalar reference ---- */
+
+KMED_API void kmed_matmul(kmed_pool *pool, float *y, const float *x, const void *w,
+                          kmed_dtype wt, size_t M, size_t N, size_t K, int flags)
+{
+    if (M == 0 || N == 0) return;
+#ifdef KMED__SIMD
+    if ((flags & KMED_MM_FAST) && (wt == KMED_Q8_0 || wt == KMED_Q4_0 || wt == KMED_BF16)) {
+        kmed__mv_ctx c;
+        memset(&c, 0, sizeof c);
+        c.y = y; c.x = x; c.w = (const unsigned char *)w; c.wt = wt;
+        c.M = M; c.N = N; c.K = K; c.wrow = kmed__tensor_row_bytes(wt, K);
+        c.acc = (flags & KMED_MM_ACC) != 0;
+        c.xq = kmed__mm_fast_x(x, wt, M, K, flags);
+        if (c.xq) {
+            kmed_pool_for(pool, N, 16, kmed__mv_range, &c);
+            KMED_FREE((void *)c.xq);
+            return;
+        }
+        flags &= ~KMED_MM_FAST;   /* no memory for x: the exact path needs none */
+    }
+    if (M <= 4) {
+        kmed__mv_ctx c;
+        memset(&c, 0, sizeof c);
+        c.y = y; c.x = x; c.w = (const unsigned char *)w; c.wt = wt;
+        c.M = M; c.N = N; c.K = K; c.wrow = kmed__tensor_row_bytes(wt, K);
+        c.acc = (flags & KMED_MM_ACC) != 0;
+        kmed_pool_for(pool, N, 16, kmed__mv_range, &c);
+        return;
+    }
+    if (M > 4 && !((flags & KMED_MM_FAST) &&
+                   (wt == KMED_Q8_0 || wt == KMED_Q4_0 || wt == KMED_BF16))) {
+#ifdef KMED_USE_OPENBLAS
+        if (wt == KMED_F32) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f,
+                        x, (int)K, (const float *)w, (int)K, (flags & KMED_MM_ACC) ? 1.0f : 0.0f,
+                        y, (int)N);
+            return;
+        }
+#endif
+        {
+            kmed__gemm_job g;
+            memset(&g, 0, sizeof g);
+            g.A.p = x; g.A.t = KMED_F32; g.A.ld = K; g.A.alpha = 1.0f;
+            g.B.p = w; g.B.t = wt; g.B.ld = K; g.B.trans = 1;
+            g.C = y; g.ldc = N; g.M = M; g.N = N; g.K = K;
+            g.beta = 1.0f; g.accum = (flags & KMED_MM_ACC) != 0; g.split_n = 1;
+            if (kmed__gemm_run(pool, &g)) return;
+        }
+    }
+#endif
+    kmed__matmul_ref(pool, y, x, w, wt, M, N, K, flags);
+}
+
+KMED_API void kmed_matmul_dx(kmed_pool *pool, float *dx, const float *dy, const void *w,
+                             kmed_dtype wt, size_t M, size_t N, size_t K)
+{
+    if (M == 0 || K == 0) return;
+#ifdef KMED__SIMD
+#ifdef KMED_USE_OPENBLAS
+    if (wt == KMED_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)M, (int)K, (int)N, 1.0f,
+                    dy, (int)N, (const float *)w, (int)K, 1.0f, dx, (int)K);
+        return;
+    }
+#endif
+    {
+        kmed__gemm_job g;
+        memset(&g, 0, sizeof g);
+        g.A.p = dy; g.A.t = KMED_F32; g.A.ld = N; g.A.alpha = 1.0f;
+        g.B.p = w; g.B.t = wt; g.B.ld = K;
+        g.C = dx; g.ldc = K; g.M = M; g.N = K; g.K = N;
+        g.beta = 1.0f; g.accum = 1; g.split_n = 1;
+        if (kmed__gemm_run(pool, &g)) return;
+    }
+#endif
+    kmed__matmul_dx_ref(pool, dx, dy, w, wt, M, N, K);
+}
+
+KMED_API void kmed_matmul_dw(kmed_pool *pool, float *dw, const float *dy, const float *x,
+                             size_t M, size_t N, size_t K)
+{
+    if (N == 0 || K == 0) return;
+#ifdef KMED__SIMD
+#ifdef KMED_USE_OPENBLAS
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)N, (int)K, (int)M, 1.0f,
+                dy, (int)N, x, (int)K, 1.0f, dw, (int)K);
+    return;
+#else
+    {
+        kmed__gemm_job g;
+        memset(&g, 0, sizeof g);
+        g.A.p = dy; g.A.t = KMED_F32; g.A.ld = N; g.A.trans = 1; g.A.alpha = 1.0f;
+        g.B.p = x; g.B.t = KMED_F32; g.B.ld = K;
+        g.C = dw; g.ldc = K; g.M = N; g.N = K; g.K = M;
+        g.beta = 1.0f; g.accum = 1; g.split_n = K >= N;
+        if (kmed__gemm_run(pool, &g)) return;
+    }
+#endif
+#endif
+    kmed__matmul_dw_ref(pool, dw, dy, x, M, N, K);
+}
+
 KMED_API void kmed_sgemm(kmed_pool *pool, int ta, int tb, size_t M, size_t N, size_t K,
                          float alpha, const float *A, size_t lda, const float *B,
                          size_t ldb, float beta, float *C, size_t ldc)
@@ -605,11 +1366,17 @@ KMED_API void kmed_sgemm(kmed_pool *pool, int ta, int tb, size_t M, size_t N, si
                 (int)M, (int)N, (int)K, alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
     return;
 #else
+#ifdef KMED__SIMD
     {
-    kmed__sgemm_ctx c;
-    c.ta = ta; c.tb = tb; c.M = M; c.N = N; c.K = K; c.lda = lda; c.ldb = ldb; c.ldc = ldc;
-    c.alpha = alpha; c.beta = beta; c.A = A; c.B = B; c.C = C;
-    kmed_pool_for(pool, M, 4, kmed__sgemm_ref_range, &c);
+        kmed__gemm_job g;
+        memset(&g, 0, sizeof g);
+        g.A.p = A; g.A.t = KMED_F32; g.A.ld = lda; g.A.trans = ta; g.A.alpha = alpha;
+        g.B.p = B; g.B.t = KMED_F32; g.B.ld = ldb; g.B.trans = tb;
+        g.C = C; g.ldc = ldc; g.M = M; g.N = N; g.K = K;
+        g.beta = beta; g.accum = beta != 0.0f; g.split_n = N >= M;
+        if (kmed__gemm_run(pool, &g)) return;
     }
+#endif
+    kmed__sgemm_ref(pool, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 #endif
 }
