@@ -23,8 +23,9 @@
 /* One slot of the piece -> id table; the string lives in the pool at off. */
 typedef struct kmed__tok_vslot { uint32_t hash, len, off; int32_t id; } kmed__tok_vslot;
 
-/* One slot of the merge table: pair (left id << 32 | right id) -> rank and result. */
-typedef struct kmed__tok_mslot { uint64_t key; int32_t rank, id; } kmed__tok_mslot;
+/* Merge table slots are one uint64 each, (left id, right id, rank) packed as
+   ((left << id_bits | right) << rank_bits | rank), so Gemma's 580k merges take 8 MB and most
+   lookups hit cache; the merged id is merge_id[rank]. */
 #define KMED__TOK_MEMPTY UINT64_MAX
 
 /* Byte trie (first-child / next-sibling) for added tokens and user-defined pieces. */
@@ -60,7 +61,9 @@ typedef struct kmed__tok_impl {
     kmed__tok_vslot *vs; size_t vmask;     /* model vocabulary */
     int32_t *char_id;                      /* [KMED__TOK_NCP] HF one-character pieces */
     int32_t byte_id[256];                  /* <0xXX> pieces, -1 */
-    kmed__tok_mslot *ms; size_t mmask;     /* HF merges */
+    uint64_t *ms; size_t mmask; int mshift;  /* HF merges, packed (see above) */
+    int id_bits, rank_bits;
+    int32_t *merge_id;                     /* [n_merges] merged id of each rank */
     int byte_fallback, fuse_unk, ignore_merges;
     kmed__tok_trie raw_added, norm_added;  /* HF added tokens (normalized false / true) */
     kmed__tok_op norm[KMED__TOK_MAX_OPS]; int n_norm;
@@ -242,19 +245,26 @@ static int kmed__tok_vput(kmed__tok_impl *im, size_t off, size_t n, int id, int 
 
 /* ---- merge table ---- */
 
-static size_t kmed__tok_mslot_of(uint64_t key, size_t mask)
+static size_t kmed__tok_mslot_of(const kmed__tok_impl *im, uint64_t pair)
 {
-    return (size_t)((key * 0x9E3779B97F4A7C15ull) >> 32) & mask;
+    return (size_t)((pair * 0x9E3779B97F4A7C15ull) >> im->mshift);
 }
 
-static const kmed__tok_mslot *kmed__tok_mfind(const kmed__tok_impl *im, int a, int b)
+static uint64_t kmed__tok_pair(const kmed__tok_impl *im, int a, int b)
 {
-    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
-    size_t i = kmed__tok_mslot_of(key, im->mmask);
+    return ((uint64_t)(uint32_t)a << im->id_bits) | (uint32_t)b;
+}
+
+/* Rank of the merge of ids (a, b), or -1. */
+static int kmed__tok_mfind(const kmed__tok_impl *im, int a, int b)
+{
+    uint64_t pair = kmed__tok_pair(im, a, b);
+    size_t i = kmed__tok_mslot_of(im, pair);
     for (;;) {
-        const kmed__tok_mslot *m = &im->ms[i];
-        if (m->key == key) return m;
-        if (m->key == KMED__TOK_MEMPTY) return NULL;
+        uint64_t m = im->ms[i];
+        if ((m >> im->rank_bits) == pair && m != KMED__TOK_MEMPTY)
+            return (int)(m & (((uint64_t)1 << im->rank_bits) - 1));
+        if (m == KMED__TOK_MEMPTY) return -1;
         i = (i + 1) & im->mmask;
     }
 }
@@ -262,14 +272,13 @@ static const kmed__tok_mslot *kmed__tok_mfind(const kmed__tok_impl *im, int a, i
 /* A later duplicate pair replaces the earlier one, as HF's HashMap collect does. */
 static void kmed__tok_madd(kmed__tok_impl *im, int a, int b, int rank, int id)
 {
-    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
-    size_t i = kmed__tok_mslot_of(key, im->mmask);
+    uint64_t pair = kmed__tok_pair(im, a, b);
+    size_t i = kmed__tok_mslot_of(im, pair);
+    im->merge_id[rank] = id;
     for (;;) {
-        kmed__tok_mslot *m = &im->ms[i];
-        if (m->key == key || m->key == KMED__TOK_MEMPTY) {
-            m->key = key;
-            m->rank = rank;
-            m->id = id;
+        uint64_t m = im->ms[i];
+        if (m == KMED__TOK_MEMPTY || (m >> im->rank_bits) == pair) {
+            im->ms[i] = (pair << im->rank_bits) | (uint64_t)rank;
             return;
         }
         i = (i + 1) & im->mmask;
@@ -457,13 +466,13 @@ static void kmed__tok_heapify(kmed__tok_work *w)
 static void kmed__tok_hf_cand(const kmed__tok_impl *im, kmed__tok_work *w, int i)
 {
     const kmed__tok_sym *s = w->sym;
-    const kmed__tok_mslot *m;
     kmed__tok_cand c;
+    int rank;
     if (i < 0 || s[i].next < 0) return;
-    m = kmed__tok_mfind(im, s[i].id, s[s[i].next].id);
-    if (!m) return;
-    c.key = ((uint64_t)(uint32_t)m->rank << 32) | (uint32_t)i;
-    c.id = m->id;
+    rank = kmed__tok_mfind(im, s[i].id, s[s[i].next].id);
+    if (rank < 0) return;
+    c.key = ((uint64_t)(uint32_t)rank << 32) | (uint32_t)i;
+    c.id = im->merge_id[rank];
     c.len = s[i].len + s[s[i].next].len;
     kmed__tok_heap_push(w, c);
 }
@@ -536,11 +545,18 @@ static int kmed__tok_hf_word(const kmed__tok_impl *im, int unk_id, kmed__tok_wor
     if (!kmed__tok_grow(&w->heap, &w->heap_cap, 2 * ns + 8, sizeof *w->heap)) return 0;
     w->heap_n = 0;
     for (k = 0; k + 1 < (int)ns; k++) {
-        const kmed__tok_mslot *m = kmed__tok_mfind(im, s[k].id, s[k + 1].id);
-        if (m) {
+        int rank;
+#if defined(__GNUC__)
+        /* The table is bigger than L2: fetch the slot a few pairs ahead. */
+        if (k + 9 < (int)ns)
+            __builtin_prefetch(&im->ms[kmed__tok_mslot_of(im, kmed__tok_pair(im, s[k + 8].id,
+                                                                             s[k + 9].id))]);
+#endif
+        rank = kmed__tok_mfind(im, s[k].id, s[k + 1].id);
+        if (rank >= 0) {
             kmed__tok_cand *c = &w->heap[w->heap_n++];
-            c->key = ((uint64_t)(uint32_t)m->rank << 32) | (uint32_t)k;
-            c->id = m->id;
+            c->key = ((uint64_t)(uint32_t)rank << 32) | (uint32_t)k;
+            c->id = im->merge_id[rank];
             c->len = s[k].len + s[k + 1].len;
         }
     }
@@ -569,6 +585,19 @@ static int kmed__tok_hf_word(const kmed__tok_impl *im, int unk_id, kmed__tok_wor
 
 /* ---- HF pipeline: normalizer, added tokens, pre-tokenizer ---- */
 
+/* Next occurrence of pat[0..m) in s[from..n), or n. */
+static size_t kmed__tok_find(const char *s, size_t n, size_t from, const char *pat, size_t m)
+{
+    while (from + m <= n) {
+        const char *p = (const char *)memchr(s + from, pat[0], n - from - m + 1);
+        if (!p) break;
+        from = (size_t)(p - s);
+        if (!memcmp(p + 1, pat + 1, m - 1)) return from;
+        from++;
+    }
+    return n;
+}
+
 /* Replaces every non-overlapping pat in s[0..n) (left to right) by rep into out. */
 static int kmed__tok_replace(const char *s, size_t n, const kmed__tok_op *op, char **out,
                              size_t *out_cap, size_t *out_len)
@@ -578,14 +607,13 @@ static int kmed__tok_replace(const char *s, size_t n, const kmed__tok_op *op, ch
     if (!kmed__mul_ok(n, op->blen > op->alen ? op->blen : op->alen, &need)) return 0;
     if (!kmed__tok_grow(out, out_cap, need + op->alen + 1, 1)) return 0;
     while (i < n) {
-        if (n - i >= op->alen && (unsigned char)s[i] == (unsigned char)op->a[0] &&
-            !memcmp(s + i, op->a, op->alen)) {
-            memcpy(*out + o, op->b, op->blen);
-            o += op->blen;
-            i += op->alen;
-        } else {
-            (*out)[o++] = s[i++];
-        }
+        size_t m = kmed__tok_find(s, n, i, op->a, op->alen);
+        memcpy(*out + o, s + i, m - i);
+        o += m - i;
+        if (m == n) break;
+        memcpy(*out + o, op->b, op->blen);
+        o += op->blen;
+        i = m + op->alen;
     }
     *out_len = o;
     return 1;
@@ -629,9 +657,9 @@ static int kmed__tok_hf_pre(const kmed__tok_impl *im, int unk_id, kmed__tok_work
     op = &im->pre[k];
     /* Split: each match is removed, isolated or glued to a neighbour; empty parts vanish. */
     while (i < n) {
-        size_t ms = i, me;
-        if (n - i < op->alen || memcmp(s + i, op->a, op->alen)) { i++; continue; }
-        me = i + op->alen;
+        size_t ms = kmed__tok_find(s, n, i, op->a, op->alen), me;
+        if (ms == n) break;
+        me = ms + op->alen;
         if (op->arg1 == KMED__TOK_SPLIT_CONTIGUOUS)
             while (n - me >= op->alen && !memcmp(s + me, op->a, op->alen)) me += op->alen;
         switch (op->arg1) {
@@ -1293,6 +1321,7 @@ static void kmed__tok_impl_free(kmed__tok_impl *im)
     KMED_FREE(im->vs);
     KMED_FREE(im->char_id);
     KMED_FREE(im->ms);
+    KMED_FREE(im->merge_id);
     kmed__tok_trie_free(&im->raw_added);
     kmed__tok_trie_free(&im->norm_added);
     kmed__tok_trie_free(&im->user);
@@ -1531,7 +1560,7 @@ static kmed_result kmed__tok_load_json(kmed_tok *tok, kmed__tok_impl *im, const 
 {
     const kmed_json *model, *vocab, *merges, *added, *unk;
     const char *type;
-    size_t i, cap;
+    size_t i, cap, n_merges;
     int max_id = -1, id = 0;
     kmed_result r;
     if (!root || root->type != KMED_JSON_OBJECT)
@@ -1594,11 +1623,19 @@ static kmed_result kmed__tok_load_json(kmed_tok *tok, kmed__tok_impl *im, const 
             im->char_id[cp] = id;
     }
     kmed__tok_find_bytes(im);
-    /* Merges: pair of ids -> (rank, merged id). */
+    /* Merges: pair of ids -> rank (packed), rank -> merged id. */
+    n_merges = merges && merges->type == KMED_JSON_ARRAY ? merges->len : 0;
+    while (((size_t)1 << im->id_bits) < (size_t)tok->n_vocab) im->id_bits++;
+    while (((size_t)1 << im->rank_bits) < n_merges + 1) im->rank_bits++;
+    if (2 * im->id_bits + im->rank_bits > 63)
+        return KMED__ERRF(err, KMED_ERR_LIMIT, path, "%d ids with %zu merges do not fit the "
+                          "merge table's 63-bit keys", tok->n_vocab, n_merges);
     cap = 16;
-    while (merges && merges->type == KMED_JSON_ARRAY && cap < 2 * merges->len) cap *= 2;
-    im->ms = (kmed__tok_mslot *)KMED_MALLOC(cap * sizeof *im->ms);
-    if (!im->ms) return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
+    im->mshift = 60;
+    while (cap < n_merges + n_merges / 2) { cap *= 2; im->mshift--; } /* load <= 2/3 */
+    im->ms = (uint64_t *)KMED_MALLOC(cap * sizeof *im->ms);
+    im->merge_id = (int32_t *)KMED_MALLOC((n_merges + 1) * sizeof *im->merge_id);
+    if (!im->ms || !im->merge_id) return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
     memset(im->ms, 0xFF, cap * sizeof *im->ms);
     im->mmask = cap - 1;
     for (i = 0; merges && merges->type == KMED_JSON_ARRAY && i < merges->len; i++) {

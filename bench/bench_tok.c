@@ -1,0 +1,147 @@
+/* Tokenizer speed: load time of a tokenizer, then single-threaded encode throughput (MB/s and
+   tokens/s, load excluded) over a few MB of Korean text, one document per line.
+   Text: the lines of each FILE given (repeated up to --mb MB), else the Korean prose of the
+   Gemma-2 fixture's cases.jsonl (categories ko_*), repeated.
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. bench/bench_tok.c -o build/bench_tok -lm -lpthread
+   usage: build/bench_tok [--tokenizer PATH] [--mb N] [FILE...] */
+#define KMED_IMPLEMENTATION
+#include "kmed.h"
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct doc { const char *s; size_t n; } doc;
+
+/* CPU seconds of this process: on a shared machine wall time also counts other jobs. */
+static double cpu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void add_doc(doc **d, size_t *n, size_t *cap, const char *s, size_t len)
+{
+    char *copy;
+    if (!len) return;
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 256;
+        *d = (doc *)realloc(*d, *cap * sizeof **d);
+        if (!*d) exit(1);
+    }
+    copy = (char *)malloc(len);
+    if (!copy) exit(1);
+    memcpy(copy, s, len);
+    (*d)[*n].s = copy;
+    (*d)[(*n)++].n = len;
+}
+
+int main(int argc, char **argv)
+{
+    const char *tok_path = "../shared/fixtures/gemma2-tokenizer/tokenizer.json";
+    const char *fx = getenv("KMED_FIXTURES");
+    char cases[1100];
+    double mb = 4, t0, c0, t_load, c_load, t_enc, c_enc, bytes = 0, tokens = 0;
+    doc *docs = NULL;
+    size_t n_docs = 0, cap_docs = 0, i, ids_cap = 1 << 16, n_files = 0;
+    int a, *ids;
+    kmed_tok tok;
+    kmed_error err = {0};
+    kmed_result r;
+    for (a = 1; a < argc; a++) {
+        if (!strcmp(argv[a], "--tokenizer") && a + 1 < argc) tok_path = argv[++a];
+        else if (!strcmp(argv[a], "--mb") && a + 1 < argc) mb = atof(argv[++a]);
+        else if (!strcmp(argv[a], "--help")) {
+            printf("usage: bench_tok [--tokenizer PATH] [--mb N (default 4)] [FILE...]\n");
+            return 0;
+        } else {
+            kmed_lines ls;
+            const char *s;
+            size_t len;
+            int eof = 0;
+            if (kmed_lines_open(&ls, argv[a], &err)) {
+                fprintf(stderr, "bench_tok: %s\n", err.msg);
+                return 1;
+            }
+            while (kmed_lines_next(&ls, &s, &len, &eof, &err) == KMED_OK && !eof)
+                add_doc(&docs, &n_docs, &cap_docs, s, len);
+            kmed_lines_close(&ls);
+            n_files++;
+        }
+    }
+    if (fx && *fx && !strcmp(tok_path, "../shared/fixtures/gemma2-tokenizer/tokenizer.json")) {
+        static char p[1100];
+        snprintf(p, sizeof p, "%s/gemma2-tokenizer/tokenizer.json", fx);
+        tok_path = p;
+    }
+    if (!n_files) {
+        kmed_jsonl jl;
+        const kmed_json *c;
+        int eof = 0;
+        snprintf(cases, sizeof cases, "%s/gemma2-tokenizer/cases.jsonl",
+                 fx && *fx ? fx : "../shared/fixtures");
+        if (kmed_jsonl_open(&jl, cases, &err)) {
+            fprintf(stderr, "bench_tok: %s\n", err.msg);
+            return 1;
+        }
+        while (kmed_jsonl_next(&jl, &c, &eof, &err) == KMED_OK && !eof) {
+            const kmed_json *t = kmed_json_get(c, "text");
+            const char *cat = kmed_json_str(kmed_json_get(c, "category"), "");
+            if (t && !strncmp(cat, "ko_", 3)) add_doc(&docs, &n_docs, &cap_docs, t->str, t->len);
+        }
+        kmed_jsonl_close(&jl);
+    }
+    if (!n_docs) {
+        fprintf(stderr, "bench_tok: no text\n");
+        return 1;
+    }
+    t0 = kmed_time_now();
+    c0 = cpu_now();
+    r = kmed_tok_load(&tok, tok_path, &err);
+    t_load = kmed_time_now() - t0;
+    c_load = cpu_now() - c0;
+    if (r) {
+        fprintf(stderr, "bench_tok: load: %s\n", err.msg);
+        return 1;
+    }
+    ids = (int *)malloc(ids_cap * sizeof *ids);
+    /* One untimed pass warms caches and page-faults the tables in. */
+    for (i = 0; i < n_docs; i++) {
+        size_t n;
+        kmed_tok_encode(&tok, NULL, docs[i].s, docs[i].n, ids, ids_cap, &n, &err);
+    }
+    t0 = kmed_time_now();
+    c0 = cpu_now();
+    while (bytes < mb * 1e6) {
+        for (i = 0; i < n_docs; i++) {
+            size_t n = 0;
+            r = kmed_tok_encode(&tok, NULL, docs[i].s, docs[i].n, ids, ids_cap, &n, &err);
+            if (r == KMED_ERR_SPACE) {
+                ids_cap = n;
+                ids = (int *)realloc(ids, ids_cap * sizeof *ids);
+                r = kmed_tok_encode(&tok, NULL, docs[i].s, docs[i].n, ids, ids_cap, &n, &err);
+            }
+            if (r) {
+                fprintf(stderr, "bench_tok: encode: %s\n", err.msg);
+                return 1;
+            }
+            bytes += (double)docs[i].n;
+            tokens += (double)n;
+        }
+    }
+    t_enc = kmed_time_now() - t0;
+    c_enc = cpu_now() - c0;
+    printf("tokenizer: %s (%d ids)\n", tok_path, tok.n_vocab);
+    printf("load: %.3f s wall, %.3f s cpu\n", t_load, c_load);
+    printf("text: %zu documents, %.1f MB encoded, %.0f tokens (%.2f bytes/token)\n", n_docs,
+           bytes / 1e6, tokens, bytes / tokens);
+    printf("encode (1 thread): %.2f s wall: %.1f MB/s, %.0f tokens/s\n", t_enc,
+           bytes / 1e6 / t_enc, tokens / t_enc);
+    printf("encode (1 thread): %.2f s cpu:  %.1f MB/s, %.0f tokens/s\n", c_enc,
+           bytes / 1e6 / c_enc, tokens / c_enc);
+    for (i = 0; i < n_docs; i++) free((void *)docs[i].s);
+    free(docs);
+    free(ids);
+    kmed_tok_free(&tok);
+    return 0;
+}
