@@ -1,6 +1,9 @@
 /* Tests for the text parsers: JSON (valid and malformed documents, the real Gemma-2
    tokenizer.json), kmed_lines, JSONL and CSV.
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_io_text.c -o build/test_io_text -lm -lpthread */
+/* A smaller record limit than the default 1 GB, so the over-limit paths are testable with
+   a 9 MB file while the 5 MB JSONL line still fits. */
+#define KMED_MAX_LINE_BYTES ((size_t)8 << 20)
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "test.h"
@@ -274,6 +277,13 @@ static void test_json_truncated(void)
     CHECKF(fails == 0, "%d truncated prefixes were not rejected", fails);
 }
 
+/* Valgrind preloads its vgpreload_*.so; timing checks mean nothing under it. */
+static int under_valgrind(void)
+{
+    const char *p = getenv("LD_PRELOAD");
+    return p && strstr(p, "vgpreload") != NULL;
+}
+
 static void test_json_tokenizer(void)
 {
     const char *fx = kmed_test_fixtures();
@@ -284,17 +294,22 @@ static void test_json_tokenizer(void)
     kmed_json_doc doc;
     const kmed_json *model, *vocab, *merges;
     int64_t id;
-    double t0, t1;
+    double t0, t1, cpu;
+    clock_t c0;
     if (!fx) return;
     snprintf(path, sizeof path, "%s/gemma2-tokenizer/tokenizer.json", fx);
     CHECK_OK(kmed_file_read(path, 0, &text, &len, &e));
     if (!text) return;
+    c0 = clock();
     t0 = kmed_time_now();
     CHECK_OK(kmed_json_parse(&doc, text, len, path, 0, &e));
     t1 = kmed_time_now();
-    printf("tokenizer.json: %zu bytes parsed in %.3f s\n", len, t1 - t0);
-    /* Generous bound: the tokenizer has a 0.5 s load budget; a parse is ~0.1 s here. */
-    CHECKF(TEST_SANITIZED || t1 - t0 < 0.4, "tokenizer.json parse took %.3f s", t1 - t0);
+    cpu = (double)(clock() - c0) / CLOCKS_PER_SEC;
+    printf("tokenizer.json: %zu bytes parsed in %.3f s (%.3f s CPU)\n", len, t1 - t0, cpu);
+    /* The tokenizer has a 0.5 s load budget; a parse takes ~0.1 s CPU here. CPU time, not
+       wall time, so a loaded machine does not make the check flaky. */
+    CHECKF(TEST_SANITIZED || under_valgrind() || cpu < 0.3,
+           "tokenizer.json parse took %.3f s CPU", cpu);
     model = kmed_json_get(doc.root, "model");
     vocab = kmed_json_get(model, "vocab");
     merges = kmed_json_get(model, "merges");
@@ -396,7 +411,7 @@ static void test_jsonl(void)
 {
     kmed_buf b = {0};
     char path[256];
-    size_t i, big_len = (size_t)5 << 20;
+    size_t i, big_len = (size_t)3 << 20; /* 5 MB of UTF-8 */
     int eof, i64ok;
     int64_t v;
     const kmed_json *j;
@@ -525,6 +540,70 @@ static void test_csv(void)
     remove(path);
 }
 
+/* Over-limit lines and records are reported with their line and skipped; reading goes on. */
+static void test_limits(void)
+{
+    size_t n = (size_t)9 << 20, i;
+    char *big = (char *)malloc(n + 64);
+    char path[256];
+    const char *s;
+    const kmed_json *j;
+    size_t len;
+    int eof;
+    kmed_jsonl r;
+    kmed_csv c;
+    kmed_error e = {0};
+    if (!big) return;
+    memcpy(big, "{\"a\":1}\n\"", 9);
+    memset(big + 9, 'x', n - 9);
+    memcpy(big + n, "\"\n{\"a\":2}\n", 10);
+    write_tmp(path, sizeof path, "limit.jsonl", big, n + 10);
+    CHECK_OK(kmed_jsonl_open(&r, path, &e));
+    CHECK_OK(kmed_jsonl_next(&r, &j, &eof, &e));
+    CHECK(kmed_json_num(kmed_json_get(j, "a"), 0) == 1);
+    CHECK(kmed_jsonl_next(&r, &j, &eof, &e) == KMED_ERR_LIMIT && e.line == 2 && !eof);
+    CHECKF(strstr(e.msg, "limit.jsonl:2: line longer than") != NULL, "%s", e.msg);
+    CHECK_OK(kmed_jsonl_next(&r, &j, &eof, &e));
+    CHECK(!eof && kmed_json_num(kmed_json_get(j, "a"), 0) == 2 && r.lines.line == 3);
+    kmed_jsonl_close(&r);
+    remove(path);
+
+    /* A quoted CSV field growing past the limit over many short lines. */
+    memcpy(big, "h1,h2\n1,\"", 9);
+    for (i = 9; i < n; i++) big[i] = (i % 64) ? 'y' : '\n';
+    memcpy(big + n, "\"\n2,z\n", 6);
+    write_tmp(path, sizeof path, "limit.csv", big, n + 6);
+    CHECK_OK(kmed_csv_open(&c, path, &e));
+    CHECK(kmed_csv_next(&c, &eof, &e) == KMED_ERR_LIMIT && e.line == 2 && !eof);
+    CHECKF(strstr(e.msg, "record longer than") != NULL, "%s", e.msg);
+    /* The reader resynchronises at the next physical line, so the rest is best effort;
+       it must reach the end without crashing. */
+    for (i = 0; i < 1000000; i++) {
+        kmed_result rr = kmed_csv_next(&c, &eof, &e);
+        if (rr == KMED_OK && eof) break;
+    }
+    CHECK(eof);
+    kmed_csv_close(&c);
+    remove(path);
+    free(big);
+
+    /* "-" reads stdin. */
+    write_tmp(path, sizeof path, "stdin.txt", "one\ntwo\n", 8);
+    if (freopen(path, "rb", stdin)) {
+        kmed_lines l;
+        CHECK_OK(kmed_lines_open(&l, "-", &e));
+        CHECK(strcmp(l.name, "<stdin>") == 0);
+        CHECK_OK(kmed_lines_next(&l, &s, &len, &eof, &e));
+        CHECK(!eof && strcmp(s, "one") == 0);
+        CHECK_OK(kmed_lines_next(&l, &s, &len, &eof, &e));
+        CHECK(!eof && strcmp(s, "two") == 0 && l.line == 2);
+        CHECK_OK(kmed_lines_next(&l, &s, &len, &eof, &e));
+        CHECK(eof);
+        kmed_lines_close(&l);
+    }
+    remove(path);
+}
+
 int main(void)
 {
     test_json_valid();
@@ -536,5 +615,6 @@ int main(void)
     test_lines();
     test_jsonl();
     test_csv();
+    test_limits();
     return kmed_test_done();
 }
