@@ -24,7 +24,10 @@ static const char *usage =
     "is its own.\n"
     "\n"
     "  --model PATH     load this model (HF dir or .gguf), converted to each --types entry\n"
-    "                   (default: the random bench model built in memory)\n"
+    "                   on load; peak RSS then shows the streaming converter (default: the\n"
+    "                   random bench model built in memory)\n"
+    "  --write-model DIR  first write the bench model (random, BF16 safetensors) to DIR\n"
+    "                   and benchmark loading it (implies --model DIR) (default: none)\n"
     "  --types LIST     weight dtypes (default: f32,bf16,q8_0,q4_0)\n"
     "  --threads LIST   thread counts (default: 1,2)\n"
     "  --prefill N      prompt tokens (default: 512)\n"
@@ -342,6 +345,7 @@ int main(int argc, char **argv)
     static const kmed_dtype tvals[4] = { KMED_F32, KMED_BF16, KMED_Q8_0, KMED_Q4_0 };
     bench_args a;
     int types[8], n_types, i, roof = 1;
+    const char *write_dir = NULL;
     memset(&a, 0, sizeof a);
     a.prefill = 512;
     a.decode = 64;
@@ -355,6 +359,7 @@ int main(int argc, char **argv)
         const char *s = argv[i];
         if (!strcmp(s, "--help")) { fputs(usage, stdout); return 0; }
         else if (!strcmp(s, "--model")) a.model = arg_str(argc, argv, &i, usage);
+        else if (!strcmp(s, "--write-model")) write_dir = arg_str(argc, argv, &i, usage);
         else if (!strcmp(s, "--types")) {
             n_types = parse_list(arg_str(argc, argv, &i, usage), tnames, 4, types, 8);
             if (n_types <= 0) usage_error(usage, "--types: expected f32,bf16,q8_0,q4_0");
@@ -372,6 +377,20 @@ int main(int argc, char **argv)
         } else if (!strcmp(s, "--fast")) a.fast = 1;
         else if (!strcmp(s, "--no-roofline")) roof = 0;
         else usage_error(usage, "unknown flag '%s'", s);
+    }
+    if (write_dir) {
+        kmed_gemma_config c;
+        kmed_hf_save_opts so;
+        kmed_error err = {0};
+        double t0 = kmed_time_now();
+        bench_config(&c);
+        memset(&so, 0, sizeof so);
+        so.dtype = KMED_BF16;
+        die_if(kmed_gemma_init_random(&c, 1234, write_dir, &so, &err), &err,
+               "writing the bench model");
+        printf("wrote the bench model (BF16) to %s in %.1f s\n", write_dir,
+               kmed_time_now() - t0);
+        a.model = write_dir;
     }
     for (i = 0; i < a.n_threads && roof; i++) {
         roofline(a.threads[i], &a.gflops[i], &a.gbs[i]);

@@ -401,7 +401,7 @@ static kmed_result kmed__gemma_set_weight(kmed_gemma *m, kmed_weight *w,
                                           int may_release, const char *file, kmed_error *err)
 {
     kmed__gemma_impl *im = (kmed__gemma_impl *)m->impl_;
-    size_t rows, cols, src_row, dst_row, i;
+    size_t rows, cols, src_row, dst_row, i, done = 0;
     unsigned char *buf;
     float *tmp;
     if (t->ndim != 2)
@@ -439,8 +439,14 @@ static kmed_result kmed__gemma_set_weight(kmed_gemma *m, kmed_weight *w,
         return KMED__ERR(err, KMED_ERR_NOMEM, "gemma: out of memory converting %s", t->name);
     }
     for (i = 0; i < rows; i++) {
-        kmed_dequantize_row(t->dtype, (const unsigned char *)t->data + i * src_row, tmp, cols);
+        const unsigned char *src = (const unsigned char *)t->data;
+        kmed_dequantize_row(t->dtype, src + i * src_row, tmp, cols);
         kmed_quantize_row(target, tmp, buf + i * dst_row, cols);
+        /* release the consumed source every ~8 MB: a large embedding stays off the peak */
+        if (may_release && (i + 1) * src_row - done >= ((size_t)8 << 20)) {
+            kmed__gemma_release(src + done, (i + 1) * src_row - done);
+            done = (i + 1) * src_row;
+        }
     }
     KMED_FREE(tmp);
     if (may_release) kmed__gemma_release(t->data, t->nbytes);
