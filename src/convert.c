@@ -12,11 +12,13 @@ typedef struct kmed__cv_entry {
     const float *norm;       /* (cols) norm w, or NULL */
     size_t rows, cols;       /* a norm has rows 1 */
     int is_embed, is_norm;
+    int layer, target;       /* linear layer weights: layer and KMED_LORA_* target, else -1 */
     size_t index;            /* position in model order (seeds random init) */
 } kmed__cv_entry;
 
 /* Source of f32 rows: the model, or the random initialiser. */
-typedef void (*kmed__cv_fill_fn)(void *ctx, const kmed__cv_entry *e, size_t row, float *out);
+typedef kmed_result (*kmed__cv_fill_fn)(void *ctx, const kmed__cv_entry *e, size_t row,
+                                        float *out);
 
 /* Names in kmed_gemma_layer order (q k v o gate up down, norms attn post_attn pre_ffn
    post_ffn). */
@@ -48,6 +50,7 @@ static kmed__cv_entry *kmed__cv_entries(const kmed_gemma_config *c, const kmed_g
     e[i].rows = (size_t)c->vocab_size;
     e[i].cols = C;
     e[i].is_embed = 1;
+    e[i].layer = e[i].target = -1;
     i++;
     for (l = 0; l < L; l++) {
         const kmed_gemma_layer *ly = m ? &m->layers[l] : NULL;
@@ -70,6 +73,8 @@ static kmed__cv_entry *kmed__cv_entries(const kmed_gemma_config *c, const kmed_g
             snprintf(e[i].hf, sizeof e[i].hf, "model.layers.%zu.%s.weight", l,
                      kmed__cv_hf_layer[t]);
             snprintf(e[i].gg, sizeof e[i].gg, "blk.%zu.%s.weight", l, kmed__cv_gg_layer[t]);
+            e[i].layer = t < 7 ? (int)l : -1;
+            e[i].target = t < 7 ? t : -1; /* ws[] is in KMED_LORA_Q..KMED_LORA_DOWN order */
             if (t < 7) {
                 e[i].w = ws[t];
                 e[i].rows = rows[t];
@@ -86,6 +91,7 @@ static kmed__cv_entry *kmed__cv_entries(const kmed_gemma_config *c, const kmed_g
     snprintf(e[i].gg, sizeof e[i].gg, "output_norm.weight");
     e[i].norm = m ? m->final_norm : NULL;
     e[i].is_norm = 1;
+    e[i].layer = e[i].target = -1;
     e[i].rows = 1;
     e[i].cols = C;
     i++;
@@ -94,10 +100,48 @@ static kmed__cv_entry *kmed__cv_entries(const kmed_gemma_config *c, const kmed_g
     return e;
 }
 
-/* Row of a model tensor as f32 (dequantized). */
-static void kmed__cv_fill_model(void *ctx, const kmed__cv_entry *e, size_t row, float *out)
+/* Model source, optionally with a LoRA adapter merged on the fly: an adapted tensor is
+   computed whole (W + scale B A, f32) on its first row, then served row by row. */
+typedef struct kmed__cv_model_src {
+    const kmed_gemma *m;
+    const kmed_lora *lora;
+    float *merged;           /* (rows, cols) of the tensor being merged, or NULL */
+    size_t cur;              /* its entry index */
+    kmed_result r;           /* first merge failure */
+    kmed_error *err;
+} kmed__cv_model_src;
+
+static int kmed__cv_adapted(const kmed_lora *lora, const kmed__cv_entry *e)
 {
-    (void)ctx;
+    return lora && e->layer >= 0 && e->layer < lora->n_layers &&
+           (lora->targets & (1u << e->target)) && lora->ab[e->layer][e->target].A;
+}
+
+/* Row of a model tensor as f32 (dequantized, or merged with the adapter). */
+static kmed_result kmed__cv_fill_model(void *ctx, const kmed__cv_entry *e, size_t row,
+                                       float *out)
+{
+    kmed__cv_model_src *src = (kmed__cv_model_src *)ctx;
+    if (src && kmed__cv_adapted(src->lora, e)) {
+#ifdef KMED_NO_TRAIN
+        return KMED__ERR(src->err, KMED_ERR_UNSUPPORTED, "merge: built with KMED_NO_TRAIN");
+#else
+        if (row == 0 || src->cur != e->index || !src->merged) {
+            kmed_result r;
+            KMED_FREE(src->merged);
+            src->merged = (float *)kmed__calloc(e->rows * e->cols, sizeof(float));
+            src->cur = e->index;
+            if (!src->merged)
+                return KMED__ERR(src->err, KMED_ERR_NOMEM, "merge: out of memory for %s", e->hf);
+            r = kmed_lora_merged_weight(src->m, src->lora, e->layer, e->target, src->merged,
+                                        src->err);
+            if (r != KMED_OK) return r;
+        }
+        memcpy(out, src->merged + row * e->cols, e->cols * sizeof *out);
+        if (row + 1 == e->rows) { KMED_FREE(src->merged); src->merged = NULL; }
+        return KMED_OK;
+#endif
+    }
     if (e->is_norm) {
         memcpy(out, e->norm, e->cols * sizeof *out);
     } else {
@@ -105,6 +149,7 @@ static void kmed__cv_fill_model(void *ctx, const kmed__cv_entry *e, size_t row, 
         kmed_dequantize_row(e->w->type, (const unsigned char *)e->w->data + row * rb, out,
                             e->cols);
     }
+    return KMED_OK;
 }
 
 /* Random init: each tensor has its own stream (seeded from seed and its model index), drawn
@@ -116,7 +161,8 @@ typedef struct kmed__cv_rand {
     kmed_rng rng;
 } kmed__cv_rand;
 
-static void kmed__cv_fill_rand(void *ctx, const kmed__cv_entry *e, size_t row, float *out)
+static kmed_result kmed__cv_fill_rand(void *ctx, const kmed__cv_entry *e, size_t row,
+                                      float *out)
 {
     kmed__cv_rand *r = (kmed__cv_rand *)ctx;
     size_t j;
@@ -126,12 +172,13 @@ static void kmed__cv_fill_rand(void *ctx, const kmed__cv_entry *e, size_t row, f
     }
     if (e->is_norm) {
         memset(out, 0, e->cols * sizeof *out); /* Gemma2RMSNorm starts at w = 0 */
-        return;
+        return KMED_OK;
     }
     /* initializer_range 0.02; the row is drawn even for the pad row so later rows do not
        depend on pad_id. */
     for (j = 0; j < e->cols; j++) out[j] = (float)(0.02 * kmed_rng_normal(&r->rng));
     if (e->is_embed && (int)row == r->pad_id) memset(out, 0, e->cols * sizeof *out);
+    return KMED_OK;
 }
 
 /* ---- config.json ---- */
@@ -195,14 +242,16 @@ static int kmed__cv_cmp_hf(const void *a, const void *b)
 }
 
 /* Converts one tensor into buf (rows x row_bytes of dtype) from f32 rows. */
-static void kmed__cv_convert(const kmed__cv_entry *e, kmed__cv_fill_fn fill, void *ctx,
-                             kmed_dtype dtype, unsigned char *buf, float *row)
+static kmed_result kmed__cv_convert(const kmed__cv_entry *e, kmed__cv_fill_fn fill, void *ctx,
+                                    kmed_dtype dtype, unsigned char *buf, float *row)
 {
     size_t r, rb = kmed_dtype_bytes(dtype, e->cols);
+    kmed_result res;
     for (r = 0; r < e->rows; r++) {
-        fill(ctx, e, r, row);
+        if ((res = fill(ctx, e, r, row)) != KMED_OK) return res;
         kmed_quantize_row(dtype, row, buf + r * rb, e->cols);
     }
+    return KMED_OK;
 }
 
 static kmed_result kmed__cv_write_shard(const char *path, kmed__cv_entry **list, size_t n,
@@ -233,8 +282,8 @@ static kmed_result kmed__cv_write_shard(const char *path, kmed__cv_entry **list,
                           list[i]->hf, ti[i].nbytes);
             break;
         }
-        kmed__cv_convert(list[i], fill, ctx, dtype, buf, row);
-        r = kmed_st_writer_put(&w, buf, ti[i].nbytes, err);
+        r = kmed__cv_convert(list[i], fill, ctx, dtype, buf, row);
+        if (r == KMED_OK) r = kmed_st_writer_put(&w, buf, ti[i].nbytes, err);
         KMED_FREE(buf);
         kmed_progress(cb, "save", (double)++*done, (double)total, "tensors");
     }
@@ -357,11 +406,21 @@ KMED_API kmed_result kmed_gemma_save_hf(const kmed_gemma *m, const char *dir,
     size_t n;
     kmed_result r;
     kmed__cv_entry *e;
+    kmed__cv_model_src src;
     if (!m || !m->layers || !dir) return KMED__ERR(err, KMED_ERR_ARG, "save: no model or dir");
+    memset(&src, 0, sizeof src);
+    src.m = m;
+    src.lora = opts ? opts->lora : NULL;
+    src.err = err;
     e = kmed__cv_entries(&m->cfg, m, &n);
     if (!e) return KMED__ERR(err, KMED_ERR_NOMEM, "save: out of memory");
     r = kmed__cv_check_model(e, n, err);
-    if (r == KMED_OK) r = kmed__cv_save_hf(&m->cfg, e, n, dir, opts, kmed__cv_fill_model, NULL, err);
+    if (r == KMED_OK && src.lora && src.lora->n_layers != m->cfg.n_layers)
+        r = KMED__ERR(err, KMED_ERR_SHAPE, "save: adapter has %d layers, the model %d",
+                      src.lora->n_layers, m->cfg.n_layers);
+    if (r == KMED_OK)
+        r = kmed__cv_save_hf(&m->cfg, e, n, dir, opts, kmed__cv_fill_model, &src, err);
+    KMED_FREE(src.merged);
     KMED_FREE(e);
     return r;
 }
@@ -574,9 +633,17 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
     float *row = NULL;
     float qs_llama;
     int opened = 0;
+    kmed__cv_model_src src;
 
     if (!opts) { memset(&def, 0, sizeof def); opts = &def; }
     if (!m || !m->layers || !path) return KMED__ERR(err, KMED_ERR_ARG, "gguf: no model or path");
+    memset(&src, 0, sizeof src);
+    src.m = m;
+    src.lora = opts->lora;
+    src.err = err;
+    if (src.lora && src.lora->n_layers != m->cfg.n_layers)
+        return KMED__ERR(err, KMED_ERR_SHAPE, "gguf: adapter has %d layers, the model %d",
+                         src.lora->n_layers, m->cfg.n_layers);
     c = &m->cfg;
     L = (size_t)c->n_layers;
     if (kmed__cv_ftype(opts->type) < 0 || !kmed_dtype_computable(opts->type))
@@ -663,7 +730,8 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
         unsigned char *buf;
         if (x->is_embed && opts->mixed && opts->type == KMED_Q4_0) t = KMED_Q8_0;
         nbytes = x->rows * kmed_dtype_bytes(t, x->cols);
-        if (x->w && x->w->type == t) { /* already in the target type: the bytes as they are */
+        if (x->w && x->w->type == t && !kmed__cv_adapted(src.lora, x)) {
+            /* already in the target type: the bytes as they are */
             r = kmed_gguf_writer_put(&w, x->w->data, nbytes, err);
         } else {
             buf = (unsigned char *)KMED_MALLOC(nbytes ? nbytes : 1);
@@ -677,9 +745,9 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
                 for (j = 0; j < x->cols; j++) row[j] = 1.0f + x->norm[j];
                 memcpy(buf, row, nbytes);
             } else {
-                kmed__cv_convert(x, kmed__cv_fill_model, NULL, t, buf, row);
+                r = kmed__cv_convert(x, kmed__cv_fill_model, &src, t, buf, row);
             }
-            r = kmed_gguf_writer_put(&w, buf, nbytes, err);
+            if (r == KMED_OK) r = kmed_gguf_writer_put(&w, buf, nbytes, err);
             KMED_FREE(buf);
         }
         kmed_progress(&opts->cb, "save", (double)(i + 1), (double)n, "tensors");
@@ -688,6 +756,7 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
     opened = r != KMED_OK;
 done:
     if (opened) kmed_gguf_writer_abort(&w);
+    KMED_FREE(src.merged);
     KMED_FREE(e);
     KMED_FREE(order);
     KMED_FREE(row);

@@ -10,6 +10,8 @@ typedef struct kmed_hf_save_opts {
                                 model-0000i-of-0000N.safetensors of at most this many bytes
                                 (a larger tensor gets a shard of its own) plus
                                 model.safetensors.index.json */
+    const kmed_lora *lora;   /* optional: written merged, W + scale B A, tensor by tensor
+                                (peak: one f32 tensor); needs the train module */
     kmed_callbacks cb;       /* progress ("save", tensors) */
 } kmed_hf_save_opts;
 
@@ -35,6 +37,7 @@ typedef struct kmed_gguf_save_opts {
     const char *tokenizer_json; /* tokenizer.json (or a directory holding it) for the merge
                                    ranks and added-token kinds behind tokenizer.ggml.scores
                                    and token_type; NULL: scores 0, kinds from tok alone */
+    const kmed_lora *lora;   /* optional: merged while writing, as in kmed_hf_save_opts */
     kmed_callbacks cb;       /* progress ("save", tensors) and warnings */
 } kmed_gguf_save_opts;
 

@@ -213,6 +213,53 @@ static void test_fixture(const char *fx)
     CHECK(have_tok && same_file(TMP "/q4_0b.gguf", ref));
     kmed_gemma_free(&g);
 
+    /* Merging an adapter while writing equals merging in place, then writing. */
+    {
+        kmed_gemma mf;
+        kmed_gemma_opts lo;
+        kmed_lora lora;
+        char ad[1200];
+        memset(&lo, 0, sizeof lo);
+        lo.convert = 1;
+        lo.type = KMED_F32;
+        snprintf(ad, sizeof ad, "%s/golden/lora_init", hf);
+        CHECK_OK(kmed_gemma_load(&mf, hf, &lo, &e));
+        CHECK_OK(kmed_lora_load(&lora, &mf, ad, &e));
+        memset(&ho, 0, sizeof ho);
+        ho.lora = &lora;
+        CHECK_OK(kmed_gemma_save_hf(&mf, TMP "/merged_stream", &ho, &e));
+        memset(&go, 0, sizeof go);
+        go.lora = &lora;
+        CHECK_OK(kmed_gemma_save_gguf(&mf, NULL, TMP "/merged_stream.gguf", &go, &e));
+        CHECK_OK(kmed_lora_merge(&mf, &lora, &e));
+        ho.lora = NULL;
+        go.lora = NULL;
+        CHECK_OK(kmed_gemma_save_hf(&mf, TMP "/merged_inplace", &ho, &e));
+        CHECK_OK(kmed_gemma_save_gguf(&mf, NULL, TMP "/merged_inplace.gguf", &go, &e));
+        same_st(TMP "/merged_inplace", TMP "/merged_stream", "streamed merge");
+        CHECK(same_file(TMP "/merged_inplace.gguf", TMP "/merged_stream.gguf"));
+        /* and the merge changed the adapted weights only */
+        {
+            kmed_st a, b;
+            const kmed_tensor_info *x, *y;
+            CHECK_OK(kmed_st_open(&a, TMP "/hf_f32", &e));
+            CHECK_OK(kmed_st_open(&b, TMP "/merged_inplace", &e));
+            x = kmed_st_find(&a, "model.layers.0.self_attn.q_proj.weight");
+            y = kmed_st_find(&b, "model.layers.0.self_attn.q_proj.weight");
+            CHECK(x && y && x->nbytes == y->nbytes && memcmp(x->data, y->data, x->nbytes));
+            x = kmed_st_find(&a, "model.embed_tokens.weight");
+            y = kmed_st_find(&b, "model.embed_tokens.weight");
+            CHECK(x && y && x->nbytes == y->nbytes && !memcmp(x->data, y->data, x->nbytes));
+            kmed_st_close(&a);
+            kmed_st_close(&b);
+        }
+        kmed_lora_free(&lora);
+        kmed_gemma_free(&mf);
+        go.type = KMED_Q4_0;
+        go.mixed = 1;
+        go.tokenizer_json = tj;
+    }
+
     /* A query scale llama.cpp cannot express is refused, not silently changed. */
     m.cfg.query_pre_attn_scalar = 20.0f;
     CHECK(kmed_gemma_save_gguf(&m, NULL, TMP "/bad.gguf", &go, &e) == KMED_ERR_UNSUPPORTED);
