@@ -614,6 +614,11 @@ done:
     return r;
 }
 
+static int kmed__cv_skip_non_tok(const char *key)
+{
+    return strncmp(key, "tokenizer.", 10) != 0;
+}
+
 static int kmed__cv_cmp_gg(const void *a, const void *b)
 {
     return strcmp((*(const kmed__cv_entry *const *)a)->gg,
@@ -711,6 +716,7 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
     kmed_gguf_add_f32(&w, "gemma2.rope.freq_base", c->rope_theta);
     if (tok && (r = kmed__cv_gguf_tokenizer(&w, tok, (size_t)c->vocab_size, opts, err)) != KMED_OK)
         goto done;
+    if (!tok && opts->tok_from) kmed_gguf_add_all(&w, opts->tok_from, kmed__cv_skip_non_tok);
     kmed_gguf_add_u32(&w, "general.quantization_version", 2);
     kmed_gguf_add_u32(&w, "general.file_type", (uint32_t)kmed__cv_ftype(opts->type));
 

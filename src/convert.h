@@ -37,6 +37,8 @@ typedef struct kmed_gguf_save_opts {
     const char *tokenizer_json; /* tokenizer.json (or a directory holding it) for the merge
                                    ranks and added-token kinds behind tokenizer.ggml.scores
                                    and token_type; NULL: scores 0, kinds from tok alone */
+    const kmed_gguf *tok_from; /* with tok NULL: copy the tokenizer.* keys of this GGUF
+                                  (re-quantizing a GGUF keeps its vocabulary) */
     const kmed_lora *lora;   /* optional: merged while writing, as in kmed_hf_save_opts */
     kmed_callbacks cb;       /* progress ("save", tensors) and warnings */
 } kmed_gguf_save_opts;

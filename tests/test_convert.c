@@ -211,6 +211,16 @@ static void test_fixture(const char *fx)
     go.mixed = 1;
     CHECK_OK(kmed_gemma_save_gguf(&g, have_tok ? &tok : NULL, TMP "/q4_0b.gguf", &go, &e));
     CHECK(have_tok && same_file(TMP "/q4_0b.gguf", ref));
+    /* ... also without a tokenizer, taking the tokenizer keys from the source GGUF */
+    {
+        kmed_gguf src;
+        CHECK_OK(kmed_gguf_open(&src, ref, &e));
+        go.tok_from = &src;
+        CHECK_OK(kmed_gemma_save_gguf(&g, NULL, TMP "/q4_0c.gguf", &go, &e));
+        CHECK(same_file(TMP "/q4_0c.gguf", ref));
+        go.tok_from = NULL;
+        kmed_gguf_close(&src);
+    }
     kmed_gemma_free(&g);
 
     /* Merging an adapter while writing equals merging in place, then writing. */
