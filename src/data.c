@@ -622,7 +622,10 @@ static void kmed__data_html(kmed_buf *out, const char *s, size_t n, int strip)
             if (e < n && (*end || s[e] == '>')) {
                 size_t close = e + (*end ? 3 : 1);
                 kmed_buf_put(out, s + run, i - run);
-                if (kmed__data_block_tag(s, n, j + slash)) kmed_buf_put(out, "\n", 1);
+                /* block tags break lines; adjacent ones ("</p><br>") give one break */
+                if (kmed__data_block_tag(s, n, j + slash) &&
+                    !(out->len && out->data[out->len - 1] == '\n'))
+                    kmed_buf_put(out, "\n", 1);
                 /* script and style bodies are not text */
                 if (!slash && (kmed__data_block_tag(s, n, j) == 0) &&
                     ((n - j >= 6 && strncmp(s + j, "script", 6) == 0) ||
@@ -1824,7 +1827,7 @@ KMED_API void kmed_data_decontam_free(kmed_data_decontam *d)
 }
 
 /* Calls fn for the hash of every word n-gram (words: runs of letters and digits) and
-   every character n-gram over letters and digits. Stops early when fn returns non-zero
+   every character n-gram over the Hangul and Han characters. Stops early when fn returns non-zero
    and passes that value on; -1 on allocation failure. */
 typedef int (*kmed__data_gram_fn)(kmed_data_decontam *d, uint64_t h, size_t item);
 static int kmed__data_grams(kmed_data_decontam *d, const char *s, size_t n, size_t item,
@@ -1845,11 +1848,13 @@ static int kmed__data_grams(kmed_data_decontam *d, const char *s, size_t n, size
     }
     for (i = 0; nw >= (size_t)d->cfg.word_n && i + (size_t)d->cfg.word_n <= nw && !rc; i++)
         rc = fn(d, kmed_data_hash64(words + i, (size_t)d->cfg.word_n * 8, 0x3001) | 1, item);
-    /* character n-grams over letters and digits only */
+    /* character n-grams over Hangul and Han characters only: Korean writes long words
+       with few spaces, so words are a poor unit; Latin text is covered by word n-grams */
     if (!rc) {
         size_t k = 0;
         for (i = 0; i < m; i++)
-            if (kmed__data_is_letter(cps[i]) || (cps[i] >= '0' && cps[i] <= '9'))
+            if (kmed__data_is_hangul(cps[i]) || (cps[i] >= 0x4E00 && cps[i] <= 0x9FFF) ||
+                (cps[i] >= 0x3400 && cps[i] <= 0x4DBF))
                 cps[k++] = cps[i];
         for (i = 0; k >= (size_t)d->cfg.char_n && i + (size_t)d->cfg.char_n <= k && !rc; i++)
             rc = fn(d, kmed_data_hash64(cps + i, (size_t)d->cfg.char_n * 4, 0xC4A2) & ~(uint64_t)1,
@@ -2156,10 +2161,12 @@ KMED_API void kmed_data_safety_free(kmed_data_safety *s)
     memset(s, 0, sizeof *s);
 }
 
-KMED_API const char *kmed_data_disclaimer(void)
+KMED_API const char *kmed_data_disclaimer(int korean)
 {
-    return "※ 이 답변은 일반적인 의학 정보이며 진단이나 치료를 대신하지 않습니다. "
-           "증상이 있거나 치료가 필요하면 의사 등 의료 전문가와 상담하세요.";
+    return korean ? "※ 이 답변은 일반적인 의학 정보이며 진단이나 치료를 대신하지 않습니다. "
+                    "증상이 있거나 치료가 필요하면 의사 등 의료 전문가와 상담하세요."
+                  : "Note: this is general medical information, not a diagnosis or treatment. "
+                    "Please see a doctor or other health professional about your symptoms.";
 }
 
 /* ---- formatting ---- */
@@ -2961,12 +2968,14 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
         if (sft && fmt == KMED_DATA_FMT_CPT) continue;
         if (!sft && fmt == KMED_DATA_FMT_SFT) continue;
         R->line.len = 0;
-        r = sft ? kmed_data_format_sft(rec, cfg->disclaimer ? (cfg->disclaimer_text[0]
-                                                                   ? cfg->disclaimer_text
-                                                                   : kmed_data_disclaimer())
-                                                            : NULL,
-                                       &R->line, err)
-                : kmed_data_format_cpt(rec, &R->line, err);
+        if (sft) {
+            const char *disc = NULL;
+            if (cfg->disclaimer && cfg->disclaimer_text[0]) disc = cfg->disclaimer_text;
+            else if (cfg->disclaimer) disc = kmed_data_disclaimer(kmed__data_is_korean(R->question.data));
+            r = kmed_data_format_sft(rec, disc, &R->line, err);
+        } else {
+            r = kmed_data_format_cpt(rec, &R->line, err);
+        }
         if (r) return r;
         n = val ? 1 : copies; /* the validation set is not up-weighted */
         for (k = 0; k < n; k++)
@@ -3046,6 +3055,10 @@ static kmed_result kmed__data_write(kmed__data_run *R, kmed_error *err)
         if ((r = kmed_path_join(path, sizeof path, cfg->out_dir, name, err))) goto done;
         if ((r = kmed_afile_open(&f[k], path, err))) goto done;
         opened++;
+    }
+    for (k = 0; k < 4 && !pack; k++) { /* packed files of an earlier run would not match */
+        snprintf(name, sizeof name, "%s_packed.jsonl", kmed__data_out_names[k]);
+        if (kmed_path_join(path, sizeof path, cfg->out_dir, name, NULL) == KMED_OK) remove(path);
     }
     if (pack) {
         for (k = 0; k < 4; k++) {

@@ -204,8 +204,9 @@ KMED_API kmed_result kmed_data_dedup_check(kmed_data_dedup *d, const char *s, si
 
 typedef struct kmed_data_decontam_config {
     int word_n;        /* shared word n-gram length (0 = 13) */
-    int char_n;        /* shared character n-gram over letters and digits only, for Korean
-                          where words are long and spaces few (0 = 50, about 13 words) */
+    int char_n;        /* shared character n-gram over the Hangul and Han characters only
+                          (spaces, punctuation, digits and Latin skipped), for Korean where
+                          words are long and spaces few (0 = 50, about 13 words) */
     double threshold;  /* near-duplicate question: estimated Jaccard (0 = 0.8) */
 } kmed_data_decontam_config;
 
@@ -253,8 +254,9 @@ KMED_API kmed_result kmed_data_safety_add(kmed_data_safety *s, const char *categ
 KMED_API int kmed_data_safety_check(const kmed_data_safety *s, const char *text, size_t n,
                                     const char **category, const char **phrase);
 KMED_API void kmed_data_safety_free(kmed_data_safety *s);
-/* The standard Korean disclaimer appended to medical answers when configured. */
-KMED_API const char *kmed_data_disclaimer(void);
+/* The standard disclaimer appended to medical answers when configured (Korean, or English
+   for answers to a question that is not mostly Hangul). */
+KMED_API const char *kmed_data_disclaimer(int korean);
 
 /* ---- formatting ---- */
 
@@ -351,7 +353,7 @@ typedef struct kmed_data_config {
     int safety_action;       /* 0 drop, 1 flag (keep, counted), 2 off */
     int safety_no_defaults;  /* 1: only the phrases in safety_extra */
     kmed_data_safety *safety_extra;  /* borrowed; extra phrases (NULL = none) */
-    int disclaimer;          /* 1: append disclaimer_text (or the standard one) */
+    int disclaimer;          /* 1: append disclaimer_text (or kmed_data_disclaimer) */
     char disclaimer_text[512];
     uint64_t seed;           /* shuffle and weight sampling */
     double val_fraction;     /* 0 = 0.05; negative = no validation set */
