@@ -1,5 +1,6 @@
 /* kmed-inspect: lists the metadata and tensors of a safetensors file, a Hugging Face model
-   directory (sharded or not), a GGUF file, or a PEFT adapter directory.
+   directory (sharded or not), a GGUF file, or a PEFT adapter directory; summarises .npy,
+   JSON and JSONL files, so every file of a model or fixture directory can be looked at.
 
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. tools/kmed-inspect.c -o build/kmed-inspect \
       -lm -lpthread
@@ -13,7 +14,8 @@ static const char usage[] =
     "\n"
     "PATH is a .safetensors file, a model directory (model.safetensors.index.json and its\n"
     "shards, or one *.safetensors), a .gguf file, or a PEFT adapter directory\n"
-    "(adapter_config.json + adapter_model.safetensors).\n"
+    "(adapter_config.json + adapter_model.safetensors). NumPy .npy files, JSON and JSONL\n"
+    "files get a short summary; any other file its size and line count.\n"
     "\n"
     "options:\n"
     "  --json          print one JSON object instead of tables (default: off)\n"
@@ -362,15 +364,218 @@ static void inspect_st(kmed_buf *b, const char *path, const opts *o)
     kmed_st_close(&st);
 }
 
-static int is_gguf(const char *path)
+/* First bytes of a file (0 when it cannot be read). */
+static size_t file_head(const char *path, unsigned char *m, size_t cap)
 {
-    unsigned char m[4];
     FILE *f = fopen(path, "rb");
-    int yes = 0;
+    size_t n;
     if (!f) return 0;
-    yes = fread(m, 1, 4, f) == 4 && memcmp(m, "GGUF", 4) == 0;
+    n = fread(m, 1, cap, f);
     fclose(f);
-    return yes;
+    return n;
+}
+
+static int has_suffix(const char *s, const char *suf)
+{
+    size_t n = strlen(s), m = strlen(suf);
+    return n >= m && strcmp(s + n - m, suf) == 0;
+}
+
+/* Value of 'key': ... in a NumPy header dict (text up to the next ',' or '}' at depth 0). */
+static const char *npy_field(const char *h, const char *key)
+{
+    const char *p = strstr(h, key);
+    if (!p) return NULL;
+    p = strchr(p + strlen(key), ':');
+    return p ? p + 1 : NULL;
+}
+
+/* NumPy .npy (format 1.0-3.0): dtype, shape, and the first values. */
+static void inspect_npy(kmed_buf *b, const char *path, const opts *o)
+{
+    kmed_map m;
+    kmed_error err = {0};
+    size_t hl, off, nd = 0, i, esize, numel = 1, show;
+    unsigned long long shape[16];
+    char descr[16] = {0}, *h;
+    const char *p;
+    int fortran;
+    die_if(kmed_map_open(&m, path, &err), &err, "cannot read npy");
+    if (m.size < 10 || memcmp(m.data, "\x93NUMPY", 6) != 0) die("%s: not a .npy file", path);
+    hl = m.data[6] == 1 ? (size_t)m.data[8] | (size_t)m.data[9] << 8
+       : m.size >= 12 ? (size_t)m.data[8] | (size_t)m.data[9] << 8 |
+                        (size_t)m.data[10] << 16 | (size_t)m.data[11] << 24 : (size_t)-1;
+    off = (m.data[6] == 1 ? 10 : 12) + hl;
+    if (hl == (size_t)-1 || off > m.size) die("%s: truncated .npy header", path);
+    h = (char *)malloc(hl + 1);
+    if (!h) die("out of memory");
+    memcpy(h, m.data + off - hl, hl);
+    h[hl] = 0;
+    p = npy_field(h, "'descr'");
+    if (!p || sscanf(p, " '%15[^']'", descr) != 1) die("%s: no descr in the .npy header", path);
+    p = npy_field(h, "'fortran_order'");
+    fortran = p && strncmp(p + strspn(p, " "), "True", 4) == 0;
+    p = npy_field(h, "'shape'");
+    if (!p || !(p = strchr(p, '('))) die("%s: no shape in the .npy header", path);
+    for (p++; *p && *p != ')' && nd < 16;) {
+        char *end;
+        unsigned long long v = strtoull(p, &end, 10);
+        if (end == p) { p++; continue; }
+        shape[nd++] = v;
+        numel *= (size_t)v;
+        p = end;
+    }
+    esize = (size_t)atoi(descr + 2);
+    if (esize == 0) esize = 1;
+    if (numel * esize != m.size - off)
+        die("%s: %zu elements of %zu bytes do not match the %zu data bytes", path, numel, esize,
+            m.size - off);
+    show = numel < (size_t)o->values ? numel : (size_t)o->values;
+    if (o->json) {
+        kmed_buf_puts(b, "{\n  \"path\": ");
+        put_str(b, path, strlen(path));
+        kmed_buf_printf(b, ",\n  \"format\": \"npy\",\n  \"descr\": \"%s\",\n  \"fortran_order\": %s,"
+                        "\n  \"shape\": [", descr, fortran ? "true" : "false");
+        for (i = 0; i < nd; i++) kmed_buf_printf(b, "%s%llu", i ? ", " : "", shape[i]);
+        kmed_buf_printf(b, "],\n  \"bytes\": %zu,\n  \"head\": [", m.size - off);
+    } else {
+        kmed_buf_printf(b, "%s: NumPy array, dtype %s%s, shape (", path, descr,
+                        fortran ? " (Fortran order)" : "");
+        for (i = 0; i < nd; i++) kmed_buf_printf(b, "%s%llu", i ? ", " : "", shape[i]);
+        kmed_buf_printf(b, "), %zu bytes at offset %zu\n  first values: [", m.size - off, off);
+    }
+    for (i = 0; i < show; i++) {
+        const unsigned char *q = m.data + off + i * esize;
+        int le = descr[0] == '<' || descr[0] == '|';
+        if (i) kmed_buf_puts(b, ", ");
+        if (!le) { kmed_buf_puts(b, "null"); continue; }
+        if (strcmp(descr + 1, "f4") == 0) { float f; memcpy(&f, q, 4); kmed_buf_json_f32(b, f); }
+        else if (strcmp(descr + 1, "f8") == 0) { double d; memcpy(&d, q, 8);
+                                                 kmed_buf_printf(b, "%.17g", d); }
+        else if (strcmp(descr + 1, "i4") == 0) { int32_t v; memcpy(&v, q, 4);
+                                                 kmed_buf_printf(b, "%ld", (long)v); }
+        else if (strcmp(descr + 1, "i8") == 0) { int64_t v; memcpy(&v, q, 8);
+                                                 kmed_buf_printf(b, "%lld", (long long)v); }
+        else kmed_buf_puts(b, "null");
+    }
+    kmed_buf_puts(b, o->json ? "]\n}\n" : (show < numel ? ", ...]\n" : "]\n"));
+    free(h);
+    kmed_map_close(&m);
+}
+
+static const char *json_type_name(kmed_json_type t)
+{
+    static const char *const n[] = {"null", "false", "true", "number", "string", "array",
+                                    "object"};
+    return n[t];
+}
+
+/* A JSON file: its top-level members with their types and sizes. */
+static void inspect_json(kmed_buf *b, const char *path, const opts *o)
+{
+    char *text = NULL;
+    size_t len = 0, i;
+    kmed_json_doc doc = {0};
+    kmed_error err = {0};
+    const kmed_json *r;
+    die_if(kmed_file_read(path, 0, &text, &len, &err), &err, "cannot read JSON");
+    die_if(kmed_json_parse(&doc, text, len, path, 1, &err), &err, "cannot parse JSON");
+    r = doc.root;
+    if (o->json) {
+        kmed_buf_puts(b, "{\n  \"path\": ");
+        put_str(b, path, strlen(path));
+        kmed_buf_printf(b, ",\n  \"format\": \"json\",\n  \"bytes\": %zu,\n  \"root\": \"%s\","
+                        "\n  \"members\": [", len, json_type_name(r->type));
+    } else {
+        kmed_buf_printf(b, "%s: JSON %s, %zu bytes", path, json_type_name(r->type), len);
+        kmed_buf_printf(b, r->type == KMED_JSON_OBJECT ? ", %zu members\n"
+                           : r->type == KMED_JSON_ARRAY ? ", %zu elements\n" : "\n", r->len);
+    }
+    for (i = 0; r->type == KMED_JSON_OBJECT && i < r->len; i++) {
+        const kmed_json *v = &r->kids[i];
+        if (o->json) {
+            kmed_buf_puts(b, i ? ", {\"key\": " : "{\"key\": ");
+            put_str(b, v->key, v->key_len);
+            kmed_buf_printf(b, ", \"type\": \"%s\"", json_type_name(v->type));
+            if (v->type >= KMED_JSON_STRING) kmed_buf_printf(b, ", \"len\": %zu", v->len);
+            if (v->type == KMED_JSON_NUMBER) {
+                kmed_buf_puts(b, ", \"value\": ");
+                kmed_buf_put(b, v->str, v->len);
+            }
+            kmed_buf_puts(b, "}");
+            continue;
+        }
+        kmed_buf_puts(b, "  ");
+        put_str(b, v->key, v->key_len);
+        kmed_buf_printf(b, "  %s", json_type_name(v->type));
+        if (v->type == KMED_JSON_NUMBER) { kmed_buf_puts(b, " "); kmed_buf_put(b, v->str, v->len); }
+        else if (v->type == KMED_JSON_STRING && v->len <= 60) {
+            kmed_buf_puts(b, " ");
+            put_str(b, v->str, v->len);
+        } else if (v->type >= KMED_JSON_STRING) kmed_buf_printf(b, " [%zu]", v->len);
+        kmed_buf_puts(b, "\n");
+    }
+    if (o->json) kmed_buf_puts(b, "]\n}\n");
+    kmed_json_free(&doc);
+    kmed_free(text);
+}
+
+/* A JSONL file: record count and the keys of the first record. */
+static void inspect_jsonl(kmed_buf *b, const char *path, const opts *o)
+{
+    kmed_jsonl r;
+    kmed_error err = {0};
+    const kmed_json *v;
+    size_t n = 0, bad = 0, i;
+    int eof = 0;
+    kmed_buf keys = {0};
+    die_if(kmed_jsonl_open(&r, path, &err), &err, "cannot open JSONL");
+    for (;;) {
+        kmed_result res = kmed_jsonl_next(&r, &v, &eof, &err);
+        if (res == KMED_ERR_FORMAT) { bad++; continue; }
+        die_if(res, &err, "cannot read JSONL");
+        if (eof) break;
+        if (n++ == 0 && v->type == KMED_JSON_OBJECT)
+            for (i = 0; i < v->len; i++) {
+                if (i) kmed_buf_puts(&keys, ", ");
+                put_str(&keys, v->kids[i].key, v->kids[i].key_len);
+            }
+    }
+    kmed_jsonl_close(&r);
+    if (o->json) {
+        kmed_buf_puts(b, "{\n  \"path\": ");
+        put_str(b, path, strlen(path));
+        kmed_buf_printf(b, ",\n  \"format\": \"jsonl\",\n  \"records\": %zu,\n  \"bad_lines\": %zu,"
+                        "\n  \"first_keys\": [%s]\n}\n", n, bad, keys.data ? keys.data : "");
+    } else {
+        kmed_buf_printf(b, "%s: JSONL, %zu records, %zu malformed lines\n  first record keys: "
+                        "%s\n", path, n, bad, keys.data ? keys.data : "(not an object)");
+    }
+    kmed_buf_free(&keys);
+}
+
+/* Anything else: size, and whether it is UTF-8 text. */
+static void inspect_other(kmed_buf *b, const char *path, const opts *o)
+{
+    kmed_map m;
+    kmed_error err = {0};
+    size_t i, lines = 0;
+    int text = 1;
+    die_if(kmed_map_open(&m, path, &err), &err, "cannot read");
+    for (i = 0; i < m.size; i++) {
+        if (m.data[i] == '\n') lines++;
+        else if (m.data[i] < 0x20 && m.data[i] != '\t' && m.data[i] != '\r') text = 0;
+    }
+    if (o->json) {
+        kmed_buf_puts(b, "{\n  \"path\": ");
+        put_str(b, path, strlen(path));
+        kmed_buf_printf(b, ",\n  \"format\": \"%s\",\n  \"bytes\": %zu,\n  \"lines\": %zu\n}\n",
+                        text ? "text" : "binary", m.size, lines);
+    } else {
+        kmed_buf_printf(b, "%s: %s, %zu bytes, %zu lines (no tensors: not a safetensors, GGUF "
+                        "or .npy file)\n", path, text ? "text" : "binary data", m.size, lines);
+    }
+    kmed_map_close(&m);
 }
 
 int main(int argc, char **argv)
@@ -400,8 +605,26 @@ int main(int argc, char **argv)
         }
     }
     if (!path) usage_error(usage, "no PATH given");
-    if (!kmed_is_dir(path) && is_gguf(path)) inspect_gguf(&out, path, &o);
-    else inspect_st(&out, path, &o);
+    if (kmed_is_dir(path)) {
+        inspect_st(&out, path, &o);
+    } else {
+        unsigned char m[8] = {0};
+        size_t n = file_head(path, m, sizeof m);
+        if (n >= 4 && memcmp(m, "GGUF", 4) == 0) inspect_gguf(&out, path, &o);
+        else if (n >= 6 && memcmp(m, "\x93NUMPY", 6) == 0) inspect_npy(&out, path, &o);
+        else if (has_suffix(path, ".jsonl")) inspect_jsonl(&out, path, &o);
+        else if (has_suffix(path, ".json")) inspect_json(&out, path, &o);
+        else if (has_suffix(path, ".safetensors")) inspect_st(&out, path, &o);
+        else if (n < 8) inspect_other(&out, path, &o);
+        else {
+            /* safetensors has no magic: a plausible 8-byte header length then '{' */
+            unsigned long long hl = 0;
+            int k;
+            for (k = 7; k >= 0; k--) hl = hl << 8 | m[k];
+            if (hl >= 2 && hl <= KMED_MAX_HEADER_BYTES) inspect_st(&out, path, &o);
+            else inspect_other(&out, path, &o);
+        }
+    }
     if (out.failed) die("output: out of memory");
     fwrite(out.data, 1, out.len, stdout);
     kmed_buf_free(&out);
