@@ -371,10 +371,12 @@ static void kmed__attention_forward(float *out, float *att,
 }
 
 /* Backward of kmed__attention_forward from the saved probabilities att (H, N, S) for
-   query heads [h0, h1): dq (N, H, D), dk, dv (S, Hkv, D) accumulate. The soft-capped
-   scores are recomputed from q and k (cheaper than saving them) for the cap's
-   derivative 1 - tanh^2. dk/dv rows are shared by the H/Hkv query heads of a group, so
-   parallel callers split [h0, h1) on group boundaries. scratch (S). */
+   query heads [h0, h1), as GEMMs per head (the masked entries of att are 0, so full
+   products stay exact): dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)) times
+   the cap's derivative 1 - tanh^2 on the scores recomputed as Q K^T (cheaper than saving
+   them), dQ += scale dS K, dK += scale dS^T Q. dq (N, H, D), dk, dv (S, Hkv, D)
+   accumulate; dk/dv rows are shared by the H/Hkv query heads of a group, so parallel
+   callers split [h0, h1) on group boundaries. scratch (2, N, S). */
 static void kmed__attention_backward(float *dq, float *dk, float *dv,
                                      const float *dout, const float *att,
                                      const float *q, const float *k, const float *v,
@@ -383,41 +385,36 @@ static void kmed__attention_backward(float *dq, float *dk, float *dv,
                                      float scale, float softcap, size_t window,
                                      size_t h0, size_t h1)
 {
-    size_t h, t, j, d, group = H / Hkv;
+    size_t h, t, j, group = H / Hkv, HD = H * D, KD = Hkv * D;
+    float *dp = scratch;         /* (N, S) dP, then dS */
+    float *sc = scratch + N * S; /* (N, S) recomputed scores */
     for (h = h0; h < h1; h++) {
         size_t hk = h / group;
+        const float *P = att + h * N * S; /* (N, S) */
+        kmed_sgemm(NULL, 1, 0, S, D, N, 1.0f, P, S, dout + h * D, HD, 1.0f, dv + hk * D, KD);
+        kmed_sgemm(NULL, 0, 1, N, S, D, 1.0f, dout + h * D, HD, v + hk * D, KD, 0.0f, dp, S);
+        if (softcap > 0.0f)
+            kmed_sgemm(NULL, 0, 1, N, S, D, scale, q + h * D, HD, k + hk * D, KD, 0.0f, sc, S);
         for (t = 0; t < N; t++) {
-            const float *qt = q + (t * H + h) * D;    /* (D) */
-            const float *dot = dout + (t * H + h) * D; /* (D) */
-            const float *p = att + (h * N + t) * S;    /* (S) */
-            float *dqt = dq + (t * H + h) * D;         /* (D) */
-            float *dp = scratch;                       /* (S) */
+            const float *pt = P + t * S; /* (S) */
+            float *dpt = dp + t * S;     /* (S) */
             size_t p_t = (size_t)qpos[t];
             size_t lo = window && p_t >= window ? p_t - window + 1 : 0;
             float pdp = 0.0f;
+            for (j = lo; j <= p_t; j++) pdp += pt[j] * dpt[j];
+            for (j = 0; j < lo; j++) dpt[j] = 0.0f;
             for (j = lo; j <= p_t; j++) {
-                const float *vj = v + (j * Hkv + hk) * D; /* (D) */
-                float *dvj = dv + (j * Hkv + hk) * D;     /* (D) */
-                dp[j] = kmed_dot_row(KMED_F32, vj, dot, D);
-                pdp += p[j] * dp[j];
-                for (d = 0; d < D; d++) dvj[d] += p[j] * dot[d];
-            }
-            for (j = lo; j <= p_t; j++) {
-                const float *kj = k + (j * Hkv + hk) * D; /* (D) */
-                float *dkj = dk + (j * Hkv + hk) * D;     /* (D) */
-                float ds = p[j] * (dp[j] - pdp);
-                if (ds == 0.0f) continue;
+                float ds = pt[j] * (dpt[j] - pdp);
                 if (softcap > 0.0f) {
-                    float th = tanhf(kmed_dot_row(KMED_F32, kj, qt, D) * scale / softcap);
+                    float th = tanhf(sc[t * S + j] / softcap);
                     ds *= 1.0f - th * th;
                 }
-                ds *= scale;
-                for (d = 0; d < D; d++) {
-                    dqt[d] += ds * kj[d];
-                    dkj[d] += ds * qt[d];
-                }
+                dpt[j] = ds * scale;
             }
+            for (j = p_t + 1; j < S; j++) dpt[j] = 0.0f;
         }
+        kmed_sgemm(NULL, 0, 0, N, D, S, 1.0f, dp, S, k + hk * D, KD, 1.0f, dq + h * D, HD);
+        kmed_sgemm(NULL, 1, 0, S, D, N, 1.0f, dp, S, q + h * D, HD, 1.0f, dk + hk * D, KD);
     }
 }
 

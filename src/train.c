@@ -567,7 +567,7 @@ struct kmed_train {
     float *dk, *dkp, *dv;      /* (N, Hkv*D) */
     float *dg, *du, *dhg;      /* (N, F) */
     float *dxa;                /* (N, r) */
-    float *att_scratch;        /* (threads, T) */
+    float *att_scratch;        /* (threads, 2, T, T) */
     float *logits;             /* (head_rows, V) */
     float *head_scratch;       /* (threads, 2, V) */
     float *hx, *hdx;           /* (head_rows, C) */
@@ -880,7 +880,7 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     af = kmed__train_acts_floats(c, B, T, r, nlora);
     arena_n = nacts * af + 16 * 40 + (size_t)(L + 1) * N * C + 7 * N * C + N +
               3 * N * HD + 3 * N * KD + 3 * N * F + N * (r ? r : 1) +
-              (size_t)tr->nthreads * T + tr->head_rows * V + 2 * tr->head_rows * C +
+              (size_t)tr->nthreads * 2 * T * T + tr->head_rows * V + 2 * tr->head_rows * C +
               (size_t)tr->nthreads * 2 * V;
     tr->arena = (float *)kmed__calloc(arena_n, sizeof(float));
     tr->acts = (kmed__train_acts *)kmed__calloc(nacts, sizeof *tr->acts);
@@ -911,7 +911,7 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     tr->du = kmed__train_take(&cur, N * F);
     tr->dhg = kmed__train_take(&cur, N * F);
     tr->dxa = kmed__train_take(&cur, N * (r ? r : 1));
-    tr->att_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * T);
+    tr->att_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * 2 * T * T);
     tr->logits = kmed__train_take(&cur, tr->head_rows * V);
     tr->head_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * 2 * V);
     tr->hx = kmed__train_take(&cur, tr->head_rows * C);
@@ -1050,7 +1050,7 @@ static void kmed__train_attn_fn(void *ctx, size_t b, size_t e, int thread)
         size_t s = u / Hkv, h0 = (u % Hkv) * group;
         size_t qo = s * T * H * D, ko = s * T * Hkv * D;
         float *att = c->a->att + s * H * T * T;
-        float *scratch = tr->att_scratch + (size_t)thread * tr->maxT;
+        float *scratch = tr->att_scratch + (size_t)thread * 2 * tr->maxT * tr->maxT;
         if (!c->backward)
             kmed__attention_forward(c->a->ao + qo, att, c->a->q + qo, c->a->k + ko,
                                     c->a->v + ko, tr->pos, scratch, T, T, H, Hkv, D, scale,

@@ -70,7 +70,7 @@ static double wsum(const float *w, const float *y, size_t n)
 
 typedef struct opctx {
     float x[256], w[64], g[256], u[256], wy[512], y[512], rstd[16];
-    float q[256], k[256], v[256], att[512], scratch[16];
+    float q[256], k[256], v[256], att[512], scratch[128];
     int ids[8], pos[8];
     size_t N, C, H, Hkv, D, n, S, window, M, K, r;
     float cap, scale;
