@@ -1520,8 +1520,11 @@ static kmed_result kmed__tok_parse_post(kmed__tok_impl *im, const kmed_json *pp,
             int id;
             int *dst = seen_a ? im->suffix : im->prefix;
             int *cnt = seen_a ? &im->n_suffix : &im->n_prefix;
-            if (!kmed__tok_json_id(&ids->kids[k], &id) || id >= n_vocab)
-                return KMED__ERRF(err, KMED_ERR_FORMAT, path, "post_processor: bad id");
+            if (!kmed__tok_json_id(&ids->kids[k], &id) || id >= n_vocab ||
+                !(im->flags[id] & (KMED__TOK_F_MODEL | KMED__TOK_F_ADDED)))
+                return KMED__ERRF(err, KMED_ERR_FORMAT, path,
+                                  "post_processor: id of '%s' is not a token",
+                                  kmed_json_str(kmed_json_get(sp, "id"), ""));
             if (*cnt >= 8)
                 return KMED__ERRF(err, KMED_ERR_LIMIT, path, "post_processor: too many tokens");
             dst[(*cnt)++] = id;
