@@ -111,10 +111,12 @@ static kmed_result kmed__json_fail(kmed__json_parser *p, kmed_result code, size_
     if (at >= p->n) snprintf(found, sizeof found, "end of input");
     else if (p->s[at] >= 0x20 && p->s[at] < 0x7f) snprintf(found, sizeof found, "'%c'", p->s[at]);
     else snprintf(found, sizeof found, "byte 0x%02x", p->s[at]);
-    if (p->line) {
+    if (p->line && p->name && *p->name)
         return kmed_error_set(p->err, code, p->name, p->line, at, "offset %zu: %s (found %s)",
                               at, what, found);
-    }
+    if (p->line)
+        return kmed_error_set(p->err, code, NULL, p->line, at, "line %zu, offset %zu: %s "
+                              "(found %s)", p->line, at, what, found);
     for (i = 0; i < at && i < p->n; i++) {
         if (p->s[i] == '\n') { ln++; col = 1; }
         else col++;

@@ -223,6 +223,11 @@ static void test_json_malformed(void)
     BAD("\"\xc3\x41\"", "truncated UTF-8");
     BAD("[\xc3\xa9]", "expected a value");           /* UTF-8 outside a string */
     BAD("\0", "byte 0x00");
+    /* Without a file name, a line-based message still names line and offset. */
+    CHECK(kmed_json_parse(&doc, "[1,,2]", 6, NULL, 42, &e) == KMED_ERR_FORMAT && !doc.root);
+    CHECKF(strcmp(e.msg, "line 42, offset 3: expected a value (found ',')") == 0 &&
+           e.line == 42 && e.offset == 3, "%s", e.msg);
+    kmed_json_free(&doc);
     /* Message names line and column for whole files. */
     BAD("{\n  \"a\": 1,\n  \"b\": x\n}", "line 3, column 8");
 
