@@ -134,7 +134,11 @@ KMED_API const char *kmed_ggml_type_name(int ggml_type);
 
 /* Streaming GGUF writer: add metadata, declare every tensor (name, dtype, shape), then
    put the data of each in declaration order; commit renames into place. Tensor data is
-   aligned to `alignment` (0 = 32). */
+   aligned to `alignment` (0 = 32), each tensor zero-padded to it, as llama.cpp writes.
+   The writer owns general.alignment: adding it as u32 sets the alignment, and it is
+   written only when not 32. The void add_* calls record misuse (a key added twice, a NULL
+   string, metadata after the first put) and the next put or commit returns KMED_ERR_ARG
+   naming the key. commit and abort release everything; call abort on any error path. */
 typedef struct kmed_gguf_writer {
     kmed_afile af;
     size_t alignment;
