@@ -1644,6 +1644,7 @@ KMED_API kmed_result kmed_gguf_writer_put(kmed_gguf_writer *w, const void *data,
     kmed_result r;
     const kmed_tensor_info *t;
     if (!w->af.f) return KMED__ERRF(err, KMED_ERR_STATE, w->af.path, "writer is not open");
+    if (w->bad_[0]) return KMED__ERRF(err, KMED_ERR_ARG, w->af.path, "%s", w->bad_);
     if (!w->header_done_ && (r = kmed__gguf_w_header(w, err)) != KMED_OK) return r;
     if (w->next_ >= w->n_tensors_)
         return KMED__ERRF(err, KMED_ERR_STATE, w->af.path, "no declared tensor left to put");
