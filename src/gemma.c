@@ -529,6 +529,11 @@ KMED_API kmed_result kmed_gemma_load(kmed_gemma *m, const char *path,
         }
     } else {
         char dir[1024];
+        FILE *probe = kmed_is_dir(path) ? NULL : fopen(path, "rb");
+        if (!kmed_is_dir(path) && !probe)
+            return KMED__ERRF(err, KMED_ERR_NOT_FOUND, path, "no such model directory or "
+                              ".gguf/.safetensors file");
+        if (probe) fclose(probe);
         if (kmed_is_dir(path)) {
             snprintf(dir, sizeof dir, "%s", path);
         } else {

@@ -4,6 +4,7 @@
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "test.h"
+#include <unistd.h>
 
 /* Tolerances of the fixture README (about 10x the observed f32 round-off). */
 #define TOL_HIDDEN_REL 5e-5  /* hidden states, final norm: x max |value| per tensor */
@@ -530,6 +531,56 @@ static void test_init(void)
     CHECK(kmed_gemma_init(&m, &c, &e) == KMED_ERR_FORMAT);
 }
 
+/* A model directory whose config.json disagrees with its weights: clear load errors. */
+static void test_bad_model(void)
+{
+    static const char *const files[3] = { "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json" };
+    const char *dir = "build/test_gemma_bad";
+    char src[2200], dst[1200], cfg[1200], *text = NULL;
+    size_t len;
+    kmed_gemma m;
+    kmed_error e = {0};
+    kmed_result r;
+    int i;
+    CHECK_OK(kmed_mkdir_p(dir, &e));
+    for (i = 0; i < 3; i++) {
+        snprintf(src, sizeof src, "%s/tiny-gemma2/%s", fx, files[i]);
+        if (src[0] != '/') {
+            char cwd[1024];
+            CHECK(getcwd(cwd, sizeof cwd) != NULL);
+            snprintf(src, sizeof src, "%s/%s/tiny-gemma2/%s", cwd, fx, files[i]);
+        }
+        snprintf(dst, sizeof dst, "%s/%s", dir, files[i]);
+        remove(dst);
+        CHECK(symlink(src, dst) == 0);
+    }
+    snprintf(src, sizeof src, "%s/tiny-gemma2/config.json", fx);
+    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+    CHECK_OK(kmed_file_read(src, 0, &text, &len, &e));
+    if (!text) return;
+    {
+        /* 3 layers: layer 2's tensors are missing */
+        char *p = strstr(text, "\"num_hidden_layers\": 2");
+        CHECK(p != NULL);
+        if (p) p[strlen("\"num_hidden_layers\": ")] = '3';
+        CHECK_OK(kmed_file_write_atomic(cfg, text, len, &e));
+        r = kmed_gemma_load(&m, dir, NULL, &e);
+        CHECKF(r == KMED_ERR_NOT_FOUND && strstr(e.msg, "model.layers.2."), "3 layers: %s",
+               e.msg);
+        if (p) p[strlen("\"num_hidden_layers\": ")] = '2';
+        /* intermediate 129 instead of 128: gate_proj has the wrong shape */
+        p = strstr(text, "\"intermediate_size\": 128");
+        CHECK(p != NULL);
+        if (p) p[strlen("\"intermediate_size\": 12")] = '9';
+        CHECK_OK(kmed_file_write_atomic(cfg, text, len, &e));
+        r = kmed_gemma_load(&m, dir, NULL, &e);
+        CHECKF(r == KMED_ERR_SHAPE && strstr(e.msg, "gate") && strstr(e.msg, "129"),
+               "intermediate 129: %s", e.msg);
+    }
+    kmed_free(text);
+}
+
 static void test_npy(void)
 {
     kmed_error e = {0};
@@ -563,6 +614,7 @@ int main(void)
         test_hf(pool1, pool2, ids);
         test_gguf(pool2, ids);
         test_convert_matches_gguf();
+        test_bad_model();
     }
     kmed_pool_free(pool1);
     kmed_pool_free(pool2);
