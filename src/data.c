@@ -2675,7 +2675,10 @@ KMED_API kmed_result kmed_data_config_load(kmed_data_config *cfg, const char *pa
         (r = kmed__data_cfg_str(cfg->out_dir, sizeof cfg->out_dir, v, dir, "out", path, err)))
         goto done;
     cfg->seed = (uint64_t)kmed_json_num(kmed_json_get(root, "seed"), 0);
-    cfg->val_fraction = kmed_json_num(kmed_json_get(root, "val_fraction"), 0);
+    if ((v = kmed_json_get(root, "val_fraction"))) { /* an explicit 0 means none */
+        cfg->val_fraction = kmed_json_num(v, 0);
+        if (cfg->val_fraction <= 0) cfg->val_fraction = -1;
+    }
     cfg->min_chars = (size_t)kmed_json_num(kmed_json_get(root, "min_chars"), 0);
     cfg->max_chars = (size_t)kmed_json_num(kmed_json_get(root, "max_chars"), 0);
     cfg->pack.seq_len = (size_t)kmed_json_num(kmed_json_get(root, "seq_len"), 0);

@@ -502,6 +502,81 @@ static void test_pack(void)
     kmed_buf_free(&out);
 }
 
+static kmed_result tok_encode(void *user, const char *text, size_t len, int *ids, size_t cap,
+                              size_t *n, kmed_error *err)
+{
+    kmed_tok_config c = {0};
+    c.no_bos = 1;
+    return kmed_tok_encode((const kmed_tok *)user, &c, text, len, ids, cap, n, err);
+}
+
+/* With the real Gemma-2 tokenizer, a packed chat example is exactly the ids of the rendered
+   chat template (segment-wise encoding loses nothing), and only the replies are trained. */
+static void test_pack_gemma(const char *sft_jsonl)
+{
+    const char *fx = kmed_test_fixtures();
+    char path[1200];
+    kmed_tok tok;
+    kmed_error e = {0};
+    kmed_jsonl r;
+    const kmed_json *v;
+    int eof = 0, n = 0, same = 0, masks_ok = 0;
+    kmed_data_packer p;
+    kmed_data_pack_config c;
+    if (!fx) return;
+    snprintf(path, sizeof path, "%s/gemma2-tokenizer/tokenizer.json", fx);
+    memset(&tok, 0, sizeof tok);
+    CHECK_OK(kmed_tok_load(&tok, path, &e));
+    if (e.code) return;
+    memset(&c, 0, sizeof c);
+    c.seq_len = 4096;
+    c.encode = tok_encode;
+    c.encode_user = &tok;
+    c.sot_id = tok.sot_id;
+    c.eot_id = tok.eot_id;
+    CHECK_OK(kmed_data_pack_init(&p, &c, &e));
+    CHECK_OK(kmed_jsonl_open(&r, sft_jsonl, &e));
+    while (kmed_jsonl_next(&r, &v, &eof, &e) == KMED_OK && !eof) {
+        const kmed_json *m = kmed_json_get(v, "messages");
+        if (!m || m->type != KMED_JSON_ARRAY) continue;
+        kmed_chat_msg msgs[16];
+        kmed_buf prompt = {0}, out = {0};
+        int ids[4096];
+        size_t k, nid = 0, t, trained = 0, want_trained = 0;
+        kmed_tok_config tc = {0};
+        for (k = 0; k < m->len && k < 16; k++) {
+            msgs[k].role = kmed_json_str(kmed_json_get(&m->kids[k], "role"), "");
+            msgs[k].content = kmed_json_str(kmed_json_get(&m->kids[k], "content"), "");
+        }
+        CHECK_OK(kmed_chat_render(&tok, msgs, k, 0, &prompt, &e));
+        tc.no_bos = 1;
+        CHECK_OK(kmed_tok_encode(&tok, &tc, prompt.data, prompt.len, ids, 4096, &nid, &e));
+        p.fill = 0;
+        CHECK_OK(kmed_data_pack_add(&p, v, &out, &e));
+        n++;
+        same += p.fill == nid && memcmp(p.ids, ids, nid * sizeof *ids) == 0;
+        /* trained tokens: each reply's ids (encoded alone, as it has no merge with
+           "model\n" in Gemma's vocabulary) plus its <end_of_turn> */
+        for (t = 0; t < p.fill; t++) trained += p.labels[t] != -100;
+        for (k = 0; k < m->len && k < 16; k++)
+            if (strcmp(msgs[k].role, "assistant") == 0) {
+                size_t cnt = 0;
+                kmed_tok_encode(&tok, &tc, msgs[k].content, strlen(msgs[k].content), NULL, 0,
+                                &cnt, &e);
+                want_trained += cnt + 1;
+            }
+        masks_ok += trained == want_trained;
+        kmed_buf_free(&prompt);
+        kmed_buf_free(&out);
+    }
+    kmed_jsonl_close(&r);
+    CHECKF(n > 5 && same == n, "gemma packing: %d of %d examples equal the rendered template", same,
+           n);
+    CHECKF(masks_ok == n, "gemma packing: %d of %d examples train exactly the replies", masks_ok, n);
+    kmed_data_pack_free(&p);
+    kmed_tok_free(&tok);
+}
+
 /* Finds the drops.jsonl line of id and checks its reason. */
 static int dropped_as(const char *drops, const char *id, const char *reason)
 {
@@ -638,6 +713,7 @@ static void test_pipeline(void)
     CHECK(train1 && train2 && strcmp(train1, train2) == 0);
     kmed_data_report_free(&rep);
     kmed_free(train2);
+    test_pack_gemma("build/test_data_out/sft_train.jsonl");
     /* packing with the toy tokenizer: sequences of seq_len, labels -100 or equal to ids */
     cfg.pack.encode = byte_encode;
     cfg.pack.seq_len = 64;

@@ -1,0 +1,314 @@
+/* kmed-data: runs the data pipeline (read, clean, filter, safety, decontaminate, dedup, mix,
+   format, split, pack) over Korean medical sources and writes train/val JSONL, packed token
+   files and a report.
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tools/kmed-data.c -o build/kmed-data -lm -lpthread */
+#define KMED_IMPLEMENTATION
+#include "kmed.h"
+#include "common.h"
+
+static const char usage[] =
+    "usage: kmed-data [--config FILE] [--source KIND:PATH ...] [options]\n"
+    "\n"
+    "Reads the sources, cleans and filters them, removes duplicates and records that leak\n"
+    "evaluation items, and writes into --out:\n"
+    "  sft_train.jsonl sft_val.jsonl   {\"id\",\"source\",\"messages\":[{\"role\",\"content\"},...]}\n"
+    "  cpt_train.jsonl cpt_val.jsonl   {\"id\",\"source\",\"text\"}\n"
+    "  train.jsonl val.jsonl           both kinds together\n"
+    "  *_packed.jsonl                  {\"input_ids\":[...],\"labels\":[...]} (with --tokenizer;\n"
+    "                                  labels -100 where not trained)\n"
+    "  drops.jsonl                     every dropped or flagged record: id, stage, reason, detail\n"
+    "  report.json report.txt          counts in, dropped per stage and reason, kept, per source\n"
+    "The report table is also printed to stdout; progress and warnings go to stderr.\n"
+    "\n"
+    "Sources (KIND: kormedmcqa, medexpqa, ultramedical, cod, dict; files .jsonl, .json, .csv):\n"
+    "  --config FILE        JSON config (below); flags given after it add to or override it\n"
+    "  --source KIND:PATH   add a source (repeatable); the flags below apply to the last one\n"
+    "    --name NAME        name in ids and the report (default: file name without extension)\n"
+    "    --weight W         mixing weight: copies per kept record, fractions sampled (default 1)\n"
+    "    --format F         sft, cpt, both or auto (default auto: dict -> cpt, others -> sft)\n"
+    "    --map DST=SRC      read canonical field DST from input key SRC (repeatable; a.b nests)\n"
+    "    --min-korean X     drop records whose Hangul share of letters is below X (default off)\n"
+    "    --splits LIST      keep only these splits, e.g. train,dev (default: all)\n"
+    "    --subset S         kormedmcqa subset (default: column, else from the file name)\n"
+    "    --strip-html       strip HTML tags in every field (default: dict only)\n"
+    "  --eval KIND:PATH     evaluation set to decontaminate against (repeatable)\n"
+    "\n"
+    "Output and packing:\n"
+    "  --out DIR            output directory (default: out/data)\n"
+    "  --tokenizer PATH     tokenizer.json, tokenizer.model or model dir: enables packing\n"
+    "                       (default: none, no packed files)\n"
+    "  --seq-len N          tokens per packed sequence (default 1024)\n"
+    "  --seed N             shuffle and weight sampling seed (default 0)\n"
+    "  --val-fraction X     share of records for validation, by id hash; <0 none (default 0.05)\n"
+    "\n"
+    "Filters:\n"
+    "  --min-chars N        drop records with fewer characters (default 8)\n"
+    "  --max-chars N        drop records with more characters (default 20000)\n"
+    "  --no-exact           no exact dedup (default: on)\n"
+    "  --no-near            no near-duplicate dedup (default: on)\n"
+    "  --near-threshold X   MinHash Jaccard for near duplicates (default 0.8)\n"
+    "  --ngram N            character n-gram for MinHash (default 5)\n"
+    "  --num-perm N         MinHash size (default 128)\n"
+    "  --bands N            LSH bands, dividing num-perm (default: from the threshold)\n"
+    "  --decontam-words N   shared word n-gram that marks a leak (default 13)\n"
+    "  --decontam-chars N   shared Hangul/Han character n-gram that marks a leak (default 50)\n"
+    "  --decontam-threshold X  near-duplicate eval question Jaccard (default 0.8)\n"
+    "  --safety MODE        drop, flag or off (default drop)\n"
+    "  --safety-phrase CAT:PHRASE  add a phrase to a harmful-content list (repeatable)\n"
+    "  --no-safety-defaults use only the given phrases (default: built-in lists too)\n"
+    "  --disclaimer         append the standard disclaimer to chat/case answers (default off)\n"
+    "  --disclaimer-text T  append T instead (implies --disclaimer)\n"
+    "  --no-drop-log        do not write drops.jsonl (default: written)\n"
+    "  --quiet              no progress (default: progress on stderr)\n"
+    "  --help               this text\n"
+    "\n"
+    "Config file (paths relative to the file's directory; every key optional):\n"
+    "  {\"out\": \"out/data\", \"seed\": 0, \"val_fraction\": 0.05, \"seq_len\": 1024,\n"
+    "   \"tokenizer\": \"path/tokenizer.json\", \"min_chars\": 8, \"max_chars\": 20000,\n"
+    "   \"dedup\": {\"exact\": true, \"near\": true, \"threshold\": 0.8, \"ngram\": 5,\n"
+    "             \"num_perm\": 128, \"bands\": 16},\n"
+    "   \"decontam\": {\"word_ngram\": 13, \"char_ngram\": 50, \"threshold\": 0.8},\n"
+    "   \"safety\": {\"action\": \"drop\", \"defaults\": true, \"lists\": {\"self_harm\": [\"...\"]}},\n"
+    "   \"disclaimer\": false,            (or a string: the text to append)\n"
+    "   \"sources\": [{\"kind\": \"kormedmcqa\", \"path\": \"train.jsonl\", \"name\": \"kmmcqa\",\n"
+    "                \"weight\": 1, \"format\": \"auto\", \"min_korean\": 0, \"splits\": [\"train\"],\n"
+    "                \"subset\": \"\", \"split\": \"\", \"strip_html\": false,\n"
+    "                \"map\": {\"question\": \"full_question\"}}],\n"
+    "   \"eval\": [{\"kind\": \"kormedmcqa\", \"path\": \"test.jsonl\"}]}\n"
+    "\n"
+    "Canonical fields for --map, per kind:\n"
+    "  kormedmcqa   id subject year period q_number question A B C D E answer cot subset split\n"
+    "  medexpqa     id question options answer explanation lang split\n"
+    "  ultramedical id messages role content split\n"
+    "  cod          id case symptoms diagnosis explanation dialogue role content split\n"
+    "  dict         id name sections section_title section_text split\n";
+
+static kmed_result tok_encode(void *user, const char *text, size_t len, int *ids, size_t cap,
+                              size_t *n, kmed_error *err)
+{
+    kmed_tok_config c = {0};
+    c.no_bos = 1;
+    return kmed_tok_encode((const kmed_tok *)user, &c, text, len, ids, cap, n, err);
+}
+
+/* "KIND:PATH" -> a new source in cfg. */
+static kmed_data_source *add_source(kmed_data_config *cfg, int eval, const char *arg)
+{
+    kmed_error e = {0};
+    kmed_data_source *s;
+    const char *colon = strchr(arg, ':');
+    char kind[32];
+    if (!colon || colon == arg || (size_t)(colon - arg) >= sizeof kind || !colon[1])
+        usage_error(usage, "%s: expected KIND:PATH", arg);
+    memcpy(kind, arg, (size_t)(colon - arg));
+    kind[colon - arg] = 0;
+    die_if(kmed_data_config_add_source(cfg, eval, &s, &e), &e, "adding a source");
+    if (kmed_data_kind_parse(kind, &s->kind, &e) != KMED_OK) usage_error(usage, "%s", e.msg);
+    if (strlen(colon + 1) >= sizeof s->path) usage_error(usage, "%s: path too long", arg);
+    strcpy(s->path, colon + 1);
+    s->weight = 1;
+    return s;
+}
+
+/* The "tokenizer" key of a config file, relative to its directory. */
+static void config_tokenizer(const char *path, char *out, size_t cap)
+{
+    kmed_error e = {0};
+    kmed_json_doc doc = {0};
+    char *data;
+    size_t len;
+    const char *t, *slash = strrchr(path, '/');
+    if (kmed_file_read(path, 0, &data, &len, &e) != KMED_OK) return;
+    if (kmed_json_parse(&doc, data, len, path, 0, &e) == KMED_OK &&
+        (t = kmed_json_str(kmed_json_get(doc.root, "tokenizer"), NULL)) != NULL) {
+        if (t[0] != '/' && slash) snprintf(out, cap, "%.*s/%s", (int)(slash - path), path, t);
+        else snprintf(out, cap, "%s", t);
+    }
+    kmed_json_free(&doc);
+    kmed_free(data);
+}
+
+int main(int argc, char **argv)
+{
+    kmed_data_config cfg;
+    kmed_data_report rep;
+    kmed_data_source *last = NULL;
+    kmed_data_safety extra;
+    kmed_callbacks cb = {0};
+    progress_state ps = {0};
+    kmed_error e = {0};
+    kmed_tok tok;
+    kmed_buf table = {0};
+    char tokenizer[1024] = "";
+    int i, quiet = 0, have_tok = 0, n_extra = 0;
+    kmed_tool_name = "kmed-data";
+    memset(&cfg, 0, sizeof cfg);
+    memset(&tok, 0, sizeof tok);
+    die_if(kmed_data_safety_init(&extra, 0, &e), &e, "safety lists");
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            fputs(usage, stdout);
+            return 0;
+        } else if (strcmp(a, "--config") == 0) {
+            const char *p = arg_str(argc, argv, &i, usage);
+            kmed_data_config loaded;
+            size_t k;
+            if (cfg.n_sources || cfg.n_evals) usage_error(usage, "--config must come first");
+            die_if(kmed_data_config_load(&loaded, p, &e), &e, "reading the config");
+            cfg = loaded;
+            if (cfg.safety_extra) { /* keep the config's phrases with the --safety-phrase ones */
+                for (k = 0; k < cfg.safety_extra->n; k++)
+                    die_if(kmed_data_safety_add(&extra, cfg.safety_extra->category[k],
+                                                cfg.safety_extra->phrase[k], &e), &e, "safety");
+                n_extra += (int)cfg.safety_extra->n;
+                kmed_data_safety_free(cfg.safety_extra);
+                free(cfg.safety_extra);
+                cfg.safety_extra = NULL;
+            }
+            config_tokenizer(p, tokenizer, sizeof tokenizer);
+        } else if (strcmp(a, "--source") == 0) {
+            last = add_source(&cfg, 0, arg_str(argc, argv, &i, usage));
+        } else if (strcmp(a, "--eval") == 0) {
+            add_source(&cfg, 1, arg_str(argc, argv, &i, usage));
+            last = NULL; /* per-source flags apply to training sources */
+        } else if (strcmp(a, "--name") == 0 || strcmp(a, "--weight") == 0 ||
+                   strcmp(a, "--format") == 0 || strcmp(a, "--map") == 0 ||
+                   strcmp(a, "--min-korean") == 0 || strcmp(a, "--splits") == 0 ||
+                   strcmp(a, "--subset") == 0 || strcmp(a, "--strip-html") == 0) {
+            if (!last) usage_error(usage, "%s must follow a --source", a);
+            if (strcmp(a, "--strip-html") == 0) {
+                last->strip_html = 1;
+            } else if (strcmp(a, "--weight") == 0) {
+                double w = arg_double(argc, argv, &i, usage);
+                if (w < 0 || w > 1000) usage_error(usage, "--weight must be in [0, 1000]");
+                last->weight = w == 0 ? -1 : w;
+            } else if (strcmp(a, "--min-korean") == 0) {
+                last->min_korean = arg_double(argc, argv, &i, usage);
+            } else {
+                const char *v = arg_str(argc, argv, &i, usage);
+                if (strcmp(a, "--map") == 0) {
+                    if (kmed_data_source_map(last, v, &e) != KMED_OK) usage_error(usage, "%s", e.msg);
+                } else if (strcmp(a, "--format") == 0) {
+                    if (strcmp(v, "sft") == 0) last->format = KMED_DATA_FMT_SFT;
+                    else if (strcmp(v, "cpt") == 0) last->format = KMED_DATA_FMT_CPT;
+                    else if (strcmp(v, "both") == 0) last->format = KMED_DATA_FMT_BOTH;
+                    else if (strcmp(v, "auto") == 0) last->format = KMED_DATA_FMT_AUTO;
+                    else usage_error(usage, "--format %s: expected sft, cpt, both or auto", v);
+                } else {
+                    char *dst = strcmp(a, "--name") == 0 ? last->name
+                              : strcmp(a, "--splits") == 0 ? last->splits : last->subset;
+                    size_t cap = strcmp(a, "--name") == 0 ? sizeof last->name
+                               : strcmp(a, "--splits") == 0 ? sizeof last->splits
+                                                            : sizeof last->subset;
+                    if (strlen(v) >= cap) usage_error(usage, "%s: value too long", a);
+                    strcpy(dst, v);
+                }
+            }
+        } else if (strcmp(a, "--out") == 0) {
+            const char *v = arg_str(argc, argv, &i, usage);
+            if (strlen(v) >= sizeof cfg.out_dir) usage_error(usage, "--out: path too long");
+            strcpy(cfg.out_dir, v);
+        } else if (strcmp(a, "--tokenizer") == 0) {
+            snprintf(tokenizer, sizeof tokenizer, "%s", arg_str(argc, argv, &i, usage));
+        } else if (strcmp(a, "--seq-len") == 0) {
+            long v = arg_long(argc, argv, &i, usage);
+            if (v < 8) usage_error(usage, "--seq-len must be at least 8");
+            cfg.pack.seq_len = (size_t)v;
+        } else if (strcmp(a, "--seed") == 0) {
+            cfg.seed = (uint64_t)arg_long(argc, argv, &i, usage);
+        } else if (strcmp(a, "--val-fraction") == 0) {
+            cfg.val_fraction = arg_double(argc, argv, &i, usage);
+            if (cfg.val_fraction == 0) cfg.val_fraction = -1; /* 0 asked: no validation set */
+            if (cfg.val_fraction >= 1) usage_error(usage, "--val-fraction must be below 1");
+        } else if (strcmp(a, "--min-chars") == 0) {
+            cfg.min_chars = (size_t)arg_long(argc, argv, &i, usage);
+        } else if (strcmp(a, "--max-chars") == 0) {
+            cfg.max_chars = (size_t)arg_long(argc, argv, &i, usage);
+        } else if (strcmp(a, "--no-exact") == 0) {
+            cfg.dedup.no_exact = 1;
+        } else if (strcmp(a, "--no-near") == 0) {
+            cfg.dedup.no_near = 1;
+        } else if (strcmp(a, "--near-threshold") == 0) {
+            cfg.dedup.threshold = arg_double(argc, argv, &i, usage);
+            if (cfg.dedup.threshold <= 0 || cfg.dedup.threshold > 1)
+                usage_error(usage, "--near-threshold must be in (0, 1]");
+        } else if (strcmp(a, "--ngram") == 0) {
+            cfg.dedup.ngram = (int)arg_long(argc, argv, &i, usage);
+        } else if (strcmp(a, "--num-perm") == 0) {
+            cfg.dedup.num_perm = (int)arg_long(argc, argv, &i, usage);
+        } else if (strcmp(a, "--bands") == 0) {
+            cfg.dedup.bands = (int)arg_long(argc, argv, &i, usage);
+        } else if (strcmp(a, "--decontam-words") == 0) {
+            cfg.decontam.word_n = (int)arg_long(argc, argv, &i, usage);
+        } else if (strcmp(a, "--decontam-chars") == 0) {
+            cfg.decontam.char_n = (int)arg_long(argc, argv, &i, usage);
+        } else if (strcmp(a, "--decontam-threshold") == 0) {
+            cfg.decontam.threshold = arg_double(argc, argv, &i, usage);
+        } else if (strcmp(a, "--safety") == 0) {
+            const char *v = arg_str(argc, argv, &i, usage);
+            if (strcmp(v, "drop") == 0) cfg.safety_action = 0;
+            else if (strcmp(v, "flag") == 0) cfg.safety_action = 1;
+            else if (strcmp(v, "off") == 0) cfg.safety_action = 2;
+            else usage_error(usage, "--safety %s: expected drop, flag or off", v);
+        } else if (strcmp(a, "--safety-phrase") == 0) {
+            const char *v = arg_str(argc, argv, &i, usage), *colon = strchr(v, ':');
+            char cat[64];
+            if (!colon || colon == v || (size_t)(colon - v) >= sizeof cat || !colon[1])
+                usage_error(usage, "--safety-phrase %s: expected CATEGORY:PHRASE", v);
+            memcpy(cat, v, (size_t)(colon - v));
+            cat[colon - v] = 0;
+            if (kmed_data_safety_add(&extra, cat, colon + 1, &e) != KMED_OK)
+                usage_error(usage, "--safety-phrase: %s", e.msg);
+            n_extra++;
+        } else if (strcmp(a, "--no-safety-defaults") == 0) {
+            cfg.safety_no_defaults = 1;
+        } else if (strcmp(a, "--disclaimer") == 0) {
+            cfg.disclaimer = 1;
+        } else if (strcmp(a, "--disclaimer-text") == 0) {
+            const char *v = arg_str(argc, argv, &i, usage);
+            if (strlen(v) >= sizeof cfg.disclaimer_text) usage_error(usage, "disclaimer too long");
+            strcpy(cfg.disclaimer_text, v);
+            cfg.disclaimer = 1;
+        } else if (strcmp(a, "--no-drop-log") == 0) {
+            cfg.no_drop_log = 1;
+        } else if (strcmp(a, "--quiet") == 0) {
+            quiet = 1;
+        } else {
+            usage_error(usage, "unknown argument '%s'", a);
+        }
+    }
+    if (!cfg.n_sources) usage_error(usage, "no sources: give --config or --source KIND:PATH");
+    if (!cfg.out_dir[0]) strcpy(cfg.out_dir, "out/data");
+    if (n_extra) cfg.safety_extra = &extra;
+    if (tokenizer[0]) {
+        die_if(kmed_tok_load(&tok, tokenizer, &e), &e, "loading the tokenizer");
+        have_tok = 1;
+        if (tok.bos_id < 0 || tok.eos_id < 0 || tok.sot_id < 0 || tok.eot_id < 0)
+            die("tokenizer %s: packing needs <bos>, <eos>, <start_of_turn> and <end_of_turn>",
+                tokenizer);
+        cfg.pack.encode = tok_encode;
+        cfg.pack.encode_user = &tok;
+        cfg.pack.bos_id = tok.bos_id;
+        cfg.pack.eos_id = tok.eos_id;
+        cfg.pack.pad_id = tok.pad_id >= 0 ? tok.pad_id : 0;
+        cfg.pack.sot_id = tok.sot_id;
+        cfg.pack.eot_id = tok.eot_id;
+    }
+    cb.log = log_print;
+    if (!quiet) {
+        cb.progress = progress_print;
+        cb.user = &ps;
+    }
+    die_if(kmed_data_run(&cfg, &rep, &cb, &e), &e, "data pipeline");
+    kmed_data_report_table(&rep, &table);
+    fputs(table.data ? table.data : "", stdout);
+    printf("outputs in %s (%.2f s)\n", cfg.out_dir, rep.seconds);
+    kmed_buf_free(&table);
+    kmed_data_report_free(&rep);
+    cfg.safety_extra = NULL;
+    kmed_data_safety_free(&extra);
+    kmed_data_config_free(&cfg);
+    if (have_tok) kmed_tok_free(&tok);
+    return 0;
+}
