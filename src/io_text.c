@@ -411,9 +411,12 @@ static kmed_result kmed__json_run(kmed__json_parser *p)
         switch (s[p->pos]) {
         case '[': case '{': {
             kmed__json_frame *f;
-            if (p->nframes >= (size_t)KMED_MAX_JSON_DEPTH)
-                return kmed__json_fail(p, KMED_ERR_LIMIT, p->pos,
-                                       "nesting deeper than KMED_MAX_JSON_DEPTH");
+            if (p->nframes >= (size_t)KMED_MAX_JSON_DEPTH) {
+                char what[96];
+                snprintf(what, sizeof what, "nesting deeper than %d (KMED_MAX_JSON_DEPTH)",
+                         (int)KMED_MAX_JSON_DEPTH);
+                return kmed__json_fail(p, KMED_ERR_LIMIT, p->pos, what);
+            }
             if (p->nframes == p->capframes) {
                 size_t cap = p->capframes ? p->capframes * 2 : 16;
                 kmed__json_frame *nf = (kmed__json_frame *)KMED_REALLOC(
@@ -519,8 +522,12 @@ static kmed_result kmed__json_run(kmed__json_parser *p)
                 p->nframes--;
                 continue;
             }
-            return kmed__json_fail(p, KMED_ERR_FORMAT, p->pos,
-                                   f->is_obj ? "expected ',' or '}'" : "expected ',' or ']'");
+            {
+                char what[96];
+                snprintf(what, sizeof what, "expected ',' or '%c' (%s opened at offset %zu)",
+                         close, f->is_obj ? "object" : "array", f->open);
+                return kmed__json_fail(p, KMED_ERR_FORMAT, p->pos, what);
+            }
         }
     }
 }

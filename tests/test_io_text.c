@@ -1,6 +1,7 @@
 /* Tests for the text parsers: JSON (valid and malformed documents, the real Gemma-2
    tokenizer.json), kmed_lines, JSONL and CSV.
-   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_io_text.c -o build/test_io_text -lm -lpthread */
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_io_text.c \
+      -o build/test_io_text -lm -lpthread */
 /* A smaller record limit than the default 1 GB, so the over-limit paths are testable with
    a 9 MB file while the 5 MB JSONL line still fits. */
 #define KMED_MAX_LINE_BYTES ((size_t)8 << 20)
@@ -85,7 +86,8 @@ static void test_json_strings(void)
     kmed_error e = {0};
     kmed_json_doc doc;
     /* Every escape, a BMP escape, a surrogate pair, raw UTF-8 (Korean, 4-byte emoji), NUL. */
-    static const char in[] = "[\"q\\\"b\\\\s\\/b\\bf\\fn\\nr\\rt\\t\", \"\\u00e9\\u20AC\\ud83d\\ude00\","
+    static const char in[] = "[\"q\\\"b\\\\s\\/b\\bf\\fn\\nr\\rt\\t\", "
+                             "\"\\u00e9\\u20AC\\ud83d\\ude00\","
                              " \"\xed\x95\x9c\xea\xb8\x80\xf0\x9f\x98\x80\", \"a\\u0000b\"]";
     static const char want1[] = "q\"b\\s/b\bf\fn\nr\rt\t";
     static const char want2[] = "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80";
@@ -323,7 +325,8 @@ static void test_json_tokenizer(void)
     CHECK(strcmp(kmed_json_str(kmed_json_get(model, "type"), ""), "BPE") == 0);
     if (vocab && vocab->len == 256000) {
         CHECK(strcmp(vocab->kids[0].key, "<pad>") == 0);
-        CHECK(kmed_json_int(&vocab->kids[2], &id) && id == 2 && strcmp(vocab->kids[2].key, "<bos>") == 0);
+        CHECK(kmed_json_int(&vocab->kids[2], &id) && id == 2 &&
+              strcmp(vocab->kids[2].key, "<bos>") == 0);
         CHECK(kmed_json_int(&vocab->kids[255999], &id) && id == 255999);
     }
     if (merges && merges->len == 580604)

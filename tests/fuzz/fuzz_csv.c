@@ -12,7 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FUZZ_CHECK(c) do { if (!(c)) { fprintf(stderr, "check failed: %s\n", #c); abort(); } } while (0)
+#define FUZZ_CHECK(c) \
+    do { if (!(c)) { fprintf(stderr, "check failed: %s\n", #c); abort(); } } while (0)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -9,7 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FUZZ_CHECK(c) do { if (!(c)) { fprintf(stderr, "check failed: %s\n", #c); abort(); } } while (0)
+#define FUZZ_CHECK(c) \
+    do { if (!(c)) { fprintf(stderr, "check failed: %s\n", #c); abort(); } } while (0)
 
 static void fuzz_json_write(kmed_buf *b, const kmed_json *j)
 {
