@@ -742,6 +742,11 @@ static void kmed__gemma_attn_job(void *ctx, size_t begin, size_t end, int thread
                             a->D, a->scale, a->softcap, a->window, begin, end);
 }
 
+/* Below these sizes a parallel-for costs more than it saves (decode steps): rows for the
+   elementwise jobs, query rows x keys for attention. */
+#define KMED__GEMMA_PAR_ROWS 4
+#define KMED__GEMMA_PAR_KEYS 256
+
 /* Row-parallel elementwise work of the forward: GeGLU and the residual norms. */
 typedef struct kmed__gemma_rows_ctx {
     int op;                     /* 0: geglu g = gelu(g) * u; 1: x += rmsnorm(t) */
@@ -779,7 +784,7 @@ static void kmed__gemma_residual(kmed_pool *pool, float *x, float *t, const floa
     c.w = w;
     c.width = C;
     c.eps = eps;
-    kmed_pool_for(pool, n, 1, kmed__gemma_rows_job, &c);
+    kmed_pool_for(n >= KMED__GEMMA_PAR_ROWS ? pool : NULL, n, 1, kmed__gemma_rows_job, &c);
 }
 
 /* y (n, out) = x W^T, plus the LoRA delta of target t when the adapter has it. */
@@ -872,7 +877,8 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
         actx.window = (l % 2 == 0) ? (size_t)c->sliding_window : 0;
         actx.k = kc;
         actx.v = vc;
-        kmed_pool_for(pool, H, 1, kmed__gemma_attn_job, &actx);
+        kmed_pool_for(n * S >= KMED__GEMMA_PAR_KEYS ? pool : NULL, H, 1, kmed__gemma_attn_job,
+                      &actx);
 
         kmed__gemma_linear(pool, s->tmp, s->att, &y->o, lora, l, KMED_LORA_O, s->xa, n, mm);
         kmed__gemma_residual(pool, s->x, s->tmp, y->post_attn_norm, n, C, c->rms_norm_eps);
@@ -883,7 +889,8 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
         kmed__gemma_linear(pool, s->u, s->xn, &y->up, lora, l, KMED_LORA_UP, s->xa, n, mm);
         rctx.g = s->g;
         rctx.u = s->u;
-        kmed_pool_for(pool, n, 1, kmed__gemma_rows_job, &rctx);
+        kmed_pool_for(n >= KMED__GEMMA_PAR_ROWS ? pool : NULL, n, 1, kmed__gemma_rows_job,
+                      &rctx);
         kmed__gemma_linear(pool, s->tmp, s->g, &y->down, lora, l, KMED_LORA_DOWN, s->xa, n,
                            mm);
         kmed__gemma_residual(pool, s->x, s->tmp, y->post_ffn_norm, n, C, c->rms_norm_eps);
