@@ -320,16 +320,20 @@ KMED_API void kmed_gemma_free(kmed_gemma *m)
 static kmed_result kmed__gemma_check_weight(const kmed_weight *w, const char *what, int l,
                                             size_t rows, size_t cols, kmed_error *err)
 {
+    char name[64];
+    if (l < 0) snprintf(name, sizeof name, "%s", what);
+    else snprintf(name, sizeof name, "%s of layer %d", what, l);
     if (!w->data)
-        return KMED__ERR(err, KMED_ERR_STATE, "gemma: weight %s of layer %d is not set", what,
-                         l);
+        return KMED__ERR(err, KMED_ERR_STATE, "gemma: weight %s is not set", name);
     if (!kmed_dtype_computable(w->type))
-        return KMED__ERR(err, KMED_ERR_UNSUPPORTED, "gemma: weight %s of layer %d has dtype "
-                         "%s, which kmed cannot compute with", what, l,
-                         kmed_dtype_name(w->type));
+        return KMED__ERR(err, KMED_ERR_UNSUPPORTED, "gemma: weight %s has dtype %s, which "
+                         "kmed cannot compute with", name, kmed_dtype_name(w->type));
     if (w->rows != rows || w->cols != cols)
-        return KMED__ERR(err, KMED_ERR_SHAPE, "gemma: weight %s of layer %d is [%zu, %zu], "
-                         "expected [%zu, %zu]", what, l, w->rows, w->cols, rows, cols);
+        return KMED__ERR(err, KMED_ERR_SHAPE, "gemma: weight %s is [%zu, %zu], expected "
+                         "[%zu, %zu] from the config", name, w->rows, w->cols, rows, cols);
+    if (w->type == KMED_Q8_0 || w->type == KMED_Q4_0 ? cols % KMED_QK != 0 : 0)
+        return KMED__ERR(err, KMED_ERR_SHAPE, "gemma: weight %s: %zu columns is not a "
+                         "multiple of %d", name, cols, KMED_QK);
     return KMED_OK;
 }
 
