@@ -450,10 +450,46 @@ static size_t kmed__data_compose(uint32_t *cps, size_t n)
     return out;
 }
 
+/* Length of the run at u[i] of ASCII and precomposed Hangul syllables (U+AC00..U+D7FF,
+   the bulk of Korean text), which no normalisation or clean-up step changes. */
+static size_t kmed__data_plain_run(const unsigned char *u, size_t n, size_t i)
+{
+    size_t s = i;
+    while (i < n) {
+        unsigned c = u[i];
+        if (c > 0x20 && c < 0x7F) { i++; continue; }
+        if (c >= 0xEA && c <= 0xED && i + 2 < n && (u[i + 1] & 0xC0) == 0x80 &&
+            (u[i + 2] & 0xC0) == 0x80 && (c != 0xED || u[i + 1] < 0xA0)) {
+            i += 3;
+            continue;
+        }
+        break;
+    }
+    return i - s;
+}
+
+/* Offset of the first code point that NFC might change (n if none). */
+static size_t kmed__data_nfc_quick(const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i = 0;
+    while (i < n) {
+        size_t at = i;
+        uint32_t c;
+        i += kmed__data_plain_run(u, n, i);
+        if (i >= n) break;
+        if (u[i] < 0x80) { i++; continue; }
+        at = i;
+        c = kmed__data_utf8_next(u, n, &i);
+        if (c == 0xFFFD ? i - at != 3 : kmed__data_nfc_special(c)) return at;
+    }
+    return n;
+}
+
 KMED_API void kmed_data_nfc(kmed_buf *out, const char *s, size_t n)
 {
     const unsigned char *u = (const unsigned char *)s;
-    size_t i = 0, run = 0, seg_cap = 0;
+    size_t i = kmed__data_nfc_quick(s, n), run = 0, seg_cap = 0;
     uint32_t *seg = NULL;
     /* fast path: copy runs that need no change; only code points >= U+0300 can change */
     while (i < n) {
@@ -663,24 +699,20 @@ static void kmed__data_space(kmed_buf *out, const char *s, size_t n, int oneline
     size_t i = 0;
     int pend_sp = 0, pend_nl = 0, any = 0;
     while (i < n) {
-        size_t at = i;
+        size_t at = i, plain = kmed__data_plain_run(u, n, i);
         uint32_t c;
         int kind = 0; /* 0 keep, 1 space, 2 newline, 3 drop */
+        if (plain) {
+            kmed__data_ws_flush(out, any, &pend_sp, &pend_nl);
+            kmed_buf_put(out, s + at, plain);
+            any = 1;
+            i += plain;
+            continue;
+        }
         if (u[i] < 0x80) {
             c = u[i++];
-            if (c >= 0x20 && c < 0x7F) {
-                if (c != ' ') {
-                    /* plain ASCII runs: copy directly */
-                    size_t e = i;
-                    while (e < n && u[e] > 0x20 && u[e] < 0x7F) e++;
-                    kmed__data_ws_flush(out, any, &pend_sp, &pend_nl);
-                    kmed_buf_put(out, s + at, e - at);
-                    any = 1;
-                    i = e;
-                    continue;
-                }
-                kind = 1;
-            } else if (c == '\n') kind = 2;
+            if (c == ' ') kind = 1;
+            else if (c == '\n') kind = 2;
             else if (c == '\r') { kind = 2; if (i < n && u[i] == '\n') i++; }
             else if (c == '\t' || c == '\v' || c == '\f') kind = 1;
             else kind = 3;
@@ -720,9 +752,13 @@ KMED_API void kmed_data_clean_text(kmed_buf *out, const char *s, size_t n, int f
         if (a.failed) { out->failed = 1; kmed_buf_free(&a); return; }
         p = a.data; pn = a.len;
     }
-    kmed_data_nfc(&b, p, pn);
+    if (kmed__data_nfc_quick(p, pn) < pn) { /* most text is NFC already: no copy then */
+        kmed_data_nfc(&b, p, pn);
+        p = b.data;
+        pn = b.len;
+    }
     if (b.failed) out->failed = 1;
-    else kmed__data_space(out, b.data, b.len, flags & KMED_DATA_CLEAN_ONELINE);
+    else kmed__data_space(out, p, pn, flags & KMED_DATA_CLEAN_ONELINE);
     kmed_buf_free(&a);
     kmed_buf_free(&b);
 }
