@@ -658,7 +658,8 @@ static void check_all_types(const kmed_gguf *g)
     CHECK(kv && kv->type == KMED_GGUF_U64 && kv->u == UINT64_MAX - 1);
     kv = kmed_gguf_find_kv(g, "k.i64");
     CHECK(kv && kv->type == KMED_GGUF_I64 && kv->i == -((int64_t)1 << 40));
-    kv = kmed_gguf_find_kv(g, "k.f64"); CHECK(kv && kv->type == KMED_GGUF_F64 && kv->f == -2.25e100);
+    kv = kmed_gguf_find_kv(g, "k.f64");
+    CHECK(kv && kv->type == KMED_GGUF_F64 && kv->f == -2.25e100);
     kv = kmed_gguf_find_kv(g, "k.arr_i16");
     CHECK(kv && kv->type == KMED_GGUF_ARRAY && kv->arr_type == KMED_GGUF_I16 && kv->n == 2 &&
           memcmp(kv->raw, "\x01\x00\xff\xff", 4) == 0);
@@ -735,7 +736,8 @@ static void test_gguf_roundtrip(void)
         kv = kmed_gguf_find_kv(&g2, "w.u32"); CHECK(kv && kv->u == 123456789u);
         kv = kmed_gguf_find_kv(&g2, "w.i32"); CHECK(kv && kv->i == -42);
         kv = kmed_gguf_find_kv(&g2, "w.f32"); CHECK(kv && kv->f == (double)0.1f);
-        kv = kmed_gguf_find_kv(&g2, "w.bool"); CHECK(kv && kv->type == KMED_GGUF_BOOL && kv->u == 1);
+        kv = kmed_gguf_find_kv(&g2, "w.bool");
+        CHECK(kv && kv->type == KMED_GGUF_BOOL && kv->u == 1);
         kv = kmed_gguf_find_kv(&g2, "w.str");
         CHECK(kv && kv->len == 6 && memcmp(kv->str, "\xec\x9d\x98\xed\x95\x99", 6) == 0);
         kv = kmed_gguf_find_kv(&g2, "w.arr_u16");
@@ -975,7 +977,8 @@ static void test_st_dirs(void)
     write_st(dir, "a.safetensors", "y");
     CHECK(kmed_st_open(&st, dir, &e) == KMED_ERR_FORMAT && strstr(e.msg, "index"));
     write_text(dir, "model.safetensors.index.json",
-               "{\"metadata\":{},\"weight_map\":{\"x\":\"b.safetensors\",\"y\":\"a.safetensors\"}}");
+               "{\"metadata\":{},"
+               "\"weight_map\":{\"x\":\"b.safetensors\",\"y\":\"a.safetensors\"}}");
     CHECK_OK(rc = kmed_st_open(&st, dir, &e));
     if (rc == KMED_OK) {
         CHECK(st.n_tensors == 2 && strcmp(st.tensors[0].name, "y") == 0); /* a.* first */
@@ -1160,7 +1163,10 @@ static void test_gguf_malformed(void)
     for (cut = 0; cut < need_end; cut++) {
         char *copy = (char *)malloc(cut + 1);
         memcpy(copy, b.data, cut);
-        if (kmed__gguf_open_mem(&g, copy, cut, "cut", &e) == KMED_OK) { oks++; kmed_gguf_close(&g); }
+        if (kmed__gguf_open_mem(&g, copy, cut, "cut", &e) == KMED_OK) {
+            oks++;
+            kmed_gguf_close(&g);
+        }
         free(copy);
     }
     CHECKF(oks == 0, "GGUF truncations: %zu accepted", oks);
@@ -1193,7 +1199,10 @@ static void test_mutations(const char *fx)
         memcpy(copy, b.data, b.len);
         for (k = 0; k < nflip; k++)
             copy[kmed_rng_below(&rng, b.len)] = (char)kmed_rng_u64(&rng);
-        if (kmed__gguf_open_mem(&g, copy, b.len, "m", NULL) == KMED_OK) { ok++; kmed_gguf_close(&g); }
+        if (kmed__gguf_open_mem(&g, copy, b.len, "m", NULL) == KMED_OK) {
+            ok++;
+            kmed_gguf_close(&g);
+        }
     }
     free(copy);
     CHECK(ok > 0 && ok < 3000);

@@ -33,7 +33,8 @@ static void put_str(kmed_buf *b, const char *s, size_t n)
     size_t i = 0;
     while (i < n) {
         unsigned char c = (unsigned char)s[i];
-        size_t k, len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        size_t k, len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3
+                      : (c >> 3) == 30 ? 4 : 0;
         int ok = len > 0 && i + len <= n;
         for (k = 1; ok && k < len; k++) ok = ((unsigned char)s[i + k] >> 6) == 2;
         if (ok && len == 2 && c < 0xc2) ok = 0;
@@ -434,8 +435,9 @@ static void inspect_npy(kmed_buf *b, const char *path, const opts *o)
     if (o->json) {
         kmed_buf_puts(b, "{\n  \"path\": ");
         put_str(b, path, strlen(path));
-        kmed_buf_printf(b, ",\n  \"format\": \"npy\",\n  \"descr\": \"%s\",\n  \"fortran_order\": %s,"
-                        "\n  \"shape\": [", descr, fortran ? "true" : "false");
+        kmed_buf_printf(b, ",\n  \"format\": \"npy\",\n  \"descr\": \"%s\",\n"
+                        "  \"fortran_order\": %s,\n  \"shape\": [", descr,
+                        fortran ? "true" : "false");
         for (i = 0; i < nd; i++) kmed_buf_printf(b, "%s%llu", i ? ", " : "", shape[i]);
         kmed_buf_printf(b, "],\n  \"bytes\": %zu,\n  \"head\": [", m.size - off);
     } else {

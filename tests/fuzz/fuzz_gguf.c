@@ -10,7 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FUZZ_CHECK(c) do { if (!(c)) { fprintf(stderr, "check failed: %s\n", #c); abort(); } } while (0)
+#define FUZZ_CHECK(c) \
+    do { if (!(c)) { fprintf(stderr, "check failed: %s\n", #c); abort(); } } while (0)
 
 static int fuzz_inside(const void *p, size_t n, const unsigned char *d, size_t size)
 {

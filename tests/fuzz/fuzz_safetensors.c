@@ -11,7 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FUZZ_CHECK(c) do { if (!(c)) { fprintf(stderr, "check failed: %s\n", #c); abort(); } } while (0)
+#define FUZZ_CHECK(c) \
+    do { if (!(c)) { fprintf(stderr, "check failed: %s\n", #c); abort(); } } while (0)
 
 static void fuzz_st_one(const unsigned char *d, size_t size)
 {
