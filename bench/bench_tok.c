@@ -2,7 +2,8 @@
    tokens/s, load excluded) over a few MB of Korean text, one document per line.
    Text: the lines of each FILE given (repeated up to --mb MB), else the Korean prose of the
    Gemma-2 fixture's cases.jsonl (categories ko_*), repeated.
-   cc -std=c99 -O2 -march=native -Wall -Wextra -I. bench/bench_tok.c -o build/bench_tok -lm -lpthread
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. bench/bench_tok.c -o build/bench_tok \
+      -lm -lpthread
    usage: build/bench_tok [--tokenizer PATH] [--mb N] [FILE...] */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"

@@ -1798,7 +1798,8 @@ static kmed_result kmed__tok_spm_charsmap(kmed__tok_impl *im, const unsigned cha
     im->nblob_len = n - 4 - tsize;
     return KMED_OK;
 bad:
-    return KMED__ERRF(err, KMED_ERR_FORMAT, path, "normalizer_spec: malformed precompiled_charsmap");
+    return KMED__ERRF(err, KMED_ERR_FORMAT, path,
+                      "normalizer_spec: malformed precompiled_charsmap");
 }
 
 /* What the loader keeps from TrainerSpec and NormalizerSpec. */
@@ -1953,8 +1954,9 @@ static kmed_result kmed__tok_load_spm(kmed_tok *tok, kmed__tok_impl *im, const u
                 return KMED__ERRF(err, KMED_ERR_FORMAT, path,
                                   "byte piece %zu found although byte_fallback is false", i);
             if (byte < 0)
-                return KMED__ERRF(err, KMED_ERR_FORMAT, path, "byte piece %zu (\"%.*s\") is invalid",
-                                  i, (int)(plen > 40 ? 40 : plen), (const char *)piece);
+                return KMED__ERRF(err, KMED_ERR_FORMAT, path,
+                                  "byte piece %zu (\"%.*s\") is invalid", i,
+                                  (int)(plen > 40 ? 40 : plen), (const char *)piece);
             im->flags[i] |= KMED__TOK_F_BYTE;
             im->byte_id[byte] = (int)i;
         }

@@ -448,7 +448,7 @@ static void test_gemma(const char *fx)
     t0 = kmed_time_now() - t0;
     if (e.code) return;
     printf("gemma2 tokenizer.json loaded in %.3f s\n", t0);
-    CHECK(tok.kind == KMED_TOK_HF_BPE && tok.n_vocab == 256000);
+    CHECK(tok.kind == KMED_TOK_HF_BPE && kmed_tok_vocab_size(&tok) == 256000);
     CHECK(tok.bos_id == 2 && tok.eos_id == 1 && tok.pad_id == 0 && tok.unk_id == 3);
     CHECK(tok.sot_id == 106 && tok.eot_id == 107 && tok.add_bos == 1 && tok.add_eos == 0);
     CHECK(kmed_tok_id(&tok, "<start_of_turn>", 15) == 106);

@@ -1,7 +1,8 @@
 /* kmed-tokenize: text -> ids / pieces / counts and ids -> text with a Gemma tokenizer
    (tokenizer.json, tokenizer.model or a model directory), Gemma chat prompts, and a JSONL
    batch mode for comparing with other implementations.
-   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tools/kmed-tokenize.c -o build/kmed-tokenize -lm -lpthread */
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tools/kmed-tokenize.c \
+      -o build/kmed-tokenize -lm -lpthread */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "common.h"
@@ -29,8 +30,8 @@ static const char usage[] =
     "  --render           with --chat: print the rendered prompt instead of ids\n"
     "  --jsonl            batch mode: one JSON request per input line, one JSON answer per\n"
     "                     output line, in order:\n"
-    "                       {\"text\": s, \"add_special_tokens\": true}        -> {\"ids\": [...]}\n"
-    "                       {\"ids\": [...], \"skip_special_tokens\": false}   -> {\"text\": s}\n"
+    "                       {\"text\": s, \"add_special_tokens\": true}  -> {\"ids\": [...]}\n"
+    "                       {\"ids\": [...], \"skip_special_tokens\": false} -> {\"text\": s}\n"
     "                       {\"messages\": [...], \"add_generation_prompt\": b} ->\n"
     "                                                     {\"text\": prompt, \"ids\": [...]}\n"
     "                     a line that fails -> {\"error\": \"...\"} and the batch goes on\n"
@@ -283,8 +284,10 @@ int main(int argc, char **argv)
         usage_error(usage, "--decode, --chat and --jsonl exclude each other");
     if (text && (file || decode || chat || jsonl))
         usage_error(usage, "a TEXT argument goes with none of --file, --decode, --chat, --jsonl");
-    if (file && (decode || chat)) usage_error(usage, "--file goes with neither --decode nor --chat");
-    if ((render || no_gen) && !chat) usage_error(usage, "--render and --no-generation-prompt need --chat");
+    if (file && (decode || chat))
+        usage_error(usage, "--file goes with neither --decode nor --chat");
+    if ((render || no_gen) && !chat)
+        usage_error(usage, "--render and --no-generation-prompt need --chat");
     die_if(kmed_tok_load(&tok, tok_path, &err), &err, "loading the tokenizer");
     if (jsonl) {
         run_jsonl(&tok, file ? file : "-");

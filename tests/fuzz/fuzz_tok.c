@@ -144,7 +144,10 @@ int main(int argc, char **argv)
         const unsigned char *src;
         size_t src_len;
         if (pick < 3) { src = (const unsigned char *)texts[pick]; src_len = strlen(texts[pick]); }
-        else if (pick == 3 || !model) { src = (const unsigned char *)seed.data; src_len = seed.len; }
+        else if (pick == 3 || !model) {
+            src = (const unsigned char *)seed.data;
+            src_len = seed.len;
+        }
         else { src = NULL; src_len = model_len + 1; }
         buf = (unsigned char *)realloc(buf, src_len + 64);
         if (!src) { buf[0] = 0; memcpy(buf + 1, model, model_len); }
