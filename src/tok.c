@@ -1664,7 +1664,11 @@ static kmed_result kmed__tok_load_json(kmed_tok *tok, kmed__tok_impl *im, const 
     im->ignore_merges = kmed_json_bool(kmed_json_get(model, "ignore_merges"), 0);
     unk = kmed_json_get(model, "unk_token");
     if (unk && unk->type == KMED_JSON_STRING) tok->unk_id = kmed__tok_vfind(im, unk->str, unk->len);
-    /* Added tokens, cut out before (normalized false) or after normalisation. */
+    if ((r = kmed__tok_parse_ops(kmed_json_get(root, "normalizer"), "normalizer", im->norm,
+                                 &im->n_norm, 0, path, err)))
+        return r;
+    /* Added tokens, cut out before (normalized false) or after normalisation (true: the
+       token's own text is normalised too, as HF matches it). */
     for (i = 0; added && i < added->len; i++) {
         const kmed_json *a = &added->kids[i];
         const kmed_json *content = kmed_json_get(a, "content");
@@ -1674,10 +1678,21 @@ static kmed_result kmed__tok_load_json(kmed_tok *tok, kmed__tok_impl *im, const 
         if (!content || content->type != KMED_JSON_STRING)
             return KMED__ERRF(err, KMED_ERR_FORMAT, path, "added_tokens[%zu]: no content", i);
         if (!content->len) continue; /* HF ignores empty tokens */
-        if (!kmed__tok_set_piece(im, id, content->str, content->len) ||
-            !kmed__tok_trie_add(normalized ? &im->norm_added : &im->raw_added, content->str,
-                                content->len, id))
+        if (!kmed__tok_set_piece(im, id, content->str, content->len))
             return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
+        if (normalized) {
+            kmed__tok_work w;
+            const char *ns;
+            size_t nlen;
+            int ok;
+            memset(&w, 0, sizeof w);
+            ok = kmed__tok_normalize(im, &w, content->str, content->len, &ns, &nlen) &&
+                 (!nlen || kmed__tok_trie_add(&im->norm_added, ns, nlen, id));
+            kmed__tok_work_free(&w);
+            if (!ok) return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
+        } else if (!kmed__tok_trie_add(&im->raw_added, content->str, content->len, id)) {
+            return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
+        }
         im->flags[id] |= KMED__TOK_F_ADDED;
         if (special) im->flags[id] |= KMED__TOK_F_SPECIAL;
         if (kmed_json_bool(kmed_json_get(a, "lstrip"), 0)) im->flags[id] |= KMED__TOK_F_LSTRIP;
@@ -1685,9 +1700,6 @@ static kmed_result kmed__tok_load_json(kmed_tok *tok, kmed__tok_impl *im, const 
         if (kmed_json_bool(kmed_json_get(a, "single_word"), 0))
             im->flags[id] |= KMED__TOK_F_SWORD;
     }
-    if ((r = kmed__tok_parse_ops(kmed_json_get(root, "normalizer"), "normalizer", im->norm,
-                                 &im->n_norm, 0, path, err)))
-        return r;
     if ((r = kmed__tok_parse_ops(kmed_json_get(root, "pre_tokenizer"), "pre_tokenizer", im->pre,
                                  &im->n_pre, 0, path, err)))
         return r;

@@ -273,6 +273,24 @@ static void test_long_word(void)
     kmed_tok_free(&tok);
 }
 
+/* A normalized added token is matched on normalised text by its normalised content. */
+static void test_normalized_added(void)
+{
+    static const char *json =
+        "{\"added_tokens\":[{\"id\":3,\"content\":\"a b\",\"special\":false,"
+        "\"normalized\":true}],\"normalizer\":{\"type\":\"Replace\",\"pattern\":"
+        "{\"String\":\" \"},\"content\":\"_\"},"
+        "\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1,\"_\":2},\"merges\":[]}}";
+    static const int want[] = {0, 3, 2, 1}, want2[] = {0, 2, 3};
+    kmed_tok tok;
+    kmed_error e = {0};
+    CHECK_OK(load_str(&tok, json, &e));
+    check_enc(&tok, "aa b b", want, 4, "normalized added token");
+    /* "a_b" in the raw text normalises to the same string, so it matches too. */
+    check_enc(&tok, "a a_b", want2, 3, "raw text equal to the normalised token");
+    kmed_tok_free(&tok);
+}
+
 static void test_pipeline_ops(void)
 {
     /* Prepend + Split(MergedWithPrevious) on ▁, Strip decoder: a Llama-like file. */
@@ -566,6 +584,7 @@ int main(void)
     test_decode_bytes();
     test_long_word();
     test_pipeline_ops();
+    test_normalized_added();
     test_malformed();
     test_chat_errors();
     test_spm("bpe_identity", "sentences");
