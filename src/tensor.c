@@ -1234,6 +1234,200 @@ static void kmed__mv_fast_bf16(const kmed__mv_ctx *c, size_t n0, size_t n1)
     }
 }
 
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define KMED__VNNI512 1
+/* FAST Q8_0/Q4_0 with 512-bit VNNI, two blocks per vpdpbusd. The weights enter unsigned
+   (Q4_0 nibbles as stored, Q8_0 as int8 + 128), so each block's integer sum is the exact
+   dot minus a bias term bias*sum(x), which is added back per block in float from cx[b].
+   x is re-laid per row as [qs: K bytes, each block pair arranged like the decoded weight
+   bytes][xd: nb block scales][cx: nb floats, -8 or -128 times the block's sum of q]. */
+static size_t kmed__vx_stride(size_t K)
+{
+    size_t nb = K / KMED_QK;
+    return (K + nb * 8 + 64 + 63) / 64 * 64;
+}
+
+static void kmed__vx_build(unsigned char *dst, const float *x, kmed_dtype wt, size_t K,
+                           kmed_block_q8_0 *tmp /* K/32 */)
+{
+    size_t nb = K / KMED_QK, b, i;
+    int8_t *qs = (int8_t *)dst;
+    float *xd = (float *)(void *)(dst + K), *cx = xd + nb;
+    int q4 = wt == KMED_Q4_0;
+    kmed_quantize_row(KMED_Q8_0, x, tmp, K);
+    for (b = 0; b < nb; b++) {
+        int sum = 0;
+        for (i = 0; i < KMED_QK; i++) sum += tmp[b].qs[i];
+        xd[b] = kmed__tensor_h2f(tmp[b].d);
+        cx[b] = (float)(sum * (q4 ? -8 : -128));     /* exact: |sum * 128| < 2^24 */
+    }
+    for (b = 0; b + 2 <= nb; b += 2) {
+        int8_t *o = qs + b * KMED_QK;
+        if (q4) {
+            /* decoded weight bytes of a pair: b0[0:16] b1[0:16] b0[16:32] b1[16:32] */
+            memcpy(o, tmp[b].qs, 16); memcpy(o + 16, tmp[b + 1].qs, 16);
+            memcpy(o + 32, tmp[b].qs + 16, 16); memcpy(o + 48, tmp[b + 1].qs + 16, 16);
+        } else {
+            memcpy(o, tmp[b].qs, 32); memcpy(o + 32, tmp[b + 1].qs, 32);
+        }
+    }
+    if (nb & 1) memcpy(qs + (nb - 1) * KMED_QK, tmp[nb - 1].qs, 32);   /* odd tail: as is */
+}
+
+/* dw[b] = fp16 scale of block b (blocks `bs` bytes apart, scale first). */
+static void kmed__vw_scales(const unsigned char *row, size_t bs, size_t nb, float *dw)
+{
+    size_t b;
+    for (b = 0; b < nb; b++) {
+        uint16_t h;
+        memcpy(&h, row + b * bs, 2);
+        dw[b] = kmed__tensor_h2f(h);
+    }
+}
+
+/* Weight bytes of block pair p, unsigned, in the order kmed__vx_build arranged x. */
+static __m512i kmed__vw_pair(const unsigned char *row, kmed_dtype wt, size_t p)
+{
+    if (wt == KMED_Q4_0) {
+        const kmed_block_q4_0 *w = (const kmed_block_q4_0 *)(const void *)row + 2 * p;
+        __m128i v0 = _mm_loadu_si128((const __m128i *)(const void *)w[0].qs);
+        __m128i v1 = _mm_loadu_si128((const __m128i *)(const void *)w[1].qs);
+        __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(v0), v1, 1);
+        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(u), _mm256_srli_epi16(u, 4), 1);
+        return _mm512_and_si512(z, _mm512_set1_epi8(15));
+    } else {
+        const kmed_block_q8_0 *w = (const kmed_block_q8_0 *)(const void *)row + 2 * p;
+        __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)w[0].qs);
+        __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)w[1].qs);
+        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1),
+                                _mm512_set1_epi8((char)0x80));
+    }
+}
+
+typedef struct kmed__vq_ctx {
+    float *y;                  /* (M, N) */
+    const unsigned char *w;    /* (N, K) Q8_0 or Q4_0 */
+    kmed_dtype wt;
+    size_t M, N, K, wrow, xstride, wbuf_bytes;
+    int acc;
+    const unsigned char *xv;   /* (M, xstride): kmed__vx_build rows */
+    unsigned char *wbuf;       /* per thread: wbuf_bytes each */
+} kmed__vq_ctx;
+
+/* Dot of one weight row with one x row; zb: the row's decoded pairs, or NULL to decode in
+   registers (M = 1). Same arithmetic either way. */
+static float kmed__vq_dot(const kmed__vq_ctx *c, const unsigned char *row, const __m512i *zb,
+                          const float *dw, const unsigned char *xr, float *sc)
+{
+    size_t nb = c->K / KMED_QK, np = nb / 2, j, p, g;
+    const float *xd = (const float *)(const void *)(xr + c->K), *cx = xd + nb;
+    /* lane -> block of the pair: Q4_0 lanes alternate by fours, Q8_0 by eights */
+    const __m512i base = c->wt == KMED_Q4_0
+        ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+        : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i two = _mm512_set1_epi32(2);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, accb = acc0;
+    float r;
+    for (j = 0; j + 16 <= nb; j += 16) {
+        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(dw + j), _mm512_loadu_ps(xd + j));
+        _mm512_storeu_ps(sc + j, s);
+        accb = _mm512_fmadd_ps(s, _mm512_loadu_ps(cx + j), accb);
+    }
+    r = 0.0f;
+    for (; j < nb; j++) {
+        sc[j] = dw[j] * xd[j];
+        r += sc[j] * cx[j];
+    }
+    r += _mm512_reduce_add_ps(accb);
+    /* 8 pairs per group share one vector of 16 block scales, picked per lane by vpermps */
+    for (g = 0; g < np; g += 8) {
+        __m512 sv = _mm512_loadu_ps(sc + 2 * g);   /* sc has 16 floats of slack */
+        __m512i idx = base;
+        size_t pe = np - g < 8 ? np : g + 8;
+        for (p = g; p < pe; p += 2) {
+            /* two pairs per step on two accumulators hide the FMA latency */
+            __m512i z0 = zb ? zb[p] : kmed__vw_pair(row, c->wt, p);
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z0,
+                                             _mm512_loadu_si512((const void *)(xr + p * 64)));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(idx, sv), acc0);
+            idx = _mm512_add_epi32(idx, two);
+            if (p + 1 < pe) {
+                __m512i z1 = zb ? zb[p + 1] : kmed__vw_pair(row, c->wt, p + 1);
+                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z1,
+                                                 _mm512_loadu_si512((const void *)(xr + p * 64 + 64)));
+                acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(idx, sv),
+                                       acc1);
+                idx = _mm512_add_epi32(idx, two);
+            }
+        }
+    }
+    r += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    if (nb & 1) {   /* odd last block: exact integer dot */
+        const int8_t *xq = (const int8_t *)(xr + (nb - 1) * KMED_QK);
+        int sumi = 0;
+        if (c->wt == KMED_Q4_0) {
+            const kmed_block_q4_0 *k = (const kmed_block_q4_0 *)(const void *)row + nb - 1;
+            for (j = 0; j < 16; j++)
+                sumi += ((k->qs[j] & 15) - 8) * xq[j] + ((k->qs[j] >> 4) - 8) * xq[j + 16];
+        } else {
+            const kmed_block_q8_0 *k = (const kmed_block_q8_0 *)(const void *)row + nb - 1;
+            for (j = 0; j < 32; j++) sumi += k->qs[j] * xq[j];
+        }
+        /* this block's bias term was already added through cx; take it back out */
+        r += (float)sumi * sc[nb - 1] - sc[nb - 1] * cx[nb - 1];
+    }
+    return r;
+}
+
+static void kmed__vq_range(void *vctx, size_t n0, size_t n1, int thread)
+{
+    const kmed__vq_ctx *c = (const kmed__vq_ctx *)vctx;
+    size_t nb = c->K / KMED_QK, np = nb / 2, n, m;
+    unsigned char *wb = c->wbuf + (size_t)thread * c->wbuf_bytes;
+    __m512i *zb = (__m512i *)(void *)(wb + ((64 - ((uintptr_t)wb & 63)) & 63));
+    float *dw = (float *)(void *)(zb + np), *sc = dw + nb + 16;
+    size_t bs = c->wt == KMED_Q4_0 ? sizeof(kmed_block_q4_0) : sizeof(kmed_block_q8_0);
+    for (n = n0; n < n1; n++) {
+        const unsigned char *row = c->w + n * c->wrow;
+        kmed__vw_scales(row, bs, nb, dw);
+        if (c->M > 1) {
+            size_t p;
+            for (p = 0; p < np; p++) zb[p] = kmed__vw_pair(row, c->wt, p);
+        }
+        for (m = 0; m < c->M; m++) {
+            float r = kmed__vq_dot(c, row, c->M > 1 ? zb : NULL, dw, c->xv + m * c->xstride,
+                                   sc);
+            if (c->acc) c->y[m * c->N + n] += r;
+            else c->y[m * c->N + n] = r;
+        }
+    }
+}
+
+/* Runs FAST Q8_0/Q4_0 through the VNNI kernel; 0 when memory is short. */
+static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w,
+                        kmed_dtype wt, size_t M, size_t N, size_t K, int acc)
+{
+    kmed__vq_ctx c;
+    size_t nb = K / KMED_QK, m, nt = (size_t)kmed_pool_threads(pool);
+    size_t xs = kmed__vx_stride(K), wbb = nb / 2 * 64 + nb * 8 + 64 + 64 + 64;
+    unsigned char *mem = (unsigned char *)KMED_MALLOC(M * xs + nt * wbb + 64 + nb * 34);
+    unsigned char *xv;
+    if (!mem) return 0;
+    xv = mem + ((64 - ((uintptr_t)mem & 63)) & 63);
+    memset(&c, 0, sizeof c);
+    c.y = y; c.w = (const unsigned char *)w; c.wt = wt; c.M = M; c.N = N; c.K = K;
+    c.wrow = kmed__tensor_row_bytes(wt, K); c.xstride = xs; c.wbuf_bytes = wbb; c.acc = acc;
+    c.xv = xv;
+    c.wbuf = xv + M * xs;
+    for (m = 0; m < M; m++)
+        kmed__vx_build(xv + m * xs, x + m * K, wt, K, (kmed_block_q8_0 *)(void *)(c.wbuf + nt * wbb));
+    kmed_pool_for(pool, N, 16, kmed__vq_range, &c);
+    KMED_FREE(mem);
+    return 1;
+}
+#endif
+
 static void kmed__mv_range(void *vctx, size_t n0, size_t n1, int thread)
 {
     const kmed__mv_ctx *c = (const kmed__mv_ctx *)vctx;
@@ -1259,6 +1453,11 @@ KMED_API void kmed_matmul(kmed_pool *pool, float *y, const float *x, const void 
 {
     if (M == 0 || N == 0) return;
 #ifdef KMED__SIMD
+#ifdef KMED__VNNI512
+    if ((flags & KMED_MM_FAST) && (wt == KMED_Q8_0 || wt == KMED_Q4_0) &&
+        kmed__vq_run(pool, y, x, w, wt, M, N, K, (flags & KMED_MM_ACC) != 0))
+        return;
+#endif
     if ((flags & KMED_MM_FAST) && (wt == KMED_Q8_0 || wt == KMED_Q4_0 || wt == KMED_BF16)) {
         kmed__mv_ctx c;
         memset(&c, 0, sizeof c);
