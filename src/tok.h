@@ -70,9 +70,12 @@ KMED_API kmed_result kmed_tok_encode(const kmed_tok *tok, const kmed_tok_config 
                                      size_t *n, kmed_error *err);
 
 /* Appends the text of ids[0..n) to out (HF decode: byte pieces reassembled, an invalid
-   byte run becomes one U+FFFD per byte; SentencePiece models decode as spm_decode does).
+   byte run becomes one U+FFFD per byte of the run, added tokens kept as their text).
    skip_special drops special tokens (Gemma: <pad> <eos> <bos> <unk> <start_of_turn>
-   <end_of_turn>). An id outside [0, n_vocab) is KMED_ERR_ARG. */
+   <end_of_turn>). SentencePiece models decode as spm_decode does with skip_special = 1
+   (control pieces vanish, <unk> is " \u2047 ", a leading dummy-prefix space is dropped);
+   skip_special = 0 keeps control pieces as their text. An id outside [0, n_vocab) is
+   KMED_ERR_ARG. */
 KMED_API kmed_result kmed_tok_decode(const kmed_tok *tok, const int *ids, size_t n,
                                      int skip_special, kmed_buf *out, kmed_error *err);
 
