@@ -14,7 +14,7 @@
 
 static const char *usage =
     "usage: bench_train [--type f32|bf16|q8_0|q4_0] [--threads N] [--seq T] [--steps N]\n"
-    "                   [--ckpt] [--layers L] [--vocab V] [--r R]\n"
+    "                   [--ckpt] [--layers L] [--vocab V] [--r R] [--head-rows N]\n"
     "  defaults: --type q4_0 --threads 2 --seq 256 --steps 3 --layers 8 --vocab 256000 "
     "--r 16\n";
 
@@ -36,7 +36,7 @@ static void *rand_weight(kmed_rng *rng, kmed_dtype t, size_t rows, size_t cols, 
 int main(int argc, char **argv)
 {
     const char *type_s = "q4_0";
-    long threads = 2, T = 256, steps = 3, L = 8, V = 256000, r = 16;
+    long threads = 2, T = 256, steps = 3, L = 8, V = 256000, r = 16, head_rows = 0;
     int ckpt = 0, i, l, t;
     kmed_gemma_config c;
     kmed_gemma m;
@@ -65,6 +65,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--vocab")) V = arg_long(argc, argv, &i, usage);
         else if (!strcmp(a, "--r")) r = arg_long(argc, argv, &i, usage);
         else if (!strcmp(a, "--ckpt")) ckpt = 1;
+        else if (!strcmp(a, "--head-rows")) head_rows = arg_long(argc, argv, &i, usage);
         else usage_error(usage, "unknown flag '%s'", a);
     }
     dt = kmed_dtype_parse(type_s);
@@ -102,6 +103,7 @@ int main(int argc, char **argv)
     die_if(kmed_lora_create(&lora, &m, &lc, &err), &err, "lora");
     memset(&tc, 0, sizeof tc);
     tc.max_batch = 1; tc.max_seq = (int)T; tc.checkpointing = ckpt;
+    tc.head_rows = (size_t)head_rows;
     tc.optim.lr = 1e-4f;
     die_if(kmed_pool_create(&pool, (int)threads, &err), &err, "pool");
     die_if(kmed_train_create(&tr, &m, &lora, &tc, pool, &err), &err, "trainer");

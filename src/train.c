@@ -873,7 +873,7 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
 
     /* Arena: activations (all layers, or one under checkpointing), residual stream,
        gradient scratch, LM-head block. */
-    tr->head_rows = cfg->head_rows ? cfg->head_rows : ((size_t)16 << 20) / V;
+    tr->head_rows = cfg->head_rows ? cfg->head_rows : ((size_t)32 << 20) / V;
     if (tr->head_rows < 1) tr->head_rows = 1;
     if (tr->head_rows > N) tr->head_rows = N;
     nacts = cfg->checkpointing ? 1 : (size_t)L;

@@ -82,7 +82,7 @@ typedef struct kmed_train_config {
     int checkpointing;        /* 1: keep only each layer's input and recompute the layer in
                                  the backward pass (about 1/3 more compute, far less memory) */
     size_t head_rows;         /* LM-head row block (logits [rows, V] live at once);
-                                 0: as many rows as fit 16M floats (64 MB) */
+                                 0: as many rows as fit 32M floats (128 MB) */
     float spike_factor;       /* kmed_train_step fails when the loss exceeds factor x the
                                  running mean (after 10 steps); 0: off */
     kmed_optim_config optim;

@@ -790,6 +790,32 @@ static void test_resume_and_guards(void)
         kmed_lora_free(&la);
     }
 
+    /* loss-spike guard: after 10 steps, a loss 3x the running mean stops the step */
+    {
+        kmed_train_config tc;
+        kmed_train *tr = NULL;
+        kmed_result rc;
+        double loss = 0;
+        int s;
+        memset(&lc, 0, sizeof lc);
+        lc.r = 2;
+        CHECK_OK(kmed_lora_create(&la, &tm.m, &lc, &e));
+        memset(&tc, 0, sizeof tc);
+        tc.max_batch = TB; tc.max_seq = TT; tc.spike_factor = 2.0f;
+        CHECK_OK(kmed_train_create(&tr, &tm.m, &la, &tc, NULL, &e));
+        for (s = 0; tr && s < 10; s++)
+            CHECK_OK(kmed_train_step(tr, ids[s % 3], labels[s % 3], 1, TB, TT, &loss, &e));
+        if (tr) {
+            CHECK(fabs(tr->loss_ema - loss) < 0.2 * loss); /* a running mean of these */
+            tr->loss_ema = loss / 3.0; /* as if the losses so far had been 3x lower */
+            rc = kmed_train_step(tr, ids[0], labels[0], 1, TB, TT, &loss, &e);
+            CHECKF(rc == KMED_ERR_NUMERIC && strstr(e.msg, "spike"), "spike guard: %s", e.msg);
+            CHECK(kmed_train_step_count(tr) == 10);
+        }
+        kmed_train_free(tr);
+        kmed_lora_free(&la);
+    }
+
     /* schedules (HF: step k uses lambda(k - 1)) */
     {
         kmed_optim_config oc;
