@@ -1,7 +1,8 @@
 /* bench_data: data pipeline throughput on generated KorMedMCQA-style JSONL (one core).
    Measures load + clean/NFC + exact dedup (the streaming core; target >= 20 MB/s), then
    the same plus MinHash near-dedup, then the whole kmed_data_run.
-   cc -std=c99 -O2 -march=native -Wall -Wextra -I. bench/bench_data.c -o build/bench_data -lm -lpthread
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. bench/bench_data.c -o build/bench_data \
+      -lm -lpthread
    usage: build/bench_data [MB (default 4)] [dir for the generated file (default build)] */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"

@@ -991,7 +991,10 @@ static kmed_result kmed__data_field_str(const kmed_json *obj, const kmed_data_so
 {
     kmed_buf b = {0};
     *out = NULL;
-    if (!kmed__data_text_of(kmed__data_get(obj, src, dst), &b)) { kmed_buf_free(&b); return KMED_OK; }
+    if (!kmed__data_text_of(kmed__data_get(obj, src, dst), &b)) {
+        kmed_buf_free(&b);
+        return KMED_OK;
+    }
     if (b.failed) { kmed_buf_free(&b); return KMED_ERR_NOMEM; }
     *out = b.data;
     return KMED_OK;
@@ -1029,7 +1032,10 @@ KMED_API void kmed_data_record_free(kmed_data_record *rec)
     KMED_FREE(rec->lang); KMED_FREE(rec->title); KMED_FREE(rec->question);
     KMED_FREE(rec->symptoms); KMED_FREE(rec->answer_text); KMED_FREE(rec->explanation);
     for (k = 0; k < rec->n_options && k < KMED_DATA_MAX_OPTIONS; k++) KMED_FREE(rec->options[k]);
-    for (i = 0; i < rec->n_turns; i++) { KMED_FREE(rec->turns[i].key); KMED_FREE(rec->turns[i].text); }
+    for (i = 0; i < rec->n_turns; i++) {
+        KMED_FREE(rec->turns[i].key);
+        KMED_FREE(rec->turns[i].text);
+    }
     for (i = 0; i < rec->n_sections; i++) {
         KMED_FREE(rec->sections[i].key);
         KMED_FREE(rec->sections[i].text);
@@ -2744,7 +2750,10 @@ KMED_API kmed_result kmed_data_config_load(kmed_data_config *cfg, const char *pa
         cfg->safety_no_defaults = !kmed_json_bool(kmed_json_get(v, "defaults"), 1);
         if ((w = kmed_json_get(v, "lists")) && w->type == KMED_JSON_OBJECT) {
             cfg->safety_extra = (kmed_data_safety *)kmed__calloc(1, sizeof *cfg->safety_extra);
-            if (!cfg->safety_extra) { r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory"); goto done; }
+            if (!cfg->safety_extra) {
+                r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
+                goto done;
+            }
             for (i = 0; i < w->len; i++) {
                 const kmed_json *list = &w->kids[i];
                 size_t k;
@@ -2905,13 +2914,15 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
     }
     memset(&e2, 0, sizeof e2);
     r = kmed_data_record_clean(rec, src->strip_html, &e2);
-    if (r == KMED_ERR_FORMAT) return kmed__data_drop(R, sr, rec->id, KMED_DATA_DROP_EMPTY, e2.msg, err);
+    if (r == KMED_ERR_FORMAT)
+        return kmed__data_drop(R, sr, rec->id, KMED_DATA_DROP_EMPTY, e2.msg, err);
     if (r) { if (err) *err = e2; return r; }
     R->text.len = 0;
     kmed_data_record_text(rec, &R->text);
     R->question.len = 0;
     kmed_data_record_question(rec, &R->question);
-    if (R->text.failed || R->question.failed) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
+    if (R->text.failed || R->question.failed)
+        return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     chars = kmed__data_chars(R->text.data, R->text.len);
     if (chars < min_chars || chars > max_chars) {
         snprintf(detail, sizeof detail, "%zu characters (limits %zu-%zu)", chars, min_chars,
@@ -3010,7 +3021,8 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
         if (sft) {
             const char *disc = NULL;
             if (cfg->disclaimer && cfg->disclaimer_text[0]) disc = cfg->disclaimer_text;
-            else if (cfg->disclaimer) disc = kmed_data_disclaimer(kmed__data_is_korean(R->question.data));
+            else if (cfg->disclaimer)
+                disc = kmed_data_disclaimer(kmed__data_is_korean(R->question.data));
             r = kmed_data_format_sft(rec, disc, &R->line, err);
         } else {
             r = kmed_data_format_cpt(rec, &R->line, err);
@@ -3104,7 +3116,10 @@ static kmed_result kmed__data_write(kmed__data_run *R, kmed_error *err)
             snprintf(name, sizeof name, "%s_packed.jsonl", kmed__data_out_names[k]);
             if ((r = kmed_path_join(path, sizeof path, cfg->out_dir, name, err))) goto done;
             if ((r = kmed_data_pack_init(&pk[k], &cfg->pack, err))) goto done;
-            if ((r = kmed_afile_open(&pf[k], path, err))) { kmed_data_pack_free(&pk[k]); goto done; }
+            if ((r = kmed_afile_open(&pf[k], path, err))) {
+                kmed_data_pack_free(&pk[k]);
+                goto done;
+            }
             popened++;
         }
     }
@@ -3183,8 +3198,9 @@ KMED_API kmed_result kmed_data_run(const kmed_data_config *cfg, kmed_data_report
     if (!cfg->out_dir[0]) return KMED__ERR(err, KMED_ERR_ARG, "no output directory");
     if (cfg->n_sources > 0xFFFF) return KMED__ERR(err, KMED_ERR_LIMIT, "too many sources");
     for (si = 0; si < cfg->n_sources; si++)
-        if (cfg->sources[si].kind == KMED_DATA_DICT && (cfg->sources[si].format == KMED_DATA_FMT_SFT ||
-                                                        cfg->sources[si].format == KMED_DATA_FMT_BOTH))
+        if (cfg->sources[si].kind == KMED_DATA_DICT &&
+            (cfg->sources[si].format == KMED_DATA_FMT_SFT ||
+             cfg->sources[si].format == KMED_DATA_FMT_BOTH))
             return KMED__ERR(err, KMED_ERR_ARG, "source %s: a dictionary can only be cpt",
                              cfg->sources[si].path);
     rep->sources = (kmed_data_source_report *)kmed__calloc(cfg->n_sources ? cfg->n_sources : 1,
@@ -3212,7 +3228,10 @@ KMED_API kmed_result kmed_data_run(const kmed_data_config *cfg, kmed_data_report
         kmed_log(cb, KMED_LOG_INFO, "decontaminating against %zu eval items", rep->n_eval_items);
     if ((r = kmed_path_join(path, sizeof path, cfg->out_dir, ".spool.tmp", err))) goto done;
     R.spool = fopen(path, "w+b");
-    if (!R.spool) { r = KMED__ERRF(err, KMED_ERR_IO, path, "cannot create the spool file"); goto done; }
+    if (!R.spool) {
+        r = KMED__ERRF(err, KMED_ERR_IO, path, "cannot create the spool file");
+        goto done;
+    }
     if (!cfg->no_drop_log) {
         char dp[1200];
         if ((r = kmed_path_join(dp, sizeof dp, cfg->out_dir, "drops.jsonl", err))) goto done;
@@ -3282,7 +3301,8 @@ KMED_API kmed_result kmed_data_run(const kmed_data_config *cfg, kmed_data_report
             r = kmed_file_write_atomic(path, b.data, b.len, err);
         b.len = 0;
         kmed_data_report_table(rep, &b);
-        if (!r && (r = kmed_path_join(path, sizeof path, cfg->out_dir, "report.txt", err)) == KMED_OK)
+        if (!r &&
+            (r = kmed_path_join(path, sizeof path, cfg->out_dir, "report.txt", err)) == KMED_OK)
             r = kmed_file_write_atomic(path, b.data, b.len, err);
         kmed_buf_free(&b);
     }
@@ -3321,8 +3341,8 @@ KMED_API void kmed_data_report_json(const kmed_data_report *rep, kmed_buf *out)
         kmed__data_json_kv(out, "kind", kmed_data_kind_name(s->kind));
         kmed_buf_printf(out, ",\"in\":%zu,\"kept\":%zu,\"dropped\":{", s->n_in, s->n_kept);
         for (d = 0; d < KMED_DATA_DROP_N; d++) {
-            kmed_buf_printf(out, "%s\"%s\":%zu", d ? "," : "", kmed_data_drop_name((kmed_data_drop)d),
-                            s->n_drop[d]);
+            kmed_buf_printf(out, "%s\"%s\":%zu", d ? "," : "",
+                            kmed_data_drop_name((kmed_data_drop)d), s->n_drop[d]);
             dropped += s->n_drop[d];
         }
         kmed_buf_printf(out, "},\"dropped_total\":%zu,\"flagged\":%zu,\"examples_train\":%zu,"
@@ -3332,11 +3352,12 @@ KMED_API void kmed_data_report_json(const kmed_data_report *rep, kmed_buf *out)
     kmed_buf_printf(out, "\n  ],\n  \"totals\": {\"in\":%zu,\"kept\":%zu,\"dropped\":{",
                     rep->n_in, rep->n_kept);
     for (d = 0; d < KMED_DATA_DROP_N; d++)
-        kmed_buf_printf(out, "%s\"%s\":%zu", d ? "," : "", kmed_data_drop_name((kmed_data_drop)d),
-                        rep->n_drop[d]);
+        kmed_buf_printf(out, "%s\"%s\":%zu", d ? "," : "",
+                        kmed_data_drop_name((kmed_data_drop)d), rep->n_drop[d]);
     kmed_buf_printf(out, "}},\n  \"stages\": {");
     for (d = 0; d < KMED_DATA_DROP_N; d++)
-        kmed_buf_printf(out, "%s\"%s\":\"%s\"", d ? "," : "", kmed_data_drop_name((kmed_data_drop)d),
+        kmed_buf_printf(out, "%s\"%s\":\"%s\"", d ? "," : "",
+                        kmed_data_drop_name((kmed_data_drop)d),
                         kmed_data_drop_stage((kmed_data_drop)d));
     kmed_buf_printf(out, "},\n  \"dedup\": {\"exact_clusters\":%zu,\"near_clusters\":%zu,"
                     "\"exact_dropped\":%zu,\"near_dropped\":%zu},\n",
@@ -3344,7 +3365,8 @@ KMED_API void kmed_data_report_json(const kmed_data_report *rep, kmed_buf *out)
                     rep->n_drop[KMED_DATA_DROP_NEAR_DUP]);
     kmed_buf_printf(out, "  \"decontam\": {\"eval_items\":%zu,\"ngram_dropped\":%zu,"
                     "\"near_dropped\":%zu},\n", rep->n_eval_items,
-                    rep->n_drop[KMED_DATA_DROP_CONTAM_NGRAM], rep->n_drop[KMED_DATA_DROP_CONTAM_NEAR]);
+                    rep->n_drop[KMED_DATA_DROP_CONTAM_NGRAM],
+                    rep->n_drop[KMED_DATA_DROP_CONTAM_NEAR]);
     kmed_buf_printf(out, "  \"examples\": {\"sft_train\":%zu,\"sft_val\":%zu,\"cpt_train\":%zu,"
                     "\"cpt_val\":%zu},\n  \"packed\": {", rep->n_sft_train, rep->n_sft_val,
                     rep->n_cpt_train, rep->n_cpt_val);
@@ -3356,14 +3378,25 @@ KMED_API void kmed_data_report_json(const kmed_data_report *rep, kmed_buf *out)
                     rep->seconds);
 }
 
+/* Width of a reason's column in the table: its name, at least 7. */
+static int kmed__data_colw(kmed_data_drop d)
+{
+    int n = (int)strlen(kmed_data_drop_name(d));
+    return n < 7 ? 7 : n;
+}
+
 KMED_API void kmed_data_report_table(const kmed_data_report *rep, kmed_buf *out)
 {
     int used[KMED_DATA_DROP_N], d, k;
     size_t si;
+    int w = 6;
+    for (si = 0; si < rep->n_sources; si++)
+        if ((int)strlen(rep->sources[si].name) > w) w = (int)strlen(rep->sources[si].name);
     for (d = 0; d < KMED_DATA_DROP_N; d++) used[d] = rep->n_drop[d] != 0;
-    kmed_buf_printf(out, "%-20s %-12s %7s", "source", "kind", "in");
+    kmed_buf_printf(out, "%-*s %-12s %7s", w, "source", "kind", "in");
     for (d = 0; d < KMED_DATA_DROP_N; d++)
-        if (used[d]) kmed_buf_printf(out, " %12s", kmed_data_drop_name((kmed_data_drop)d));
+        if (used[d]) kmed_buf_printf(out, " %*s", kmed__data_colw((kmed_data_drop)d),
+                                     kmed_data_drop_name((kmed_data_drop)d));
     kmed_buf_printf(out, " %7s %7s %7s %7s\n", "kept", "flagged", "train", "val");
     for (si = 0; si <= rep->n_sources; si++) {
         const kmed_data_source_report *s = si < rep->n_sources ? &rep->sources[si] : NULL;
@@ -3375,10 +3408,11 @@ KMED_API void kmed_data_report_table(const kmed_data_report *rep, kmed_buf *out)
                 fl += rep->sources[j].n_flagged;
             }
         }
-        kmed_buf_printf(out, "%-20.20s %-12s %7zu", s ? s->name : "TOTAL",
+        kmed_buf_printf(out, "%-*s %-12s %7zu", w, s ? s->name : "TOTAL",
                         s ? kmed_data_kind_name(s->kind) : "", s ? s->n_in : rep->n_in);
         for (d = 0; d < KMED_DATA_DROP_N; d++)
-            if (used[d]) kmed_buf_printf(out, " %12zu", s ? s->n_drop[d] : rep->n_drop[d]);
+            if (used[d]) kmed_buf_printf(out, " %*zu", kmed__data_colw((kmed_data_drop)d),
+                                         s ? s->n_drop[d] : rep->n_drop[d]);
         kmed_buf_printf(out, " %7zu %7zu %7zu %7zu\n", s ? s->n_kept : rep->n_kept,
                         s ? s->n_flagged : fl, s ? s->n_examples_train : tr,
                         s ? s->n_examples_val : va);

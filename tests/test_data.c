@@ -483,7 +483,8 @@ static void test_pack(void)
         CHECK_OK(kmed_json_parse(&seq, nl + 1, strlen(nl + 1) - 1, NULL, 0, &e));
         ids = kmed_json_get(seq.root, "input_ids");
         lab = kmed_json_get(seq.root, "labels");
-        CHECK(kmed_json_num(&ids->kids[0], 0) == 1000 + 'j' && kmed_json_num(&ids->kids[1], 0) == 1 &&
+        CHECK(kmed_json_num(&ids->kids[0], 0) == 1000 + 'j' &&
+              kmed_json_num(&ids->kids[1], 0) == 1 &&
               kmed_json_num(&lab->kids[1], 0) == 1 && kmed_json_num(&ids->kids[2], 0) == 0 &&
               kmed_json_num(&lab->kids[2], 0) == -100);
         kmed_json_free(&seq);
@@ -572,7 +573,8 @@ static void test_pack_gemma(const char *sft_jsonl)
     kmed_jsonl_close(&r);
     CHECKF(n > 5 && same == n, "gemma packing: %d of %d examples equal the rendered template", same,
            n);
-    CHECKF(masks_ok == n, "gemma packing: %d of %d examples train exactly the replies", masks_ok, n);
+    CHECKF(masks_ok == n, "gemma packing: %d of %d examples train exactly the replies",
+           masks_ok, n);
     kmed_data_pack_free(&p);
     kmed_tok_free(&tok);
 }
@@ -603,8 +605,10 @@ static void test_pipeline(void)
     int all_ok = 1;
     static const struct { const char *name; size_t in, kept; int reason; size_t n; } expect[] = {
         {"mcqa", 15, 3, KMED_DATA_DROP_MALFORMED, 4}, {"mcqa", 15, 3, KMED_DATA_DROP_EXACT_DUP, 1},
-        {"mcqa", 15, 3, KMED_DATA_DROP_NEAR_DUP, 1}, {"mcqa", 15, 3, KMED_DATA_DROP_CONTAM_NGRAM, 1},
-        {"mcqa", 15, 3, KMED_DATA_DROP_CONTAM_NEAR, 1}, {"mcqa", 15, 3, KMED_DATA_DROP_NOT_KOREAN, 1},
+        {"mcqa", 15, 3, KMED_DATA_DROP_NEAR_DUP, 1},
+        {"mcqa", 15, 3, KMED_DATA_DROP_CONTAM_NGRAM, 1},
+        {"mcqa", 15, 3, KMED_DATA_DROP_CONTAM_NEAR, 1},
+        {"mcqa", 15, 3, KMED_DATA_DROP_NOT_KOREAN, 1},
         {"mcqa", 15, 3, KMED_DATA_DROP_TOO_SHORT, 1}, {"mcqa", 15, 3, KMED_DATA_DROP_HARMFUL, 1},
         {"mcqa", 15, 3, KMED_DATA_DROP_SPLIT, 1},
         {"pharm", 3, 2, KMED_DATA_DROP_MALFORMED, 1},

@@ -1,7 +1,8 @@
 /* kmed-data: runs the data pipeline (read, clean, filter, safety, decontaminate, dedup, mix,
    format, split, pack) over Korean medical sources and writes train/val JSONL, packed token
    files and a report.
-   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tools/kmed-data.c -o build/kmed-data -lm -lpthread */
+   cc -std=c99 -O2 -march=native -Wall -Wextra -I. tools/kmed-data.c -o build/kmed-data \
+      -lm -lpthread */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "common.h"
@@ -11,7 +12,7 @@ static const char usage[] =
     "\n"
     "Reads the sources, cleans and filters them, removes duplicates and records that leak\n"
     "evaluation items, and writes into --out:\n"
-    "  sft_train.jsonl sft_val.jsonl   {\"id\",\"source\",\"messages\":[{\"role\",\"content\"},...]}\n"
+    "  sft_train.jsonl sft_val.jsonl   {\"id\",\"source\",\"messages\":[{\"role\",\"content\"}]}\n"
     "  cpt_train.jsonl cpt_val.jsonl   {\"id\",\"source\",\"text\"}\n"
     "  train.jsonl val.jsonl           both kinds together\n"
     "  *_packed.jsonl                  {\"input_ids\":[...],\"labels\":[...]} (with --tokenizer;\n"
@@ -68,11 +69,13 @@ static const char usage[] =
     "   \"dedup\": {\"exact\": true, \"near\": true, \"threshold\": 0.8, \"ngram\": 5,\n"
     "             \"num_perm\": 128, \"bands\": 16},\n"
     "   \"decontam\": {\"word_ngram\": 13, \"char_ngram\": 50, \"threshold\": 0.8},\n"
-    "   \"safety\": {\"action\": \"drop\", \"defaults\": true, \"lists\": {\"self_harm\": [\"...\"]}},\n"
+    "   \"safety\": {\"action\": \"drop\", \"defaults\": true,\n"
+    "              \"lists\": {\"self_harm\": [\"...\"]}},\n"
     "   \"disclaimer\": false,            (or a string: the text to append)\n"
     "   \"sources\": [{\"kind\": \"kormedmcqa\", \"path\": \"train.jsonl\", \"name\": \"kmmcqa\",\n"
-    "                \"weight\": 1, \"format\": \"auto\", \"min_korean\": 0, \"splits\": [\"train\"],\n"
-    "                \"subset\": \"\", \"split\": \"\", \"strip_html\": false,\n"
+    "                \"weight\": 1, \"format\": \"auto\", \"min_korean\": 0,\n"
+    "                \"splits\": [\"train\"], \"subset\": \"\", \"split\": \"\",\n"
+    "                \"strip_html\": false,\n"
     "                \"map\": {\"question\": \"full_question\"}}],\n"
     "   \"eval\": [{\"kind\": \"kormedmcqa\", \"path\": \"test.jsonl\"}]}\n"
     "\n"
@@ -188,7 +191,8 @@ int main(int argc, char **argv)
             } else {
                 const char *v = arg_str(argc, argv, &i, usage);
                 if (strcmp(a, "--map") == 0) {
-                    if (kmed_data_source_map(last, v, &e) != KMED_OK) usage_error(usage, "%s", e.msg);
+                    if (kmed_data_source_map(last, v, &e) != KMED_OK)
+                        usage_error(usage, "%s", e.msg);
                 } else if (strcmp(a, "--format") == 0) {
                     if (strcmp(v, "sft") == 0) last->format = KMED_DATA_FMT_SFT;
                     else if (strcmp(v, "cpt") == 0) last->format = KMED_DATA_FMT_CPT;
