@@ -7,7 +7,9 @@ SAN     = -fsanitize=address,undefined -fno-omit-frame-pointer -g
 TOOLS = build/kmed-inspect build/kmed-tokenize build/kmed-forward build/kmed-init \
         build/kmed-convert build/kmed-chat build/kmed-train build/kmed-data build/kmed-eval \
         build/kmed-merge build/kmed-bench
-TESTS = build/test_core
+TESTS = build/test_core build/test_io_text build/test_io_bin build/test_tensor build/test_tok \
+        build/test_gemma build/test_generate build/test_convert build/test_safety \
+        build/test_train build/test_data build/test_mcqa
 SAN_TESTS = build/test_core_asan
 
 .PHONY: all tools test test-asan bench demo clean

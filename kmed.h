@@ -57,7 +57,9 @@
 #define KMED_VERSION_MINOR 1
 #define KMED_VERSION_PATCH 0
 
-#ifdef KMED_STATIC
+#if defined(KMED_STATIC) && defined(__GNUC__)
+#define KMED_API static __attribute__((unused)) /* a program uses only some of the API */
+#elif defined(KMED_STATIC)
 #define KMED_API static
 #else
 #define KMED_API extern
