@@ -3061,7 +3061,15 @@ static kmed_result kmed__data_load_evals(kmed__data_run *R, kmed_error *err)
             if (kmed_data_record_clean(&rec, 0, NULL) != KMED_OK) continue;
             R->text.len = 0;
             R->question.len = 0;
-            kmed_data_record_text(&rec, &R->text);
+            if (rec.kind == KMED_DATA_MCQA || rec.kind == KMED_DATA_EXPQA) {
+                /* question and options only: an explanation's stock phrases would flag
+                   unrelated training text */
+                int o;
+                kmed_buf_puts(&R->text, rec.question);
+                for (o = 0; o < rec.n_options; o++) kmed__data_line(&R->text, rec.options[o]);
+            } else {
+                kmed_data_record_text(&rec, &R->text);
+            }
             kmed_data_record_question(&rec, &R->question);
             r = kmed_data_decontam_add(&R->decon, rec.id, R->text.data, R->text.len,
                                        R->question.data, R->question.len, err);
