@@ -2233,12 +2233,16 @@ static int kmed__data_is_korean(const char *s)
     return s && kmed_data_korean_share(s, strlen(s)) >= 0.3;
 }
 
-/* question + "\nA. opt" lines */
-static void kmed__data_mcq_prompt(kmed_buf *b, const kmed_data_record *rec)
+/* question + "\nA. opt" lines (+ the answer cue for chat examples). The cue is the one lm-eval's kormedmcqa
+   prompt ends with ("정답：", fullwidth colon), so a fine-tuned model answers the
+   evaluation's prompt exactly as it was trained to. */
+static void kmed__data_mcq_prompt(kmed_buf *b, const kmed_data_record *rec, int cue)
 {
     int o;
     kmed_buf_puts(b, rec->question);
     for (o = 0; o < rec->n_options; o++) kmed_buf_printf(b, "\n%c. %s", 'A' + o, rec->options[o]);
+    if (cue) kmed_buf_puts(b, kmed__data_is_korean(rec->question) ? "\n\xec\xa0\x95\xeb\x8b\xb5\xef\xbc\x9a"
+                                                          : "\nAnswer:");
 }
 
 static void kmed__data_mcq_answer(kmed_buf *b, const kmed_data_record *rec, int label)
@@ -2307,7 +2311,7 @@ KMED_API kmed_result kmed_data_format_sft(const kmed_data_record *rec, const cha
         kmed__data_case_answer(&a, rec);
         if (disc) kmed_buf_printf(&a, "\n\n%s", disclaimer);
     } else {
-        kmed__data_mcq_prompt(&u, rec);
+        kmed__data_mcq_prompt(&u, rec, 1);
         kmed__data_mcq_answer(&a, rec, 0);
     }
     if (!rec->n_turns) {
@@ -2337,7 +2341,7 @@ KMED_API kmed_result kmed_data_format_cpt(const kmed_data_record *rec, kmed_buf 
         break;
     case KMED_DATA_MCQA:
     case KMED_DATA_EXPQA:
-        kmed__data_mcq_prompt(&t, rec);
+        kmed__data_mcq_prompt(&t, rec, 0);
         kmed_buf_put(&t, "\n", 1);
         kmed__data_mcq_answer(&t, rec, 1);
         break;

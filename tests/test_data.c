@@ -383,7 +383,7 @@ static void test_format(void)
     r.explanation = "해설";
     CHECK_OK(kmed_data_format_sft(&r, "DISC", &b, &e));
     CHECKF(strcmp(b.data, "{\"id\":\"m:1\",\"source\":\"m\",\"messages\":[{\"role\":\"user\","
-                  "\"content\":\"질문?\\nA. 가\\nB. 나\"},{\"role\":\"assistant\",\"content\":"
+                  "\"content\":\"질문?\\nA. 가\\nB. 나\\n정답：\"},{\"role\":\"assistant\",\"content\":"
                   "\"B. 나\\n\\n해설\"}]}\n") == 0, "%s", b.data);
     b.len = 0;
     CHECK_OK(kmed_data_format_cpt(&r, &b, &e));
