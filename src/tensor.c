@@ -94,6 +94,34 @@ static void kmed__tensor_quant_q8_0(const float *x, kmed_block_q8_0 *y, size_t n
     for (i = 0; i < nb; i++) {
         const float *xb = x + i * KMED_QK;
         float amax = 0.0f, d, id;
+#if defined(__AVX512F__)
+        /* same operations as below, 16 lanes at a time; roundf's ties-away-from-zero is
+           rebuilt from trunc. Blocks holding NaN take the scalar path (max order). */
+        __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+        if (!_mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) &&
+            !_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) &&
+            !_mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q)) {
+            __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1), half = _mm512_set1_ps(0.5f);
+            __m512 ivec, one = _mm512_set1_ps(1.0f);
+            int k;
+            amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+            d = amax / 127.0f;
+            id = d != 0.0f ? 1.0f / d : 0.0f;
+            y[i].d = kmed_f32_to_f16(d);
+            ivec = _mm512_set1_ps(id);
+            for (k = 0; k < 2; k++) {
+                __m512 p = _mm512_mul_ps(k ? v1 : v0, ivec), a = _mm512_abs_ps(p);
+                __m512 t = _mm512_roundscale_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, t), half, _CMP_GE_OQ);
+                __m512 r = _mm512_mask_add_ps(t, up, t, one);
+                __m512i q = _mm512_cvttps_epi32(r);
+                __mmask16 neg = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_LT_OQ);
+                q = _mm512_mask_sub_epi32(q, neg, _mm512_setzero_si512(), q);
+                _mm_storeu_si128((__m128i *)(void *)(y[i].qs + 16 * k), _mm512_cvtepi32_epi8(q));
+            }
+            continue;
+        }
+#endif
         for (j = 0; j < KMED_QK; j++) {
             float v = fabsf(xb[j]);
             amax = amax > v ? amax : v;  /* GGML's MAX(amax, v): NaN does not propagate */
@@ -579,6 +607,7 @@ static void kmed__matmul_dw_ref(kmed_pool *pool, float *dw, const float *dy, con
     kmed_pool_for(pool, N, 4, kmed__mmdw_range, &c);
 }
 
+#ifndef KMED_USE_OPENBLAS   /* cblas_sgemm replaces the reference sgemm entirely */
 typedef struct kmed__sgemm_ctx {
     int ta, tb;
     size_t M, N, K, lda, ldb, ldc;
@@ -616,6 +645,7 @@ static void kmed__sgemm_ref(kmed_pool *pool, int ta, int tb, size_t M, size_t N,
     c.alpha = alpha; c.beta = beta; c.A = A; c.B = B; c.C = C;
     kmed_pool_for(pool, M, 4, kmed__sgemm_ref_range, &c);
 }
+#endif
 
 /* ---- SIMD kernels, chosen at compile time (the scalar code above is the reference) ---- */
 

@@ -180,6 +180,109 @@ static void test_quant_roundtrip(void)
     free(y);
 }
 
+/* GGML's quantize_row_q8_0_ref / quantize_row_q4_0_ref transcribed independently (with the
+   f16 rounding done by F16C where present), against kmed_quantize_row on random blocks
+   and on blocks built to hit rounding ties exactly. */
+static uint16_t ref_f16(float f)
+{
+#if defined(__F16C__)
+    return _cvtss_sh(f, 0);
+#else
+    return kmed_f32_to_f16(f);
+#endif
+}
+
+static void ref_q8_0(const float *x, kmed_block_q8_0 *y, size_t k)
+{
+    size_t i, j;
+    for (i = 0; i < k / 32; i++) {
+        float amax = 0.0f, d, id;
+        for (j = 0; j < 32; j++) {
+            float v = fabsf(x[i * 32 + j]);
+            amax = amax > v ? amax : v;
+        }
+        d = amax / ((1 << 7) - 1);
+        id = d ? 1.0f / d : 0.0f;
+        y[i].d = ref_f16(d);
+        for (j = 0; j < 32; j++) {
+            volatile float x0 = x[i * 32 + j] * id;
+            y[i].qs[j] = (int8_t)roundf(x0);
+        }
+    }
+}
+
+static void ref_q4_0(const float *x, kmed_block_q4_0 *y, size_t k)
+{
+    size_t i, j;
+    for (i = 0; i < k / 32; i++) {
+        float amax = 0.0f, max = 0.0f, d, id;
+        for (j = 0; j < 32; j++) {
+            float v = x[i * 32 + j];
+            if (amax < fabsf(v)) { amax = fabsf(v); max = v; }
+        }
+        d = max / -8;
+        id = d ? 1.0f / d : 0.0f;
+        y[i].d = ref_f16(d);
+        for (j = 0; j < 16; j++) {
+            volatile float x0 = x[i * 32 + j] * id, x1 = x[i * 32 + 16 + j] * id;
+            uint8_t xi0 = (uint8_t)((int8_t)(x0 + 8.5f) < 15 ? (int8_t)(x0 + 8.5f) : 15);
+            uint8_t xi1 = (uint8_t)((int8_t)(x1 + 8.5f) < 15 ? (int8_t)(x1 + 8.5f) : 15);
+            y[i].qs[j] = (uint8_t)(xi0 | (xi1 << 4));
+        }
+    }
+}
+
+static void test_quant_vs_ggml_ref(void)
+{
+    enum { NB = 2048, K = NB * 32 };
+    float *x = (float *)malloc(K * sizeof(float));
+    kmed_block_q8_0 *a8 = (kmed_block_q8_0 *)malloc(NB * sizeof *a8), *b8;
+    kmed_block_q4_0 *a4 = (kmed_block_q4_0 *)malloc(NB * sizeof *a4), *b4;
+    kmed_rng rng;
+    size_t i, j;
+    b8 = (kmed_block_q8_0 *)malloc(NB * sizeof *b8);
+    b4 = (kmed_block_q4_0 *)malloc(NB * sizeof *b4);
+    kmed_rng_seed(&rng, 6);
+    for (i = 0; i < NB; i++) {
+        int kind = (int)(i % 4);
+        for (j = 0; j < 32; j++) {
+            float v = (float)(kmed_rng_normal(&rng) * ldexp(1.0, (int)(i % 40) - 20));
+            if (kind == 1) v = (float)((int)kmed_rng_below(&rng, 254) - 127) + 0.5f; /* ties */
+            if (kind == 2) v = (float)((int)kmed_rng_below(&rng, 16) - 8) * 0.25f;   /* grid */
+            x[i * 32 + j] = v;
+        }
+        if (kind == 1) x[i * 32 + (i / 4) % 32] = (i & 4) ? 127.0f : -127.0f;  /* d = 1 */
+        if (kind == 3 && i % 8 == 3) for (j = 0; j < 32; j++) x[i * 32 + j] = 0.0f;
+    }
+    kmed_quantize_row(KMED_Q8_0, x, a8, K);
+    ref_q8_0(x, b8, K);
+    kmed_quantize_row(KMED_Q4_0, x, a4, K);
+    ref_q4_0(x, b4, K);
+    CHECKF(memcmp(a8, b8, NB * sizeof *a8) == 0, "Q8_0 differs from GGML's reference");
+    CHECKF(memcmp(a4, b4, NB * sizeof *a4) == 0, "Q4_0 differs from GGML's reference");
+    /* the exact SIMD dequantizer used by the GEMM packing equals kmed_dequantize_row */
+    {
+        float *y1 = (float *)malloc(K * sizeof(float)), *y2 = (float *)malloc(K * sizeof(float));
+        static const kmed_dtype ts[] = { KMED_F16, KMED_BF16, KMED_Q8_0, KMED_Q4_0 };
+        unsigned char *buf = (unsigned char *)malloc(K * 2);
+        size_t t;
+        for (t = 0; t < 4; t++) {
+            kmed_quantize_row(ts[t], x, buf, K);
+            kmed_dequantize_row(ts[t], buf, y1, K);
+#ifdef KMED__SIMD
+            kmed__dequant_simd(ts[t], buf, y2, K);
+#else
+            kmed_dequantize_row(ts[t], buf, y2, K);
+#endif
+            CHECKF(memcmp(y1, y2, K * sizeof(float)) == 0, "SIMD dequant %s", tname(ts[t]));
+        }
+        free(y1); free(y2); free(buf);
+    }
+    CHECK(kmed_dtype_computable(KMED_Q4_0) && kmed_dtype_computable(KMED_F16));
+    CHECK(!kmed_dtype_computable(KMED_I32) && !kmed_dtype_computable(KMED_DTYPE_UNKNOWN));
+    free(x); free(a8); free(b8); free(a4); free(b4);
+}
+
 /* Fills a weight of dtype wt (N, K) from random f32 and returns the f32 dequantized copy. */
 static void *make_weight(kmed_rng *rng, kmed_dtype wt, size_t N, size_t K, float **wf)
 {
@@ -538,6 +641,7 @@ int main(void)
     test_bf16();
     test_f16();
     test_quant_roundtrip();
+    test_quant_vs_ggml_ref();
     test_pool();
     test_fixture_quant();
     CHECK_OK(kmed_pool_create(&pool2, 2, &e));
