@@ -123,14 +123,21 @@ KMED_API int kmed_sampler_sample(kmed_sampler *s, const float *logits, const int
     if (cfg->top_k > 0 && (size_t)cfg->top_k < V) {
         n_c = (size_t)cfg->top_k;
         kmed__sample_top_k(c, w, V, n_c);
-        for (z = 0, i = 0; i < n_c; i++) z += exp((double)(c[i].v - mx));
+        for (z = 0, i = 0; i < n_c; i++) {
+            c[i].v = expf(c[i].v - mx); /* same order: exp is monotonic */
+            z += c[i].v;
+        }
     } else {
-        for (z = 0, i = 0; i < V; i++) z += exp((double)(w[i] - mx));
+        /* w becomes the unnormalized probabilities exp(w - max), computed once. */
+        for (z = 0, i = 0; i < V; i++) {
+            w[i] = expf(w[i] - mx);
+            z += w[i];
+        }
         if (!(cfg->top_p > 0 && cfg->top_p < 1)) {
             /* Plain temperature sampling: one pass, no sort. */
             u = kmed_rng_uniform(&s->rng) * z;
             for (acc = 0, i = 0; i < V; i++) {
-                acc += exp((double)(w[i] - mx));
+                acc += w[i];
                 if (u < acc) return (int)i;
             }
             return (int)kmed_argmax(w, V);
@@ -138,9 +145,9 @@ KMED_API int kmed_sampler_sample(kmed_sampler *s, const float *logits, const int
         /* Tokens with p < (1 - top_p) / V together hold less than 1 - top_p, so the
            nucleus lies among the others: sort only those. */
         {
-            double thr = (1.0 - (double)cfg->top_p) / (double)V;
+            double thr = (1.0 - (double)cfg->top_p) / (double)V * z;
             for (n_c = 0, i = 0; i < V; i++) {
-                if (exp((double)(w[i] - mx)) / z >= thr) {
+                if ((double)w[i] >= thr) {
                     c[n_c].v = w[i];
                     c[n_c].id = (int)i;
                     n_c++;
@@ -154,7 +161,7 @@ KMED_API int kmed_sampler_sample(kmed_sampler *s, const float *logits, const int
         /* Smallest prefix of the sorted candidates whose mass reaches top_p. */
         double target = (double)cfg->top_p * z;
         for (acc = 0, i = 0; i < n_c; i++) {
-            acc += exp((double)(c[i].v - mx));
+            acc += c[i].v;
             if (acc >= target) { i++; break; }
         }
         n_c = i;
@@ -162,7 +169,7 @@ KMED_API int kmed_sampler_sample(kmed_sampler *s, const float *logits, const int
     }
     u = kmed_rng_uniform(&s->rng) * keep;
     for (acc = 0, i = 0; i < n_c; i++) {
-        acc += exp((double)(c[i].v - mx));
+        acc += c[i].v;
         if (u < acc) return c[i].id;
     }
     return c[n_c ? n_c - 1 : 0].id;
