@@ -421,6 +421,23 @@ static void test_tiny(kmed_pool *pool)
         CHECK(kmed_train_params(tr, &ps) == 2 + TL * 11);
         CHECK(!strcmp(ps[0].name, "model.embed_tokens.weight"));
         fd_params(tr, ids, labels, "full-parameter");
+        /* the saved HF directory loads back to the same model */
+        {
+            kmed_gemma back;
+            kmed_train *tb = NULL;
+            double l1 = 0, l2 = -1;
+            CHECK_OK(kmed_train_step(tr, ids, labels, 1, TB, TT, NULL, &e));
+            CHECK_OK(kmed_train_loss(tr, ids, labels, TB, TT, &l1, &e));
+            CHECK_OK(kmed_train_save_model(tr, "build/test_train_model", &e));
+            CHECK_OK(kmed_gemma_load(&back, "build/test_train_model", NULL, &e));
+            if (e.code == KMED_OK) {
+                tb = tiny_trainer(&back, NULL, 1, 0, NULL);
+                if (tb) CHECK_OK(kmed_train_loss(tb, ids, labels, TB, TT, &l2, &e));
+                CHECKF(l1 == l2, "saved full model: loss %.9g, reloaded %.9g", l1, l2);
+                kmed_train_free(tb);
+                kmed_gemma_free(&back);
+            }
+        }
         kmed_train_free(tr);
     }
 

@@ -166,7 +166,7 @@ static void chat_example(const kmed_tok *tok, const kmed_json *msgs, ivec *ids, 
         }
         if (kmed_chat_render(tok, m, i + 1, 0, &cur, &err) != KMED_OK)
             die("%s:%zu: chat template: %s", file, line, err.msg);
-        if (cur.len < prev.len || memcmp(cur.data, prev.data, prev.len) != 0)
+        if (cur.len < prev.len || (prev.len && memcmp(cur.data, prev.data, prev.len) != 0))
             die("%s:%zu: chat template prefixes do not nest", file, line);
         encode_append(tok, cur.data + prev.len, cur.len - prev.len, 1, ids, labels, model, file,
                       line);
