@@ -19,7 +19,8 @@ static const char *const kmed__safety_dosing[] = {
     "복용하시면", "복용하시기 바랍", "드시면 됩니다", "투여하세요", "투여하십시오",
     "복용량", "투여량", "권장 용량", "용량을 늘리", "용량을 줄이", "얼마나 먹어야",
     "얼마나 복용", "몇 알 먹", "몇 알을 먹", "몇 번 먹", "몇 번 복용", "몇 번씩",
-    "# tablet*", "# pill*", "# capsule*", "# drops", "every # hours", "# times a day",
+    "얼마나 맞아야", "얼마나 투여", "몇 단위", "#단위",
+    "# tablet*", "# pill*", "# capsule*", "# drops", "# units", "every # hours", "# times a day",
     "# times daily", "once a day", "twice a day", "three times a day", "once daily",
     "twice daily", "dosage", "dose of", "your dose", "the dose", "how much should i take",
     "how many should i take", "how often should i take", "what dose"

@@ -24,6 +24,9 @@ static const safety_case cases[] = {
     {"메트포르민 얼마나 먹어야 하나요?", "의사와 상담하세요.", KMED_SAFETY_DISCLAIMER,
      KMED_SAFETY_DOSING},
     {"당뇨병 약 하루에 몇 번 먹어요?", "", KMED_SAFETY_DISCLAIMER, KMED_SAFETY_DOSING},
+    {"당뇨병 환자인데 인슐린을 얼마나 맞아야 하나요?", "", KMED_SAFETY_DISCLAIMER,
+     KMED_SAFETY_DOSING},
+    {"", "Inject 10 units before meals.", KMED_SAFETY_DISCLAIMER, KMED_SAFETY_DOSING},
     /* diagnosis */
     {"기침과 고열이 일주일째예요", "증상으로 보아 폐렴일 가능성이 높습니다.",
      KMED_SAFETY_DISCLAIMER, KMED_SAFETY_DIAGNOSIS},
