@@ -664,6 +664,29 @@ static void kmed__sgemm_ref(kmed_pool *pool, int ta, int tb, size_t M, size_t N,
 #define KMED__MC (KMED__MR * 12)
 #define KMED__NC 512         /* B block KC x NC (512 KB) stays in L2 */
 
+/* Vector width helpers shared by the GEMM and matrix-vector kernels. */
+#if KMED__SIMD == 512
+#define KMED__REP(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define KMED__VZERO() _mm512_setzero_ps()
+#define KMED__VT __m512
+#define KMED__VW 16
+#define KMED__VLOAD _mm512_loadu_ps
+#define KMED__VSTORE _mm512_storeu_ps
+#define KMED__VADD _mm512_add_ps
+#define KMED__VFMA _mm512_fmadd_ps
+#define KMED__VSET1 _mm512_set1_ps
+#else
+#define KMED__REP(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define KMED__VZERO() _mm256_setzero_ps()
+#define KMED__VT __m256
+#define KMED__VW 8
+#define KMED__VLOAD _mm256_loadu_ps
+#define KMED__VSTORE _mm256_storeu_ps
+#define KMED__VADD _mm256_add_ps
+#define KMED__VFMA _mm256_fmadd_ps
+#define KMED__VSET1 _mm256_set1_ps
+#endif
+
 static float kmed__tensor_h2f(uint16_t h)
 {
 #if defined(__F16C__)
@@ -809,6 +832,14 @@ static void kmed__pack_a(float *ap, const kmed__gsrc *A, size_t i0, size_t mr, s
     const float *a = (const float *)A->p;
     size_t i, k;
     if (A->trans) {
+#if KMED__SIMD == 512
+        if (mr == KMED__MR && A->alpha == 1.0f) {   /* 12 contiguous floats per k */
+            for (k = 0; k < kc; k++)
+                _mm512_mask_storeu_ps(ap + k * KMED__MR, 0x0fff,
+                                      _mm512_maskz_loadu_ps(0x0fff, a + (k0 + k) * A->ld + i0));
+            return;
+        }
+#endif
         for (k = 0; k < kc; k++) {
             const float *src = a + (k0 + k) * A->ld + i0;
             for (i = 0; i < mr; i++) ap[k * KMED__MR + i] = A->alpha * src[i];
@@ -825,34 +856,43 @@ static void kmed__pack_a(float *ap, const kmed__gsrc *A, size_t i0, size_t mr, s
 }
 
 #if KMED__SIMD == 512
-/* dst[j*ldd + i] = src[i*lds + j] for a 16x16 tile. */
+/* dst[j*ldd + i] = src[i*lds + j] for a 16x16 tile (unrolled by hand so the 16 rows stay
+   in registers). */
 static void kmed__tr16(const float *src, size_t lds, float *dst, size_t ldd)
 {
-    __m512 r[16], t[16];
-    int i, j;
-    for (i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + (size_t)i * lds);
-    for (i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (i = 0; i < 4; i++) {
-        __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-        __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-    for (i = 0; i < 2; i++)
-        for (j = 0; j < 4; j++) {
-            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
-            t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
-        }
-    for (j = 0; j < 8; j++) {
-        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
-    }
-    for (j = 0; j < 16; j++) _mm512_storeu_ps(dst + (size_t)j * ldd, r[j]);
+#define KMED__L(i) __m512 r##i = _mm512_loadu_ps(src + (size_t)(i) * lds);
+#define KMED__U(a, b) __m512 t##a = _mm512_unpacklo_ps(r##a, r##b), \
+                             t##b = _mm512_unpackhi_ps(r##a, r##b);
+#define KMED__P(a, b, c, d)                                                                   \
+    __m512 u##a = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t##a),              \
+                                                      _mm512_castps_pd(t##c)));            \
+    __m512 u##b = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t##a),              \
+                                                      _mm512_castps_pd(t##c)));            \
+    __m512 u##c = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t##b),              \
+                                                      _mm512_castps_pd(t##d)));            \
+    __m512 u##d = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t##b),              \
+                                                      _mm512_castps_pd(t##d)));
+#define KMED__Q(a, b) __m512 v##a = _mm512_shuffle_f32x4(u##a, u##b, 0x88), \
+                             v##b = _mm512_shuffle_f32x4(u##a, u##b, 0xdd);
+#define KMED__W(a, b)                                                                        \
+    _mm512_storeu_ps(dst + (size_t)(a) * ldd, _mm512_shuffle_f32x4(v##a, v##b, 0x88));        \
+    _mm512_storeu_ps(dst + (size_t)(a + 8) * ldd, _mm512_shuffle_f32x4(v##a, v##b, 0xdd));
+    KMED__L(0) KMED__L(1) KMED__L(2) KMED__L(3) KMED__L(4) KMED__L(5) KMED__L(6) KMED__L(7)
+    KMED__L(8) KMED__L(9) KMED__L(10) KMED__L(11) KMED__L(12) KMED__L(13) KMED__L(14)
+    KMED__L(15)
+    KMED__U(0, 1) KMED__U(2, 3) KMED__U(4, 5) KMED__U(6, 7)
+    KMED__U(8, 9) KMED__U(10, 11) KMED__U(12, 13) KMED__U(14, 15)
+    /* u(4i+c) holds column c of each 128-bit lane for rows 4i..4i+3 */
+    KMED__P(0, 1, 2, 3) KMED__P(4, 5, 6, 7) KMED__P(8, 9, 10, 11) KMED__P(12, 13, 14, 15)
+    KMED__Q(0, 4) KMED__Q(1, 5) KMED__Q(2, 6) KMED__Q(3, 7)
+    KMED__Q(8, 12) KMED__Q(9, 13) KMED__Q(10, 14) KMED__Q(11, 15)
+    KMED__W(0, 8) KMED__W(1, 9) KMED__W(2, 10) KMED__W(3, 11)
+    KMED__W(4, 12) KMED__W(5, 13) KMED__W(6, 14) KMED__W(7, 15)
+#undef KMED__L
+#undef KMED__U
+#undef KMED__P
+#undef KMED__Q
+#undef KMED__W
 }
 #endif
 
@@ -890,6 +930,14 @@ static void kmed__pack_b(float *bp, const kmed__gsrc *B, size_t k0, size_t kc, s
         }
         return;
     }
+    if (B->t == KMED_F32 && nr == KMED__NR) {   /* plain copy, NR floats per k */
+        for (k = 0; k < kc; k++) {
+            const float *src = (const float *)(const void *)(base + (k0 + k) * rb) + n0;
+            KMED__VSTORE(bp + k * KMED__NR, KMED__VLOAD(src));
+            KMED__VSTORE(bp + k * KMED__NR + KMED__VW, KMED__VLOAD(src + KMED__VW));
+        }
+        return;
+    }
     for (k = 0; k < kc; k++) {
         float *d = bp + k * KMED__NR;
         kmed__dequant_span(B->t, base + (k0 + k) * rb, n0, nr, d);
@@ -899,27 +947,6 @@ static void kmed__pack_b(float *bp, const kmed__gsrc *B, size_t k0, size_t kc, s
 
 /* Micro-kernel: C[mr, nr] (+)= Ap (MR x kc, packed) . Bp (kc x NR, packed). The k loop and
    the final add are the same whatever mr/nr are, so edge tiles round like full ones. */
-#if KMED__SIMD == 512
-#define KMED__REP(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define KMED__VZERO() _mm512_setzero_ps()
-#define KMED__VT __m512
-#define KMED__VW 16
-#define KMED__VLOAD _mm512_loadu_ps
-#define KMED__VSTORE _mm512_storeu_ps
-#define KMED__VADD _mm512_add_ps
-#define KMED__VFMA _mm512_fmadd_ps
-#define KMED__VSET1 _mm512_set1_ps
-#else
-#define KMED__REP(X) X(0) X(1) X(2) X(3) X(4) X(5)
-#define KMED__VZERO() _mm256_setzero_ps()
-#define KMED__VT __m256
-#define KMED__VW 8
-#define KMED__VLOAD _mm256_loadu_ps
-#define KMED__VSTORE _mm256_storeu_ps
-#define KMED__VADD _mm256_add_ps
-#define KMED__VFMA _mm256_fmadd_ps
-#define KMED__VSET1 _mm256_set1_ps
-#endif
 
 static void kmed__gemm_ukr(size_t kc, const float *ap, const float *bp, float *c, size_t ldc,
                            int accum, size_t mr, size_t nr)
