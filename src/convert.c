@@ -521,7 +521,10 @@ static kmed_result kmed__cv_tok_json(const kmed_tok *tok, const char *path, floa
             } else {
                 continue;
             }
-            if (cat.failed) { r = KMED__ERR(err, KMED_ERR_NOMEM, "gguf: out of memory"); goto done; }
+            if (cat.failed) {
+                r = KMED__ERR(err, KMED_ERR_NOMEM, "gguf: out of memory");
+                goto done;
+            }
             id = kmed_tok_id(tok, cat.data, cat.len);
             if (id >= 0 && (size_t)id < V && !seen[id]) {
                 seen[id] = 1;
@@ -596,8 +599,10 @@ static kmed_result kmed__cv_gguf_tokenizer(kmed_gguf_writer *w, const kmed_tok *
     kmed_gguf_add_arr_str(w, "tokenizer.ggml.tokens", strs, lens, V);
     kmed_gguf_add_arr(w, "tokenizer.ggml.scores", KMED_GGUF_F32, scores, V);
     kmed_gguf_add_arr(w, "tokenizer.ggml.token_type", KMED_GGUF_I32, types, V);
-    if (tok->bos_id >= 0) kmed_gguf_add_u32(w, "tokenizer.ggml.bos_token_id", (uint32_t)tok->bos_id);
-    if (tok->eos_id >= 0) kmed_gguf_add_u32(w, "tokenizer.ggml.eos_token_id", (uint32_t)tok->eos_id);
+    if (tok->bos_id >= 0)
+        kmed_gguf_add_u32(w, "tokenizer.ggml.bos_token_id", (uint32_t)tok->bos_id);
+    if (tok->eos_id >= 0)
+        kmed_gguf_add_u32(w, "tokenizer.ggml.eos_token_id", (uint32_t)tok->eos_id);
     if (tok->unk_id >= 0)
         kmed_gguf_add_u32(w, "tokenizer.ggml.unknown_token_id", (uint32_t)tok->unk_id);
     if (tok->pad_id >= 0)
