@@ -189,6 +189,13 @@ static int kmed__gemma_gguf_num(const kmed_gguf *g, const char *key, double *out
     }
 }
 
+/* (int)x for a GGUF number: a value outside int (or NaN) becomes -1, which validation
+   rejects for sizes, instead of an undefined float-to-int conversion. */
+static int kmed__gemma_gguf_int(double x)
+{
+    return x >= -1.0 && x <= 2147483647.0 ? (int)x : -1;
+}
+
 KMED_API kmed_result kmed_gemma_config_from_gguf(kmed_gemma_config *cfg, const kmed_gguf *g,
                                                  kmed_error *err)
 {
@@ -212,14 +219,14 @@ KMED_API kmed_result kmed_gemma_config_from_gguf(kmed_gemma_config *cfg, const k
     for (i = 0; i < 4; i++)
         if (!kmed__gemma_gguf_num(g, need[i], &v[i]))
             return KMED__ERR(err, KMED_ERR_NOT_FOUND, "gguf: missing key %s", need[i]);
-    c.hidden_size = (int)v[0];
-    c.n_layers = (int)v[1];
-    c.intermediate_size = (int)v[2];
-    c.n_heads = (int)v[3];
-    c.n_kv_heads = kmed__gemma_gguf_num(g, "gemma2.attention.head_count_kv", &x) ? (int)x
-                                                                                : c.n_heads;
-    c.head_dim = kmed__gemma_gguf_num(g, "gemma2.attention.key_length", &x) ? (int)x
-                 : (c.n_heads > 0 ? c.hidden_size / c.n_heads : 0);
+    c.hidden_size = kmed__gemma_gguf_int(v[0]);
+    c.n_layers = kmed__gemma_gguf_int(v[1]);
+    c.intermediate_size = kmed__gemma_gguf_int(v[2]);
+    c.n_heads = kmed__gemma_gguf_int(v[3]);
+    c.n_kv_heads = kmed__gemma_gguf_num(g, "gemma2.attention.head_count_kv", &x)
+                       ? kmed__gemma_gguf_int(x) : c.n_heads;
+    c.head_dim = kmed__gemma_gguf_num(g, "gemma2.attention.key_length", &x)
+                     ? kmed__gemma_gguf_int(x) : (c.n_heads > 0 ? c.hidden_size / c.n_heads : 0);
     /* llama.cpp: 1/sqrt(key_length), except its 27B case (46 blocks): sqrt(C / H) */
     c.query_pre_attn_scalar = c.n_layers == 46 && c.n_heads > 0
                                   ? (float)c.hidden_size / (float)c.n_heads
@@ -232,12 +239,16 @@ KMED_API kmed_result kmed_gemma_config_from_gguf(kmed_gemma_config *cfg, const k
     c.final_softcap = kmed__gemma_gguf_num(g, "gemma2.final_logit_softcapping", &x)
                           ? (float)x : 0.0f;
     c.sliding_window = kmed__gemma_gguf_num(g, "gemma2.attention.sliding_window", &x)
-                           ? (int)x : 0;
-    c.max_position = kmed__gemma_gguf_num(g, "gemma2.context_length", &x) ? (int)x : 8192;
-    c.bos_id = kmed__gemma_gguf_num(g, "tokenizer.ggml.bos_token_id", &x) ? (int)x : 2;
-    c.eos_id = kmed__gemma_gguf_num(g, "tokenizer.ggml.eos_token_id", &x) ? (int)x : 1;
-    c.pad_id = kmed__gemma_gguf_num(g, "tokenizer.ggml.padding_token_id", &x) ? (int)x : 0;
-    if (kmed__gemma_gguf_num(g, "gemma2.vocab_size", &x)) c.vocab_size = (int)x;
+                           ? kmed__gemma_gguf_int(x) : 0;
+    c.max_position = kmed__gemma_gguf_num(g, "gemma2.context_length", &x)
+                         ? kmed__gemma_gguf_int(x) : 8192;
+    c.bos_id = kmed__gemma_gguf_num(g, "tokenizer.ggml.bos_token_id", &x)
+                   ? kmed__gemma_gguf_int(x) : 2;
+    c.eos_id = kmed__gemma_gguf_num(g, "tokenizer.ggml.eos_token_id", &x)
+                   ? kmed__gemma_gguf_int(x) : 1;
+    c.pad_id = kmed__gemma_gguf_num(g, "tokenizer.ggml.padding_token_id", &x)
+                   ? kmed__gemma_gguf_int(x) : 0;
+    if (kmed__gemma_gguf_num(g, "gemma2.vocab_size", &x)) c.vocab_size = kmed__gemma_gguf_int(x);
     else if (toks && toks->type == KMED_GGUF_ARRAY && toks->n < 0x7fffffff)
         c.vocab_size = (int)toks->n;
     else if (emb && emb->ndim == 2 && emb->shape[0] < 0x7fffffff)
