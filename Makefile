@@ -1,39 +1,67 @@
-# Convenience only: every target is one plain cc line (shown in README.md).
+# Convenience only: every target is one plain cc line (README.md shows each).
 CC      = cc
 CFLAGS  = -std=c99 -O2 -march=native -Wall -Wextra -I.
 LDLIBS  = -lm -lpthread
 SAN     = -fsanitize=address,undefined -fno-omit-frame-pointer -g
 
-TOOLS = build/kmed-inspect build/kmed-tokenize build/kmed-forward build/kmed-init \
-        build/kmed-convert build/kmed-chat build/kmed-train build/kmed-data build/kmed-eval \
-        build/kmed-merge build/kmed-bench
-TESTS = build/test_core build/test_io_text build/test_io_bin build/test_tensor build/test_tok \
-        build/test_gemma build/test_generate build/test_convert build/test_safety \
-        build/test_train build/test_data build/test_mcqa
-SAN_TESTS = build/test_core_asan
+TOOLS   = build/kmed-inspect build/kmed-tokenize build/kmed-forward build/kmed-init \
+          build/kmed-convert build/kmed-chat build/kmed-train build/kmed-data build/kmed-eval \
+          build/kmed-bench
+TESTS   = build/test_core build/test_io_text build/test_io_bin build/test_tensor build/test_tok \
+          build/test_gemma build/test_generate build/test_convert build/test_safety \
+          build/test_train build/test_data build/test_mcqa \
+          build/test_tensor_nothreads build/test_core_static build/quickstart_check
+BENCHES = build/bench_kernels build/bench_tok build/bench_train build/bench_data \
+          build/kmed-bench
+EXAMPLES = build/quickstart build/trainer build/chat
 
 .PHONY: all tools test test-asan bench demo clean
 
-all: tools
+all: tools $(EXAMPLES)
 tools: $(TOOLS)
+bench: $(BENCHES)
 
-build/kmed-%: tools/kmed-%.c kmed.h src/*.h src/*.c tools/common.h
+SRC = kmed.h src/*.h src/*.c
+
+build/kmed-%: tools/kmed-%.c tools/common.h $(SRC)
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-build/test_%: tests/test_%.c tests/test.h kmed.h src/*.h src/*.c
+build/kmed-bench: bench/kmed-bench.c $(SRC)
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-build/test_%_asan: tests/test_%.c tests/test.h kmed.h src/*.h src/*.c
+build/bench_%: bench/bench_%.c $(SRC)
 	@mkdir -p build
-	$(CC) $(CFLAGS) $(SAN) $< -o $@ $(LDLIBS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/test_%: tests/test_%.c tests/test.h $(SRC)
+	@mkdir -p build
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# the same tests built the other ways STYLE.md asks for
+build/test_tensor_nothreads: tests/test_tensor.c tests/test.h $(SRC)
+	$(CC) $(CFLAGS) -DKMED_NO_THREADS $< -o $@ $(LDLIBS)
+
+build/test_core_static: tests/test_core.c tests/test.h $(SRC)
+	$(CC) $(CFLAGS) -DKMED_STATIC $< -o $@ $(LDLIBS)
+
+build/%: examples/%.c $(SRC)
+	@mkdir -p build
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# the README's quick start, built and run on the fixture model
+build/quickstart_check: build/quickstart tests/quickstart_check.sh
+	cp tests/quickstart_check.sh $@ && chmod +x $@
 
 test: $(TESTS)
 	sh tests/run.sh $(TESTS)
 
-test-asan: $(SAN_TESTS)
-	sh tests/run.sh $(SAN_TESTS)
+test-asan:
+	sh tests/sanitize.sh
+
+demo:
+	bash examples/demo.sh
 
 clean:
 	rm -rf build
