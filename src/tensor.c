@@ -725,7 +725,8 @@ static void kmed__dequant_simd(kmed_dtype t, const void *src, float *y, size_t n
             __m512 d = _mm512_set1_ps(kmed__tensor_h2f(b[i].d));
             __m128i q0 = _mm_loadu_si128((const __m128i *)b[i].qs);
             __m128i q1 = _mm_loadu_si128((const __m128i *)(b[i].qs + 16));
-            _mm512_storeu_ps(y + i * 32, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))));
+            _mm512_storeu_ps(y + i * 32,
+                             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))));
             _mm512_storeu_ps(y + i * 32 + 16,
                              _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))));
         }
@@ -739,7 +740,8 @@ static void kmed__dequant_simd(kmed_dtype t, const void *src, float *y, size_t n
             __m128i v = _mm_loadu_si128((const __m128i *)b[i].qs);
             __m128i lo = _mm_sub_epi8(_mm_and_si128(v, m4), e8);
             __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), e8);
-            _mm512_storeu_ps(y + i * 32, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
+            _mm512_storeu_ps(y + i * 32,
+                             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
             _mm512_storeu_ps(y + i * 32 + 16,
                              _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
         }
@@ -780,12 +782,13 @@ static void kmed__dequant_simd(kmed_dtype t, const void *src, float *y, size_t n
             __m128i lo = _mm_sub_epi8(_mm_and_si128(v, m4), e8);
             __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), e8);
             float *o = y + i * 32;
-            _mm256_storeu_ps(o, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
-            _mm256_storeu_ps(o + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
-                                                         _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
-            _mm256_storeu_ps(o + 16, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
-            _mm256_storeu_ps(o + 24, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
-                                                          _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+            __m128i parts[4];
+            int j;
+            parts[0] = lo; parts[1] = _mm_srli_si128(lo, 8);
+            parts[2] = hi; parts[3] = _mm_srli_si128(hi, 8);
+            for (j = 0; j < 4; j++)
+                _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
+                                                                 _mm256_cvtepi8_epi32(parts[j]))));
         }
         return;
     }
@@ -902,7 +905,8 @@ static void kmed__pack_bt(float *bp, const float *src, size_t lds, size_t nr, si
     size_t j = 0, k;
 #if KMED__SIMD == 512
     for (; j + 16 <= nr; j += 16) {
-        for (k = 0; k + 16 <= kc; k += 16) kmed__tr16(src + j * lds + k, lds, bp + k * KMED__NR + j, KMED__NR);
+        for (k = 0; k + 16 <= kc; k += 16)
+            kmed__tr16(src + j * lds + k, lds, bp + k * KMED__NR + j, KMED__NR);
         for (; k < kc; k++) {
             size_t jj;
             for (jj = j; jj < j + 16; jj++) bp[k * KMED__NR + jj] = src[jj * lds + k];
@@ -925,7 +929,8 @@ static void kmed__pack_b(float *bp, const kmed__gsrc *B, size_t k0, size_t kc, s
         if (B->t == KMED_F32) {
             kmed__pack_bt(bp, (const float *)base + n0 * B->ld + k0, B->ld, nr, kc);
         } else {
-            for (j = 0; j < nr; j++) kmed__dequant_span(B->t, base + (n0 + j) * rb, k0, kc, tmp + j * kc);
+            for (j = 0; j < nr; j++)
+                kmed__dequant_span(B->t, base + (n0 + j) * rb, k0, kc, tmp + j * kc);
             kmed__pack_bt(bp, tmp, kc, nr, kc);
         }
         return;
@@ -1094,19 +1099,19 @@ static float kmed__hsum8(__m256 v)
 #if KMED__SIMD == 512
 #define KMED__HSUM(v) _mm512_reduce_add_ps(v)
 #define KMED__LD_F32(r, k) _mm512_loadu_ps((const float *)(const void *)(r) + (k))
+#define KMED__U16P(r, k) ((const void *)((const uint16_t *)(const void *)(r) + (k)))
 #define KMED__LD_BF16(r, k) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32( \
-    _mm256_loadu_si256((const __m256i *)(const void *)((const uint16_t *)(const void *)(r) + (k)))), 16))
-#define KMED__LD_F16(r, k) _mm512_cvtph_ps( \
-    _mm256_loadu_si256((const __m256i *)(const void *)((const uint16_t *)(const void *)(r) + (k))))
+    _mm256_loadu_si256((const __m256i *)KMED__U16P(r, k))), 16))
+#define KMED__LD_F16(r, k) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)KMED__U16P(r, k)))
 /* 16 int8 -> 16 floats */
 #define KMED__I8X16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(p))
 #else
 #define KMED__HSUM(v) kmed__hsum8(v)
 #define KMED__LD_F32(r, k) _mm256_loadu_ps((const float *)(const void *)(r) + (k))
+#define KMED__U16P(r, k) ((const void *)((const uint16_t *)(const void *)(r) + (k)))
 #define KMED__LD_BF16(r, k) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
-    _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)(const void *)(r) + (k)))), 16))
-#define KMED__LD_F16(r, k) _mm256_cvtph_ps( \
-    _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)(const void *)(r) + (k))))
+    _mm_loadu_si128((const __m128i *)KMED__U16P(r, k))), 16))
+#define KMED__LD_F16(r, k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)KMED__U16P(r, k)))
 #endif
 
 /* Float-like weights (F32, BF16, F16), four weight rows per pass over x. */
@@ -1234,8 +1239,10 @@ static void kmed__mv_q4_512(const kmed__mv_ctx *c, size_t n0, size_t n1)
                 _mm_prefetch((const char *)(r0 + 2 * nb + b), _MM_HINT_T0);
                 _mm_prefetch((const char *)(r1 + 2 * nb + b), _MM_HINT_T0);
                 __m512 xh = _mm512_loadu_ps(x + b * KMED_QK + 16);
-                __m512i z0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(const void *)r0[b].qs));
-                __m512i z1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(const void *)r1[b].qs));
+                __m512i z0 = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i *)(const void *)r0[b].qs));
+                __m512i z1 = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i *)(const void *)r1[b].qs));
                 __m512 l0 = _mm512_mul_ps(base, _mm512_set1_ps(kmed__tensor_h2f(r0[b].d)));
                 __m512 l1 = _mm512_mul_ps(base, _mm512_set1_ps(kmed__tensor_h2f(r1[b].d)));
                 a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(z0, l0), xl, a0);
@@ -1451,8 +1458,8 @@ static float kmed__vq_dot(const kmed__vq_ctx *c, const unsigned char *row, const
             idx = _mm512_add_epi32(idx, two);
             if (p + 1 < pe) {
                 __m512i z1 = zb ? zb[p + 1] : kmed__vw_pair(row, c->wt, p + 1);
-                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z1,
-                                                 _mm512_loadu_si512((const void *)(xr + p * 64 + 64)));
+                __m512i x1 = _mm512_loadu_si512((const void *)(xr + p * 64 + 64));
+                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z1, x1);
                 acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(idx, sv),
                                        acc1);
                 idx = _mm512_add_epi32(idx, two);
@@ -1518,7 +1525,8 @@ static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w
     c.xv = xv;
     c.wbuf = xv + M * xs;
     for (m = 0; m < M; m++)
-        kmed__vx_build(xv + m * xs, x + m * K, wt, K, (kmed_block_q8_0 *)(void *)(c.wbuf + nt * wbb));
+        kmed__vx_build(xv + m * xs, x + m * K, wt, K,
+                       (kmed_block_q8_0 *)(void *)(c.wbuf + nt * wbb));
     kmed_pool_for(pool, N, 16, kmed__vq_range, &c);
     KMED_FREE(mem);
     return 1;
@@ -1558,6 +1566,25 @@ KMED_API void kmed_matmul(kmed_pool *pool, float *y, const float *x, const void 
         kmed__vq_run(pool, y, x, w, wt, M, N, K, (flags & KMED_MM_ACC) != 0))
         return;
 #endif
+    if ((flags & KMED_MM_FAST) && wt == KMED_BF16 && M > 4) {
+        /* prefill: bf16 x bf16 products are exact in f32, so rounding x to bf16 and running
+           the f32 GEMM computes what vdpbf16ps does, at GEMM speed */
+        float *xr = (float *)KMED_MALLOC(M * K * sizeof(float) + 1);
+        if (xr) {
+            kmed__gemm_job g;
+            size_t i;
+            int ok;
+            for (i = 0; i < M * K; i++) xr[i] = kmed_bf16_to_f32(kmed_f32_to_bf16(x[i]));
+            memset(&g, 0, sizeof g);
+            g.A.p = xr; g.A.t = KMED_F32; g.A.ld = K; g.A.alpha = 1.0f;
+            g.B.p = w; g.B.t = wt; g.B.ld = K; g.B.trans = 1;
+            g.C = y; g.ldc = N; g.M = M; g.N = N; g.K = K;
+            g.beta = 1.0f; g.accum = (flags & KMED_MM_ACC) != 0; g.split_n = 1;
+            ok = kmed__gemm_run(pool, &g);
+            KMED_FREE(xr);
+            if (ok) return;
+        }
+    }
     if ((flags & KMED_MM_FAST) && (wt == KMED_Q8_0 || wt == KMED_Q4_0 || wt == KMED_BF16)) {
         kmed__mv_ctx c;
         memset(&c, 0, sizeof c);

@@ -121,7 +121,10 @@ static void test_f16(void)
             want = ref_round(a, kmed_f16_to_f32(lo), dhi, lo, hh);
         }
         want |= s;
-        if (got != want) { bad++; if (bad < 5) fprintf(stderr, "f16 %a: %04x want %04x\n", f, got, want); }
+        if (got != want) {
+            bad++;
+            if (bad < 5) fprintf(stderr, "f16 %a: %04x want %04x\n", f, got, want);
+        }
 #if defined(__F16C__)
         if (got != _cvtss_sh(f, 0)) bad++;   /* hardware rounding, nearest even */
 #endif
@@ -436,7 +439,8 @@ static void test_dw_sgemm(kmed_pool *pool1, kmed_pool *pool2)
         float *dy = (float *)malloc(M * N * 4), *x = (float *)malloc(M * K * 4);
         float *dw1 = (float *)malloc(N * K * 4), *dw2 = (float *)malloc(N * K * 4);
         float *dwr = (float *)malloc(N * K * 4);
-        float *A = (float *)malloc((M + 3) * (K + 3) * 4), *B = (float *)malloc((K + 3) * (N + 3) * 4);
+        float *A = (float *)malloc((M + 3) * (K + 3) * 4);
+        float *B = (float *)malloc((K + 3) * (N + 3) * 4);
         float *C1 = (float *)malloc(M * (N + 5) * 4), *C2 = (float *)malloc(M * (N + 5) * 4);
         float *Cr = (float *)malloc(M * (N + 5) * 4);
         fill(&rng, dy, M * N);
