@@ -408,8 +408,6 @@ KMED_API kmed_result kmed_merge_config_validate(const kmed_merge_config *cfg,
                          kmed_merge_method_name(cfg->method));
     for (i = 0; i < cfg->n_models; i++) {
         const kmed_merge_model *mm = &cfg->models[i];
-        if (!mm->model || !*mm->model)
-            return KMED__ERR(err, KMED_ERR_ARG, "merge: models[%zu] has no path", i);
         if (!isfinite(mm->weight))
             return KMED__ERR(err, KMED_ERR_ARG, "merge: %s: weight is not finite", mm->model);
         if (!(mm->density >= 0 && mm->density <= 1))
@@ -1264,7 +1262,11 @@ static kmed_result kmed__mg_check(const kmed__mg_src *ref, const kmed__mg_src *s
 }
 
 /* Output conversion of merged chunks into the whole output tensor. */
-typedef struct kmed__mg_outbuf { unsigned char *data; kmed_dtype dtype; size_t es; } kmed__mg_outbuf;
+typedef struct kmed__mg_outbuf {
+    unsigned char *data;
+    kmed_dtype dtype;
+    size_t es;
+} kmed__mg_outbuf;
 
 static void kmed__mg_out_emit(void *ctx, size_t off, size_t n, const float *v)
 {
@@ -1530,6 +1532,9 @@ KMED_API kmed_result kmed_merge_run(const kmed_merge_config *cfg, const char *ou
     if (!out) { memset(&def, 0, sizeof def); out = &def; }
     if (!out_path || !*out_path) return KMED__ERR(err, KMED_ERR_ARG, "merge: no output path");
     if ((r = kmed_merge_config_validate(cfg, err)) != KMED_OK) return r;
+    for (i = 0; i < cfg->n_models; i++)
+        if (!cfg->models[i].model || !*cfg->models[i].model)
+            return KMED__ERR(err, KMED_ERR_ARG, "merge: models[%zu] has no path", i);
     if (out->gguf ? !kmed_dtype_computable(out->dtype)
                   : (out->dtype != KMED_F32 && out->dtype != KMED_BF16 && out->dtype != KMED_F16))
         return KMED__ERR(err, KMED_ERR_UNSUPPORTED, "merge: cannot write %s %s",
