@@ -185,11 +185,13 @@ KMED_API void kmed_dequantize_row(kmed_dtype t, const void *x, float *y, size_t 
     size_t i, j;
     switch (t) {
     case KMED_F32: memcpy(y, x, n * sizeof(float)); break;
-    case KMED_F16:
-        for (i = 0; i < n; i++) y[i] = kmed_f16_to_f32(((const uint16_t *)x)[i]);
-        break;
-    case KMED_BF16:
-        for (i = 0; i < n; i++) y[i] = kmed_bf16_to_f32(((const uint16_t *)x)[i]);
+    case KMED_F16: case KMED_BF16:
+        /* safetensors data may sit at an odd offset: memcpy loads, never a misaligned read */
+        for (i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, (const unsigned char *)x + 2 * i, 2);
+            y[i] = t == KMED_F16 ? kmed_f16_to_f32(h) : kmed_bf16_to_f32(h);
+        }
         break;
     case KMED_Q8_0: {
         const kmed_block_q8_0 *b = (const kmed_block_q8_0 *)x;
@@ -807,6 +809,10 @@ static void kmed__dequant_span(kmed_dtype t, const unsigned char *row, size_t n0
         kmed__dequant_simd(t, row + 2 * n0, y, n);
         return;
     }
+    if (n0 % KMED_QK == 0 && n % KMED_QK == 0) {   /* whole blocks: straight through */
+        kmed__dequant_simd(t, row + kmed__tensor_row_bytes(t, n0), y, n);
+        return;
+    }
     while (n > 0) {
         size_t b = n0 / KMED_QK, off = n0 % KMED_QK, take = KMED_QK - off;
         float tmp[KMED_QK];
@@ -905,8 +911,13 @@ static void kmed__pack_bt(float *bp, const float *src, size_t lds, size_t nr, si
     size_t j = 0, k;
 #if KMED__SIMD == 512
     for (; j + 16 <= nr; j += 16) {
-        for (k = 0; k + 16 <= kc; k += 16)
+        for (k = 0; k + 16 <= kc; k += 16) {
+            size_t i;
+            /* 16 row streams at once defeat the hardware prefetcher: fetch 4 lines ahead */
+            for (i = 0; i < 16; i++)
+                _mm_prefetch((const char *)(src + (j + i) * lds + k + 64), _MM_HINT_T0);
             kmed__tr16(src + j * lds + k, lds, bp + k * KMED__NR + j, KMED__NR);
+        }
         for (; k < kc; k++) {
             size_t jj;
             for (jj = j; jj < j + 16; jj++) bp[k * KMED__NR + jj] = src[jj * lds + k];
