@@ -55,9 +55,12 @@ KMED_API kmed_result kmed_gemma_config_validate(const kmed_gemma_config *c, kmed
         return KMED__ERR(err, KMED_ERR_FORMAT, "gemma config: head_dim %d must be even "
                          "(RoPE pairs)", c->head_dim);
     if (!(c->rms_norm_eps > 0.0f) || !(c->query_pre_attn_scalar > 0.0f) ||
-        !(c->rope_theta > 0.0f) || !(c->attn_softcap >= 0.0f) || !(c->final_softcap >= 0.0f))
+        !(c->rope_theta > 0.0f) || !(c->attn_softcap >= 0.0f) || !(c->final_softcap >= 0.0f) ||
+        !isfinite(c->rms_norm_eps) || !isfinite(c->query_pre_attn_scalar) ||
+        !isfinite(c->rope_theta) || !isfinite(c->attn_softcap) || !isfinite(c->final_softcap))
         return KMED__ERR(err, KMED_ERR_FORMAT, "gemma config: rms_norm_eps, "
-                         "query_pre_attn_scalar and rope_theta must be > 0, soft-caps >= 0");
+                         "query_pre_attn_scalar and rope_theta must be finite and > 0, "
+                         "soft-caps finite and >= 0");
     if (c->sliding_window < 0)
         return KMED__ERR(err, KMED_ERR_FORMAT, "gemma config: sliding_window %d < 0",
                          c->sliding_window);
