@@ -9,7 +9,7 @@
 #ifdef KMED_USE_OPENBLAS
 #include <cblas.h>
 #endif
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -88,13 +88,19 @@ KMED_API uint16_t kmed_f32_to_f16(float f)
 
 /* ---- Q8_0 / Q4_0 (GGML's reference quantizer, ggml-quants.c *_ref) ---- */
 
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KMED__SIMD_Q8 512
+#else
+#define KMED__SIMD_Q8 0
+#endif
+
 static void kmed__tensor_quant_q8_0(const float *x, kmed_block_q8_0 *y, size_t n)
 {
     size_t i, j, nb = n / KMED_QK;
     for (i = 0; i < nb; i++) {
         const float *xb = x + i * KMED_QK;
         float amax = 0.0f, d, id;
-#if defined(__AVX512F__)
+#if KMED__SIMD_Q8 == 512
         /* same operations as below, 16 lanes at a time; roundf's ties-away-from-zero is
            rebuilt from trunc. Blocks holding NaN take the scalar path (max order). */
         __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
@@ -651,11 +657,13 @@ static void kmed__sgemm_ref(kmed_pool *pool, int ta, int tb, size_t M, size_t N,
 
 /* ---- SIMD kernels, chosen at compile time (the scalar code above is the reference) ---- */
 
-#if defined(__AVX512F__)
+/* AVX-512 code also uses AVX2/FMA/F16C forms (every AVX-512 CPU has them; -march=native
+   turns them all on) */
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define KMED__SIMD 512
 #define KMED__MR 12          /* micro-tile rows: 12 x 2 zmm accumulators of 16 floats */
 #define KMED__NR 32
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define KMED__SIMD 256
 #define KMED__MR 6           /* 6 x 2 ymm accumulators of 8 floats */
 #define KMED__NR 16
