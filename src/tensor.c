@@ -130,7 +130,7 @@ static void kmed__tensor_quant_q8_0(const float *x, kmed_block_q8_0 *y, size_t n
 #endif
         for (j = 0; j < KMED_QK; j++) {
             float v = fabsf(xb[j]);
-            amax = amax > v ? amax : v;  /* GGML's MAX(amax, v): NaN does not propagate */
+            amax = amax > v ? amax : v;  /* GGML's MAX(amax, v), NaN behaviour included */
         }
         d = amax / 127.0f;
         id = d != 0.0f ? 1.0f / d : 0.0f;
