@@ -128,7 +128,8 @@ typedef struct kmed__mg_trim {
 
 typedef struct kmed__mg_work {
     size_t n;                /* models the buffers are sized for */
-    float *bufs;             /* (n + 2, CHUNK): base, out, then the models */
+    float *bufs;             /* (n + 4, CHUNK): base, out, sum, divisor, then the models */
+    uint32_t *rnd;           /* (CHUNK) DARE random words */
     uint64_t *cnt;           /* (n, HBINS) */
     double *sum;             /* (n, HBINS) */
     kmed__mg_trim *trim;     /* [n] */
@@ -137,6 +138,7 @@ typedef struct kmed__mg_work {
 static void kmed__mg_work_free(kmed__mg_work *w)
 {
     KMED_FREE(w->bufs);
+    KMED_FREE(w->rnd);
     KMED_FREE(w->cnt);
     KMED_FREE(w->sum);
     KMED_FREE(w->trim);
@@ -149,13 +151,14 @@ static kmed_result kmed__mg_work_init(kmed__mg_work *w, const kmed__mg_plan *p,
     size_t n = p->n ? p->n : 1;
     memset(w, 0, sizeof *w);
     w->n = n;
-    w->bufs = (float *)kmed__calloc((n + 2) * KMED__MG_CHUNK, sizeof(float));
+    w->bufs = (float *)kmed__calloc((n + 4) * KMED__MG_CHUNK, sizeof(float));
+    w->rnd = (uint32_t *)kmed__calloc(KMED__MG_CHUNK, sizeof *w->rnd);
     w->trim = (kmed__mg_trim *)kmed__calloc(n, sizeof *w->trim);
     if (p->sparsify == KMED__MG_SP_MAGNITUDE) {
         w->cnt = (uint64_t *)kmed__calloc(n * KMED__MG_HBINS, sizeof *w->cnt);
         w->sum = (double *)kmed__calloc(n * KMED__MG_HBINS, sizeof *w->sum);
     }
-    if (!w->bufs || !w->trim || (p->sparsify == KMED__MG_SP_MAGNITUDE && (!w->cnt || !w->sum))) {
+    if (!w->bufs || !w->rnd || !w->trim || (p->sparsify == KMED__MG_SP_MAGNITUDE && (!w->cnt || !w->sum))) {
         kmed__mg_work_free(w);
         return KMED__ERR(err, KMED_ERR_NOMEM, "merge: out of memory for work buffers");
     }
@@ -183,7 +186,7 @@ static kmed_result kmed__mg_hist_pass(const kmed__mg_plan *p, int pass, size_t n
                                       kmed__mg_work *wk, kmed_error *err)
 {
     const size_t C = KMED__MG_CHUNK;
-    float *b = wk->bufs, *x = wk->bufs + 2 * C;
+    float *b = wk->bufs, *x = wk->bufs + 4 * C;
     size_t off, i, e;
     kmed_result r;
     memset(wk->cnt, 0, p->n * KMED__MG_HBINS * sizeof *wk->cnt);
@@ -202,10 +205,10 @@ static kmed_result kmed__mg_hist_pass(const kmed__mg_plan *p, int pass, size_t n
                 uint32_t u = kmed__mg_abits(a);
                 if (pass == 1) {
                     cnt[u >> 16]++;
-                    sum[u >> 16] += a;
+                    if (p->rescale) sum[u >> 16] += a; /* L1 sums only feed the rescale */
                 } else if ((u >> 16) == t->hi) {
                     cnt[u & 0xffffu]++;
-                    sum[u & 0xffffu] += a;
+                    if (p->rescale) sum[u & 0xffffu] += a;
                 }
             }
         }
@@ -276,17 +279,32 @@ static kmed_result kmed__mg_ties_prepare(const kmed__mg_plan *p, size_t numel,
     return KMED_OK;
 }
 
-static void kmed__mg_trim_apply(kmed__mg_trim *t, float *d, size_t m)
+/* d[0..C) in place; tmp: C floats of scratch. */
+static void kmed__mg_trim_apply(kmed__mg_trim *t, float *restrict d, float *restrict tmp)
 {
+    const size_t C = KMED__MG_CHUNK;
+    const float sc = t->scale;
+    const uint32_t thr = t->thr;
+    const float thf = kmed__mg_from_bits(thr);
     size_t e;
+    uint32_t eq = 0;
     if (t->all) return;
-    if (t->none) { memset(d, 0, m * sizeof *d); return; }
-    for (e = 0; e < m; e++) {
-        uint32_t u = kmed__mg_abits(d[e]);
-        int keep = u > t->thr || (u == t->thr && t->seen < t->quota);
-        if (u == t->thr && keep) t->seen++;
-        d[e] = keep ? d[e] * t->scale : 0.0f;
+    if (t->none) { memset(d, 0, C * sizeof *d); return; }
+    /* non-negative floats compare like their bits (a NaN task vector value is dropped) */
+    for (e = 0; e < C; e++) {
+        float a = fabsf(d[e]);
+        tmp[e] = a > thf ? d[e] * sc : 0.0f;
+        eq += a == thf;
     }
+    /* values equal to the threshold: the first `quota` of the tensor, in index order */
+    for (e = 0; eq && e < C; e++) {
+        if (kmed__mg_abits(d[e]) == thr) {
+            if (t->seen < t->quota) tmp[e] = d[e] * sc;
+            t->seen++;
+            eq--;
+        }
+    }
+    memcpy(d, tmp, C * sizeof *d);
 }
 
 static uint64_t kmed__mg_mix(uint64_t a, uint64_t b)
@@ -298,22 +316,78 @@ static uint64_t kmed__mg_mix(uint64_t a, uint64_t b)
    element against round(density * 2^32)), kept ones divided by density when rescaling.
    The stream is seeded per (seed, tensor, model, chunk), so results do not depend on
    tensor order, shards or which other models take part. */
+/* d[0..C) in place; rnd: C words of scratch. */
 static void kmed__mg_dare_apply(const kmed__mg_plan *p, uint64_t key, size_t i, size_t block,
-                                float *d, size_t m)
+                                float *d, uint32_t *rnd)
 {
+    const size_t C = KMED__MG_CHUNK;
     float dens = p->dens[i];
-    uint64_t thr, u = 0;
+    uint32_t thr;
     kmed_rng rng;
     size_t e;
     if (dens >= 1.0f) return;
-    thr = (uint64_t)((double)dens * 4294967296.0 + 0.5);
+    thr = (uint32_t)((double)dens * 4294967296.0 + 0.5); /* dens < 1: fits */
     kmed_rng_seed(&rng, kmed__mg_mix(kmed__mg_mix(kmed__mg_mix(p->seed, key),
                                                   (uint64_t)p->idx[i] + 1), (uint64_t)block + 1));
-    for (e = 0; e < m; e++) {
-        uint64_t v;
-        if ((e & 1) == 0) u = kmed_rng_u64(&rng);
-        v = (e & 1) ? u >> 32 : u & 0xffffffffu;
-        d[e] = v < thr ? (p->rescale ? d[e] / dens : d[e]) : 0.0f;
+    for (e = 0; e < C; e += 2) {
+        uint64_t u = kmed_rng_u64(&rng);
+        rnd[e] = (uint32_t)u;
+        rnd[e + 1] = (uint32_t)(u >> 32);
+    }
+    if (p->rescale) {
+        for (e = 0; e < C; e++) d[e] = rnd[e] < thr ? d[e] / dens : 0.0f;
+    } else {
+        for (e = 0; e < C; e++) d[e] = rnd[e] < thr ? d[e] : 0.0f;
+    }
+}
+
+/* Chunk kernels (C elements; restrict so -O2 vectorizes them without alias checks). */
+static void kmed__mg_sub(float *restrict x, const float *restrict b)
+{
+    size_t e;
+    for (e = 0; e < KMED__MG_CHUNK; e++) x[e] -= b[e];
+}
+
+static void kmed__mg_axpy(float *restrict y, const float *restrict x, float a)
+{
+    size_t e;
+    for (e = 0; e < KMED__MG_CHUNK; e++) y[e] += a * x[e];
+}
+
+static void kmed__mg_add(float *restrict y, const float *restrict x)
+{
+    size_t e;
+    for (e = 0; e < KMED__MG_CHUNK; e++) y[e] += x[e];
+}
+
+static void kmed__mg_add_sign(float *restrict y, const float *restrict x)
+{
+    size_t e;
+    for (e = 0; e < KMED__MG_CHUNK; e++) y[e] += (float)((x[e] > 0) - (x[e] < 0));
+}
+
+/* Adds the values (and weights) of one model whose sign agrees with the elected one. */
+static void kmed__mg_agree(float *restrict o, float *restrict dv, const float *restrict x,
+                           const float *restrict sg, float w)
+{
+    size_t e;
+    for (e = 0; e < KMED__MG_CHUNK; e++) {
+        /* sign(x) == elected (0 never agrees); a 0/1 mask multiplied in, as mergekit does */
+        float mask = x[e] * sg[e] > 0 ? 1.0f : 0.0f;
+        o[e] += x[e] * mask;
+        dv[e] += w * mask;
+    }
+}
+
+/* o = b + lambda * mixed / divisor (divisor 1 where 0; x / 1 and x * 1 are exact). */
+static void kmed__mg_finish(float *restrict o, const float *restrict mixed,
+                            const float *restrict dv, float div, const float *restrict b,
+                            float lambda)
+{
+    size_t e;
+    for (e = 0; e < KMED__MG_CHUNK; e++) {
+        float d = dv ? (dv[e] == 0 ? 1.0f : dv[e]) : div;
+        o[e] = b[e] + mixed[e] / d * lambda;
     }
 }
 
@@ -324,7 +398,8 @@ static kmed_result kmed__mg_tensor_run(const kmed__mg_plan *p, uint64_t key, siz
                                        kmed_error *err)
 {
     const size_t C = KMED__MG_CHUNK;
-    float *b = wk->bufs, *o = wk->bufs + C, *xb = wk->bufs + 2 * C;
+    float *b = wk->bufs, *o = wk->bufs + C, *sm = wk->bufs + 2 * C, *dv = wk->bufs + 3 * C;
+    float *xb = wk->bufs + 4 * C;
     float wsum = 0, div;
     size_t off, i, e;
     kmed_result r;
@@ -336,53 +411,46 @@ static kmed_result kmed__mg_tensor_run(const kmed__mg_plan *p, uint64_t key, siz
     }
     /* mergekit's divisors: linear divides by the plain sum; task arithmetic guards ~0 */
     div = linear ? wsum : (fabsf(wsum) < 1e-8f ? 1.0f : wsum);
+    /* Loops run over elements inside loops over models (sums still in model order), with
+       selects instead of branches (random signs and masks defeat branch prediction), over
+       whole chunks with zeroed tails: a constant trip count lets -O2 vectorize them. */
     for (off = 0; off < numel; off += C) {
         size_t m = numel - off < C ? numel - off : C;
-        if (!linear && (r = base->read(base->ctx, off, m, b, err)) != KMED_OK) return r;
+        if (!linear) {
+            if ((r = base->read(base->ctx, off, m, b, err)) != KMED_OK) return r;
+            if (m < C) memset(b + m, 0, (C - m) * sizeof *b);
+        }
         for (i = 0; i < p->n; i++) {
             float *x = xb + i * C, w = p->w[i];
             if ((r = xs[i].read(xs[i].ctx, off, m, x, err)) != KMED_OK) return r;
+            if (m < C) memset(x + m, 0, (C - m) * sizeof *x);
             if (linear) continue;
-            for (e = 0; e < m; e++) x[e] -= b[e];
-            if (p->sparsify == KMED__MG_SP_MAGNITUDE) kmed__mg_trim_apply(&wk->trim[i], x, m);
+            kmed__mg_sub(x, b);
+            if (p->sparsify == KMED__MG_SP_MAGNITUDE) kmed__mg_trim_apply(&wk->trim[i], x, sm);
             else if (p->sparsify == KMED__MG_SP_RANDOM)
-                kmed__mg_dare_apply(p, key, i, off / C, x, m);
-            for (e = 0; e < m; e++) x[e] *= w;
+                kmed__mg_dare_apply(p, key, i, off / C, x, wk->rnd);
+            for (e = 0; e < C; e++) x[e] *= w;
         }
+        memset(sm, 0, C * sizeof *sm);
         if (linear) {
-            for (e = 0; e < m; e++) {
-                float s = 0;
-                for (i = 0; i < p->n; i++) s += p->w[i] * xb[i * C + e];
-                o[e] = p->normalize ? s / div : s;
-            }
+            for (i = 0; i < p->n; i++) kmed__mg_axpy(sm, xb + i * C, p->w[i]);
+            if (p->normalize) for (e = 0; e < C; e++) o[e] = sm[e] / div;
+            else memcpy(o, sm, C * sizeof *o);
         } else if (p->consensus) {
-            for (e = 0; e < m; e++) {
-                float s = 0, mixed = 0, d = 0, maj;
-                for (i = 0; i < p->n; i++) {
-                    float v = xb[i * C + e];
-                    s += p->count ? (float)((v > 0) - (v < 0)) : v;
-                }
-                maj = s >= 0 ? 1.0f : -1.0f;
-                for (i = 0; i < p->n; i++) {
-                    float v = xb[i * C + e];
-                    if ((float)((v > 0) - (v < 0)) == maj) {
-                        mixed += v;
-                        d += p->w[i];
-                    }
-                }
-                if (d == 0) d = 1.0f;
-                if (p->normalize) mixed /= d;
-                if (p->lambda != 1.0f) mixed *= p->lambda;
-                o[e] = b[e] + mixed;
+            /* elected sign: of the summed weighted values, or of the count of signs */
+            for (i = 0; i < p->n; i++) {
+                if (p->count) kmed__mg_add_sign(sm, xb + i * C);
+                else kmed__mg_add(sm, xb + i * C);
             }
+            for (e = 0; e < C; e++) sm[e] = sm[e] >= 0 ? 1.0f : -1.0f;
+            memset(o, 0, C * sizeof *o);
+            memset(dv, 0, C * sizeof *dv);
+            for (i = 0; i < p->n; i++) kmed__mg_agree(o, dv, xb + i * C, sm, p->w[i]);
+            memcpy(sm, o, C * sizeof *sm);
+            kmed__mg_finish(o, sm, p->normalize ? dv : NULL, 1.0f, b, p->lambda);
         } else {
-            for (e = 0; e < m; e++) {
-                float mixed = 0;
-                for (i = 0; i < p->n; i++) mixed += xb[i * C + e];
-                if (p->normalize) mixed /= div;
-                if (p->lambda != 1.0f) mixed *= p->lambda;
-                o[e] = b[e] + mixed;
-            }
+            for (i = 0; i < p->n; i++) kmed__mg_add(sm, xb + i * C);
+            kmed__mg_finish(o, sm, NULL, p->normalize ? div : 1.0f, b, p->lambda);
         }
         emit(ectx, off, m, o);
     }
