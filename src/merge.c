@@ -158,7 +158,8 @@ static kmed_result kmed__mg_work_init(kmed__mg_work *w, const kmed__mg_plan *p,
         w->cnt = (uint64_t *)kmed__calloc(n * KMED__MG_HBINS, sizeof *w->cnt);
         w->sum = (double *)kmed__calloc(n * KMED__MG_HBINS, sizeof *w->sum);
     }
-    if (!w->bufs || !w->rnd || !w->trim || (p->sparsify == KMED__MG_SP_MAGNITUDE && (!w->cnt || !w->sum))) {
+    if (!w->bufs || !w->rnd || !w->trim ||
+        (p->sparsify == KMED__MG_SP_MAGNITUDE && (!w->cnt || !w->sum))) {
         kmed__mg_work_free(w);
         return KMED__ERR(err, KMED_ERR_NOMEM, "merge: out of memory for work buffers");
     }
