@@ -1,5 +1,18 @@
 /* ==== kmed_tensor: bf16/f16, Q8_0/Q4_0 blocks, matmul kernels, thread pool ==== */
 
+/* How the kernels are chosen (compile time, no runtime dispatch):
+     AVX-512 (+AVX2/FMA/F16C)  12x32 GEMM micro-kernel, 16-lane matrix-vector kernels,
+                               VNNI int8 and BF16 dot products where the CPU has them
+     AVX2 + FMA + F16C         6x16 GEMM micro-kernel, 8-lane kernels
+     otherwise                 the scalar reference code, which is always compiled and is
+                               what tests/test_tensor.c checks every path against
+   kmed_matmul: M <= 4 runs matrix-vector kernels (weights dequantized in registers), larger
+   M the packed GEMM (weight tiles dequantized once into the packed panel and reused for all
+   M rows). FAST Q8_0/Q4_0 quantizes x to Q8_0 and takes integer dot products for every M,
+   as llama.cpp does; FAST BF16 rounds x to bf16. Each output element is computed by an
+   instruction sequence that depends only on its position in fixed K blocks, never on the
+   thread ranges, so 1 and N threads give identical bits. */
+
 #include <math.h>
 #include <string.h>
 #ifndef KMED_NO_THREADS
