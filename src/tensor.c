@@ -1028,7 +1028,7 @@ typedef struct kmed__gemm_job {
     int accum;              /* 0: C = A.B (C not read) */
     int split_n;            /* threads take column ranges (else row ranges) */
     unsigned char *scratch; /* per thread: scratch_bytes each */
-    size_t scratch_bytes;
+    size_t scratch_bytes, ap_floats, bp_floats;
 } kmed__gemm_job;
 
 static float *kmed__align64(unsigned char *p)
@@ -1040,8 +1040,8 @@ static void kmed__gemm_block(const kmed__gemm_job *g, size_t m0, size_t m1, size
                              size_t n1, unsigned char *scratch)
 {
     float *ap = kmed__align64(scratch);
-    float *bp = ap + KMED__MC * KMED__KC;
-    float *tmp = bp + KMED__NC * KMED__KC;
+    float *bp = ap + g->ap_floats;
+    float *tmp = bp + g->bp_floats;
     size_t jc, pc, ic, jr, ir, m, n;
     if (g->accum && g->beta != 1.0f)
         for (m = m0; m < m1; m++)
@@ -1088,9 +1088,17 @@ static void kmed__gemm_range(void *vctx, size_t b, size_t e, int thread)
 static int kmed__gemm_run(kmed_pool *pool, kmed__gemm_job *g)
 {
     int nt = kmed_pool_threads(pool);
-    size_t per = (size_t)(KMED__MC * KMED__KC + KMED__NC * KMED__KC + KMED__NR * KMED__KC) *
-                 sizeof(float) + 64;
-    unsigned char *mem = (unsigned char *)KMED_MALLOC(per * (size_t)nt);
+    /* panels sized to the problem: small GEMMs (LoRA) then stay off mmap'd fresh pages */
+    size_t kc = g->K < KMED__KC ? (g->K ? g->K : 1) : KMED__KC;
+    size_t mc = (g->M + KMED__MR - 1) / KMED__MR * KMED__MR;
+    size_t nc = (g->N + KMED__NR - 1) / KMED__NR * KMED__NR, per;
+    unsigned char *mem;
+    if (mc > KMED__MC) mc = KMED__MC;
+    if (nc > KMED__NC) nc = KMED__NC;
+    g->ap_floats = mc * kc;
+    g->bp_floats = nc * kc;
+    per = (g->ap_floats + g->bp_floats + KMED__NR * kc) * sizeof(float) + 64;
+    mem = (unsigned char *)KMED_MALLOC(per * (size_t)nt);
     if (!mem) return 0;
     g->scratch = mem;
     g->scratch_bytes = per;

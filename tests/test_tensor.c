@@ -328,7 +328,8 @@ static void test_matmul(kmed_pool *pool1, kmed_pool *pool2)
     static const size_t shapes[][3] = {
         { 1, 1, 32 }, { 1, 37, 64 }, { 1, 131, 320 }, { 3, 45, 96 }, { 17, 70, 160 },
         { 33, 129, 256 }, { 5, 300, 1024 }, { 64, 64, 64 }, { 1, 1000, 2048 },
-        { 2, 7, 53 }, { 4, 9, 100 }, { 6, 33, 77 }, { 13, 70, 300 }, { 1, 5, 17 }
+        { 2, 7, 53 }, { 4, 9, 100 }, { 6, 33, 77 }, { 13, 70, 300 }, { 1, 5, 17 },
+        { 150, 530, 288 }   /* more than one GEMM block in M, N and K */
     };
     kmed_rng rng;
     size_t ti, si, m, n, k;
