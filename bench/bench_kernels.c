@@ -224,8 +224,10 @@ int main(int argc, char **argv)
     float *big = (float *)malloc(bw_n * sizeof(float));
     static const kmed_dtype types[] = { KMED_F32, KMED_BF16, KMED_Q8_0, KMED_Q4_0 };
     if (argc > 1 && !quick) {
-        printf("usage: bench_kernels [--quick]\n  --quick  fewer repetitions\n");
-        return strcmp(argv[1], "--help") == 0 ? 0 : 2;
+        int help = strcmp(argv[1], "--help") == 0;
+        fprintf(help ? stdout : stderr, "usage: bench_kernels [--quick]\n"
+                "  --quick  fewer repetitions (default: off)\n");
+        return help ? 0 : 2;
     }
     if (!big || kmed_pool_create(&pool, 2, &e) != KMED_OK) {
         fprintf(stderr, "bench_kernels: setup failed\n");
