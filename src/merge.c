@@ -386,9 +386,13 @@ static void kmed__mg_finish(float *restrict o, const float *restrict mixed,
                             float lambda)
 {
     size_t e;
-    for (e = 0; e < KMED__MG_CHUNK; e++) {
-        float d = dv ? (dv[e] == 0 ? 1.0f : dv[e]) : div;
-        o[e] = b[e] + mixed[e] / d * lambda;
+    if (dv) {
+        for (e = 0; e < KMED__MG_CHUNK; e++)
+            o[e] = b[e] + mixed[e] / (dv[e] == 0 ? 1.0f : dv[e]) * lambda;
+    } else if (div != 1.0f) {
+        for (e = 0; e < KMED__MG_CHUNK; e++) o[e] = b[e] + mixed[e] / div * lambda;
+    } else { /* no division where mergekit does none */
+        for (e = 0; e < KMED__MG_CHUNK; e++) o[e] = b[e] + mixed[e] * lambda;
     }
 }
 
@@ -1410,6 +1414,7 @@ typedef struct kmed__mg_ctx {
     kmed__mg_plan plan;
     kmed__mg_work wk;
     kmed__mg_reader rb, *rx;
+    double bytes_in;             /* input tensor bytes read (once per tensor) */
 } kmed__mg_ctx;
 
 /* Merges tensor `t` of the reference into buf (numel x dtype). */
@@ -1428,8 +1433,14 @@ static kmed_result kmed__mg_one(kmed__mg_ctx *c, const kmed_tensor_info *t, kmed
     if (r == KMED_OK)
         r = kmed__mg_tensor_run(&c->plan, kmed_merge_tensor_key(t->name), numel, &c->rb, c->rx,
                                 kmed__mg_out_emit, &ob, &c->wk, err);
-    if (c->base) kmed__mg_src_end(c->base);
-    for (i = 0; i < c->plan.n; i++) kmed__mg_src_end(c->xs[i]);
+    if (c->base) {
+        c->bytes_in += c->base->t ? (double)c->base->t->nbytes : 0;
+        kmed__mg_src_end(c->base);
+    }
+    for (i = 0; i < c->plan.n; i++) {
+        c->bytes_in += c->xs[i]->t ? (double)c->xs[i]->t->nbytes : 0;
+        kmed__mg_src_end(c->xs[i]);
+    }
     return r;
 }
 
@@ -1446,7 +1457,7 @@ static kmed_result kmed__mg_write_hf(kmed__mg_ctx *c, const char *dir, kmed_dtyp
     kmed_buf idx = {0};
     kmed_result r = KMED_OK;
     char path[1200], fname[64];
-    double t0 = kmed_time_now(), bytes_in = 0;
+    double t0 = kmed_time_now();
 
     if ((r = kmed_mkdir_p(dir, err)) != KMED_OK) return r;
     /* a crash mid-way must not leave an old config.json (the completeness mark) or an old
@@ -1500,7 +1511,6 @@ static kmed_result kmed__mg_write_hf(kmed__mg_ctx *c, const char *dir, kmed_dtyp
             r = kmed__mg_one(c, &ti[k], dt, buf, err);
             if (r == KMED_OK) r = kmed_st_writer_put(&w, buf, ti[k].nbytes, err);
             KMED_FREE(buf);
-            bytes_in += (double)kmed_tensor_numel(&ti[k]) * (double)(c->plan.n + (c->base != 0));
             kmed_progress(cb, "merge", (double)++done, (double)n, "tensors");
             kmed_buf_puts(&idx, "    ");
             kmed_buf_json_str(&idx, ti[k].name, strlen(ti[k].name));
@@ -1522,9 +1532,10 @@ static kmed_result kmed__mg_write_hf(kmed__mg_ctx *c, const char *dir, kmed_dtyp
         r = kmed__mg_copy_file(ref->dir, dir, kmed__mg_side_files[i], err);
     if (r == KMED_OK) r = kmed__mg_write_config(ref->dir, dir, dt, err);
     if (r == KMED_OK)
-        kmed_log(cb, KMED_LOG_INFO, "merge: %zu tensors, %.0f MB written in %.1fs (%.2f G "
-                 "input elements/s)", n, (double)total / 1e6, kmed_time_now() - t0,
-                 bytes_in / 1e9 / (kmed_time_now() - t0 + 1e-9));
+        kmed_log(cb, KMED_LOG_INFO, "merge: %zu tensors, %.0f MB read, %.0f MB written in "
+                 "%.1fs (%.2f GB/s)", n, c->bytes_in / 1e6, (double)total / 1e6,
+                 kmed_time_now() - t0,
+                 (c->bytes_in + (double)total) / 1e9 / (kmed_time_now() - t0 + 1e-9));
 done:
     KMED_FREE(ti);
     KMED_FREE(shard_of);
