@@ -1746,3 +1746,26 @@ KMED_API void kmed_sgemm(kmed_pool *pool, int ta, int tb, size_t M, size_t N, si
     kmed__sgemm_ref(pool, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 #endif
 }
+
+KMED_API float kmed_dot_f32(const float *a, const float *b, size_t n)
+{
+#ifdef KMED__SIMD
+    /* two accumulators hide FMA latency; the tail is added last, in order */
+    KMED__VT s0 = KMED__VZERO(), s1 = s0;
+    size_t i = 0;
+    float r;
+    for (; i + 2 * KMED__VW <= n; i += 2 * KMED__VW) {
+        s0 = KMED__VFMA(KMED__VLOAD(a + i), KMED__VLOAD(b + i), s0);
+        s1 = KMED__VFMA(KMED__VLOAD(a + i + KMED__VW), KMED__VLOAD(b + i + KMED__VW), s1);
+    }
+    if (i + KMED__VW <= n) {
+        s0 = KMED__VFMA(KMED__VLOAD(a + i), KMED__VLOAD(b + i), s0);
+        i += KMED__VW;
+    }
+    r = KMED__HSUM(KMED__VADD(s0, s1));
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+#else
+    return kmed_dot_row(KMED_F32, a, b, n);
+#endif
+}

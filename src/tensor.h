@@ -63,3 +63,7 @@ KMED_API void kmed_sgemm(kmed_pool *pool, int ta, int tb, size_t M, size_t N, si
 /* Dot product of f32 x with one row of W in dtype wt (n elements): the scalar reference
    that every SIMD kernel is tested against lives beside it. */
 KMED_API float kmed_dot_row(kmed_dtype wt, const void *wrow, const float *x, size_t n);
+/* SIMD f32 dot product for hot inner loops (attention scores, small heads); the summation
+   order is fixed by n alone, so results do not depend on threads. Equals
+   kmed_dot_row(KMED_F32, a, b, n) up to summation order. */
+KMED_API float kmed_dot_f32(const float *a, const float *b, size_t n);

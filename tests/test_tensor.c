@@ -503,6 +503,26 @@ static void test_dw_sgemm(kmed_pool *pool1, kmed_pool *pool2)
     }
 }
 
+static void test_dot_f32(void)
+{
+    float a[300], b[300];
+    kmed_rng rng;
+    size_t n;
+    int bad = 0;
+    kmed_rng_seed(&rng, 7);
+    fill(&rng, a, 300);
+    fill(&rng, b, 300);
+    for (n = 0; n <= 300; n += (n < 40 ? 1 : 37)) {
+        double ref = 0;
+        size_t i;
+        for (i = 0; i < n; i++) ref += (double)a[i] * b[i];
+        if (fabs(kmed_dot_f32(a, b, n) - ref) > TOL_REORDER * (sqrt((double)n) + 1)) bad++;
+        if (fabs(kmed_dot_f32(a, b, n) - kmed_dot_row(KMED_F32, a, b, n)) >
+            TOL_REORDER * (sqrt((double)n) + 1)) bad++;
+    }
+    CHECKF(bad == 0, "kmed_dot_f32: %d lengths off", bad);
+}
+
 typedef struct pool_probe { size_t *owner; size_t grain; int bad; } pool_probe;
 
 static void probe_fn(void *ctx, size_t b, size_t e, int t)
@@ -648,6 +668,7 @@ int main(void)
     test_quant_roundtrip();
     test_quant_vs_ggml_ref();
     test_pool();
+    test_dot_f32();
     test_fixture_quant();
     CHECK_OK(kmed_pool_create(&pool2, 2, &e));
     test_matmul(NULL, pool2);
