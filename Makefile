@@ -6,13 +6,13 @@ SAN     = -fsanitize=address,undefined -fno-omit-frame-pointer -g
 
 TOOLS   = build/kmed-inspect build/kmed-tokenize build/kmed-forward build/kmed-init \
           build/kmed-convert build/kmed-chat build/kmed-train build/kmed-data build/kmed-eval \
-          build/kmed-bench
+          build/kmed-merge build/kmed-bench
 TESTS   = build/test_core build/test_io_text build/test_io_bin build/test_tensor build/test_tok \
           build/test_gemma build/test_generate build/test_convert build/test_safety \
-          build/test_train build/test_data build/test_mcqa \
+          build/test_train build/test_data build/test_mcqa build/test_merge \
           build/test_tensor_nothreads build/test_core_static build/quickstart_check
 BENCHES = build/bench_kernels build/bench_tok build/bench_train build/bench_data \
-          build/kmed-bench
+          build/bench_merge build/kmed-bench
 EXAMPLES = build/quickstart build/trainer build/chat
 
 .PHONY: all tools test test-asan bench demo clean
