@@ -1419,11 +1419,35 @@ static void kmed__vx_build(unsigned char *dst, const float *x, kmed_dtype wt, si
     if (nb & 1) memcpy(qs + (nb - 1) * KMED_QK, tmp[nb - 1].qs, 32);   /* odd tail: as is */
 }
 
-/* dw[b] = fp16 scale of block b (blocks `bs` bytes apart, scale first). */
+/* dw[b] = fp16 scale of block b (blocks `bs` = 18 or 34 bytes apart, scale first). Eight
+   at a time: vpermt2w picks the scale words out of two 64-byte windows (Q4_0: words 9i;
+   Q8_0: words 17i, four per 128-byte window), then one vcvtph2ps. */
 static void kmed__vw_scales(const unsigned char *row, size_t bs, size_t nb, float *dw)
 {
-    size_t b;
-    for (b = 0; b < nb; b++) {
+    size_t b = 0;
+    const __m512i i4 = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                        0, 0, 0, 0, 0, 0, 63, 54, 45, 36, 27, 18, 9, 0);
+    const __m512i i8 = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 51, 34, 17, 0);
+    /* 8 blocks span 144 (Q4_0) or 272 (Q8_0) bytes: the windows read stay inside them */
+    for (; b + 8 <= nb; b += 8) {
+        const unsigned char *p = row + b * bs;
+        __m128i h;
+        if (bs == sizeof(kmed_block_q4_0)) {
+            __m512i w0 = _mm512_loadu_si512((const void *)p);
+            __m512i w1 = _mm512_loadu_si512((const void *)(p + 64));
+            h = _mm512_castsi512_si128(_mm512_permutex2var_epi16(w0, i4, w1));
+        } else {
+            __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512((const void *)p), i8,
+                                                   _mm512_loadu_si512((const void *)(p + 64)));
+            __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512((const void *)(p + 136)),
+                                                   i8,
+                                                   _mm512_loadu_si512((const void *)(p + 200)));
+            h = _mm_unpacklo_epi64(_mm512_castsi512_si128(lo), _mm512_castsi512_si128(hi));
+        }
+        _mm256_storeu_ps(dw + b, _mm256_cvtph_ps(h));
+    }
+    for (; b < nb; b++) {
         uint16_t h;
         memcpy(&h, row + b * bs, 2);
         dw[b] = kmed__tensor_h2f(h);
