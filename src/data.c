@@ -2674,6 +2674,7 @@ static kmed_result kmed__data_cfg_source(kmed_data_source *s, const kmed_json *o
     if (s->weight == 0) s->weight = -1; /* explicit 0: drop everything by mixing */
     s->min_korean = kmed_json_num(kmed_json_get(o, "min_korean"), 0);
     s->strip_html = kmed_json_bool(kmed_json_get(o, "strip_html"), 0);
+    s->no_explanation = !kmed_json_bool(kmed_json_get(o, "explanations"), 1);
     if ((v = kmed_json_get(o, "format"))) {
         const char *f = kmed_json_str(v, "");
         if (strcmp(f, "sft") == 0) s->format = KMED_DATA_FMT_SFT;
@@ -2921,6 +2922,10 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
     if (r == KMED_ERR_FORMAT)
         return kmed__data_drop(R, sr, rec->id, KMED_DATA_DROP_EMPTY, e2.msg, err);
     if (r) { if (err) *err = e2; return r; }
+    if (src->no_explanation) {
+        KMED_FREE(rec->explanation);
+        rec->explanation = NULL;
+    }
     R->text.len = 0;
     kmed_data_record_text(rec, &R->text);
     R->question.len = 0;

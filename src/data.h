@@ -54,6 +54,7 @@ typedef struct kmed_data_source {
     kmed_data_format format;
     double min_korean;      /* > 0: drop records whose Hangul share of letters is lower */
     int strip_html;         /* 1: strip tags in every field (always on for dict) */
+    int no_explanation;     /* 1: drop cot/explanations, so answers are the option alone */
     char subset[16];        /* mcqa: force the subset ("" = column, else from file name) */
     char split[16];         /* mcqa: force the split ("" = column, else from file name) */
     char splits[64];        /* comma list of splits to keep ("" = all) */

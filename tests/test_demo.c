@@ -95,6 +95,7 @@ int main(void)
     snprintf(src->path, sizeof src->path, "examples/data/dictionary.jsonl");
     CHECK_OK(kmed_data_config_add_source(&dc, 0, &src, &e));
     src->kind = KMED_DATA_MCQA;
+    src->no_explanation = 1;  /* answers without the cot */
     snprintf(src->path, sizeof src->path, "examples/data/kormedmcqa/dentist_train.jsonl");
     CHECK_OK(kmed_data_config_add_source(&dc, 1, &src, &e));
     src->kind = KMED_DATA_MCQA;
@@ -111,6 +112,14 @@ int main(void)
                rep.n_kept, dropped);
         CHECK(rep.n_kept > 300 && rep.n_cpt_train > 100 && rep.n_sft_train > 100);
         CHECK(rep.n_seqs[2] > 0 && rep.n_trained[2] > 0); /* packed cpt train */
+    }
+    {   /* chat examples end the user turn with the eval prompt's cue; no cot in answers */
+        char *text = NULL;
+        size_t n = 0;
+        CHECK_OK(kmed_file_read(OUT "/data/sft_train.jsonl", 0, &text, &n, &e));
+        CHECK(text && strstr(text, "\\n정답：\"}") != NULL);
+        CHECK(text && strstr(text, "질환 사전") == NULL); /* every cot of the demo cites it */
+        kmed_free(text);
     }
     kmed_data_report_free(&rep);
     kmed_data_config_free(&dc);

@@ -32,6 +32,8 @@ static const char usage[] =
     "    --splits LIST      keep only these splits, e.g. train,dev (default: all)\n"
     "    --subset S         kormedmcqa subset (default: column, else from the file name)\n"
     "    --strip-html       strip HTML tags in every field (default: dict only)\n"
+    "    --no-explanations  drop cot/explanations: answers are the option alone (default:\n"
+    "                       kept)\n"
     "  --eval KIND:PATH     evaluation set to decontaminate against (repeatable)\n"
     "\n"
     "Output and packing:\n"
@@ -75,7 +77,7 @@ static const char usage[] =
     "   \"sources\": [{\"kind\": \"kormedmcqa\", \"path\": \"train.jsonl\", \"name\": \"kmmcqa\",\n"
     "                \"weight\": 1, \"format\": \"auto\", \"min_korean\": 0,\n"
     "                \"splits\": [\"train\"], \"subset\": \"\", \"split\": \"\",\n"
-    "                \"strip_html\": false,\n"
+    "                \"strip_html\": false, \"explanations\": true,\n"
     "                \"map\": {\"question\": \"full_question\"}}],\n"
     "   \"eval\": [{\"kind\": \"kormedmcqa\", \"path\": \"test.jsonl\"}]}\n"
     "\n"
@@ -178,10 +180,13 @@ int main(int argc, char **argv)
         } else if (strcmp(a, "--name") == 0 || strcmp(a, "--weight") == 0 ||
                    strcmp(a, "--format") == 0 || strcmp(a, "--map") == 0 ||
                    strcmp(a, "--min-korean") == 0 || strcmp(a, "--splits") == 0 ||
-                   strcmp(a, "--subset") == 0 || strcmp(a, "--strip-html") == 0) {
+                   strcmp(a, "--subset") == 0 || strcmp(a, "--strip-html") == 0 ||
+                   strcmp(a, "--no-explanations") == 0) {
             if (!last) usage_error(usage, "%s must follow a --source", a);
             if (strcmp(a, "--strip-html") == 0) {
                 last->strip_html = 1;
+            } else if (strcmp(a, "--no-explanations") == 0) {
+                last->no_explanation = 1;
             } else if (strcmp(a, "--weight") == 0) {
                 double w = arg_double(argc, argv, &i, usage);
                 if (w < 0 || w > 1000) usage_error(usage, "--weight must be in [0, 1000]");
