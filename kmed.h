@@ -9,12 +9,26 @@
    and include "kmed.h" without the define everywhere else. Build with
    `cc -std=c99 -O2 -march=native app.c -lm -lpthread`.
 
-   Quick start (examples/quickstart.c, built by the tests so it cannot drift):
+   Quick start (the core of examples/quickstart.c, which the tests build and run):
 
        kmed_error err = {0};
        kmed_tok tok;
-       if (kmed_tok_load(&tok, "tokenizer.json", &err) != KMED_OK)
+       kmed_gemma model;
+       kmed_gemma_state st;
+       int ids[512];
+       size_t n;
+       float *logits = malloc(256000 * sizeof *logits);   (the model's vocab_size)
+       if (kmed_tok_load(&tok, "ko-gemma-2-9b-it", &err) != KMED_OK ||
+           kmed_gemma_load(&model, "ko-gemma-2-9b-it", NULL, &err) != KMED_OK ||
+           kmed_tok_encode(&tok, NULL, text, strlen(text), ids, 512, &n, &err) != KMED_OK ||
+           kmed_gemma_state_init(&st, &model, n, &err) != KMED_OK ||
+           kmed_gemma_forward(&model, NULL, &st, NULL, ids, n, KMED_FWD_LOGITS_LAST,
+                              logits, NULL, &err) != KMED_OK)
            fprintf(stderr, "%s\n", err.msg);
+       next = kmed_argmax(logits, model.cfg.vocab_size);
+
+   Build lines: see README.md; every tool is `cc -std=c99 -O2 -march=native -I.
+   tools/kmed-NAME.c -o kmed-NAME -lm -lpthread`.
 
    Contents (grep '==== kmed_' lists the implementation sections):
        core    result codes, kmed_error, allocation hooks, log/progress, rng, timing
