@@ -261,6 +261,16 @@ KMED_API kmed_result kmed_file_read(const char *path, size_t max_bytes, char **d
     *len = 0;
     if (!f) return KMED__ERRF(err, errno == ENOENT ? KMED_ERR_NOT_FOUND : KMED_ERR_IO, path,
                               "cannot open: %s", strerror(errno));
+    {
+        /* refuse from the size alone: reading up to the limit first would allocate it */
+        struct stat sb;
+        if (max_bytes && fstat(fileno(f), &sb) == 0 && S_ISREG(sb.st_mode) &&
+            (uint64_t)sb.st_size > (uint64_t)max_bytes) {
+            fclose(f);
+            return KMED__ERRF(err, KMED_ERR_LIMIT, path, "file larger than %zu bytes",
+                              max_bytes);
+        }
+    }
     while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
         if (max_bytes && b.len + n > max_bytes) {
             fclose(f);

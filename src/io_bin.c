@@ -783,7 +783,8 @@ KMED_API kmed_result kmed_st_writer_open(kmed_st_writer *w, const char *path,
         off += nb;
     }
     kmed_buf_puts(&h, "}");
-    while (h.len % 8) kmed_buf_puts(&h, " "); /* HF pads so tensor data is 8-byte aligned */
+    /* HF pads so tensor data is 8-byte aligned (a failed buffer stops growing: no spin) */
+    while (h.len % 8 && !h.failed) kmed_buf_puts(&h, " ");
     if (h.failed) { r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory"); goto fail; }
     for (i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)h.len >> (8 * i));
     r = kmed_afile_open(&w->af, path, err);

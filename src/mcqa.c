@@ -37,6 +37,7 @@ static int kmed__mcqa_field(const kmed__mcqa_src *s, const char *name, kmed_buf 
 {
     buf->len = 0;
     kmed_buf_put(buf, "", 0);
+    if (buf->failed) return 0; /* out of memory: the caller reports it, never reads NULL */
     if (s->obj) {
         const kmed_json *j = kmed_json_get(s->obj, name);
         if (!j || j->type == KMED_JSON_NULL) return 0;
@@ -44,12 +45,12 @@ static int kmed__mcqa_field(const kmed__mcqa_src *s, const char *name, kmed_buf 
         else if (j->type == KMED_JSON_TRUE || j->type == KMED_JSON_FALSE)
             kmed_buf_puts(buf, j->type == KMED_JSON_TRUE ? "true" : "false");
         else return 0;
-        return 1;
+        return !buf->failed;
     } else {
         int c = kmed_csv_col(s->csv, name);
         if (c < 0) return 0;
         kmed_buf_put(buf, s->csv->fields[c].s, s->csv->fields[c].len);
-        return 1;
+        return !buf->failed;
     }
 }
 
@@ -132,7 +133,10 @@ static kmed_result kmed__mcqa_add(kmed_mcqa_set *set, const kmed__mcqa_src *s, c
     it.period = kmed__mcqa_dup(f.data ? f.data : "");
     if (kmed__mcqa_field(s, "year", &f)) it.year = atoi(f.data);
     if (kmed__mcqa_field(s, "q_number", &f)) it.q_number = atoi(f.data);
-    if (kmed__mcqa_field(s, "cot", &f) && f.len) it.cot = kmed__mcqa_dup(f.data);
+    if (kmed__mcqa_field(s, "cot", &f) && f.len && !(it.cot = kmed__mcqa_dup(f.data))) {
+        r = kmed_error_set(err, KMED_ERR_NOMEM, path, line, (size_t)-1, "out of memory");
+        goto done; /* cot may be NULL, so a failed copy would pass as "no cot" */
+    }
     if (kmed__mcqa_field(s, "id", &f) && f.len) {
         it.id = kmed__mcqa_dup(f.data);
     } else if (it.year && it.q_number) {
@@ -152,6 +156,8 @@ static kmed_result kmed__mcqa_add(kmed_mcqa_set *set, const kmed__mcqa_src *s, c
     for (k = 0; k < KMED_MCQA_NOPT; k++)
         if (!it.opt[k]) r = kmed_error_set(err, KMED_ERR_NOMEM, path, line, (size_t)-1, "out of memory");
 done:
+    if (r == KMED_ERR_FORMAT && f.failed) /* a field looked missing because a copy failed */
+        r = kmed_error_set(err, KMED_ERR_NOMEM, path, line, (size_t)-1, "out of memory");
     kmed_buf_free(&f);
     if (r != KMED_OK) { kmed__mcqa_item_free(&it); return r; }
     set->items[set->n++] = it;

@@ -1396,6 +1396,83 @@ KMED_API void kmed_train_apply(kmed_train *tr, float lr)
     kmed_pool_for(tr->pool, tr->total, 4096, kmed__train_opt_fn, &o);
 }
 
+/* The first stored value of a weight that is NaN or inf: 1 and *at set if found. */
+static int kmed__train_bad_weight(const kmed_weight *w, float *row, size_t *at)
+{
+    size_t i, j, rb = kmed_dtype_bytes(w->type, w->cols);
+    if (!w->data || !rb) return 0;
+    for (i = 0; i < w->rows; i++) {
+        kmed_dequantize_row(w->type, (const unsigned char *)w->data + i * rb, row, w->cols);
+        for (j = 0; j < w->cols; j++)
+            if (!isfinite(row[j])) { *at = i * w->cols + j; return 1; }
+    }
+    return 0;
+}
+
+/* After a NaN/inf loss or gradient: names the weight it came from, when one holds a
+   non-finite value (trainable tensors, then the frozen base), in front of err's message.
+   Scans everything, but only on this failure path. */
+static void kmed__train_blame(kmed_train *tr, kmed_error *err)
+{
+    static const char *const norms[4] = {"input_layernorm", "post_attention_layernorm",
+                                         "pre_feedforward_layernorm",
+                                         "post_feedforward_layernorm"};
+    const kmed_gemma *m = tr->m;
+    size_t C = (size_t)m->cfg.hidden_size, i, j, at = 0, cols = C;
+    char what[160], tmp[sizeof err->msg];
+    float *row = NULL;
+    int l, t, found = 0;
+    what[0] = 0;
+    for (i = 0; i < tr->np && !found; i++)
+        for (j = 0; j < tr->params[i].n && !found; j++)
+            if (!isfinite(tr->params[i].p[j])) {
+                snprintf(what, sizeof what, "%s", tr->params[i].name);
+                at = j;
+                found = 1;
+            }
+    if (!found && !tr->full) {
+        if ((size_t)m->cfg.intermediate_size > cols) cols = (size_t)m->cfg.intermediate_size;
+        if ((size_t)m->cfg.n_heads * (size_t)m->cfg.head_dim > cols)
+            cols = (size_t)m->cfg.n_heads * (size_t)m->cfg.head_dim;
+        row = (float *)KMED_MALLOC(cols * sizeof(float));
+        if (!row) return;
+        if (kmed__train_bad_weight(&m->embed, row, &at)) {
+            snprintf(what, sizeof what, "model.embed_tokens.weight");
+            found = 1;
+        }
+        for (l = 0; l < m->cfg.n_layers && !found; l++) {
+            const kmed_gemma_layer *L = &m->layers[l];
+            const float *nv[4];
+            nv[0] = L->attn_norm; nv[1] = L->post_attn_norm;
+            nv[2] = L->pre_ffn_norm; nv[3] = L->post_ffn_norm;
+            for (t = 0; t < KMED_LORA_NTARGETS && !found; t++)
+                if (kmed__train_bad_weight(kmed__lora_base(L, t), row, &at)) {
+                    snprintf(what, sizeof what, "model.layers.%d.%s.%s.weight", l,
+                             t <= KMED_LORA_O ? "self_attn" : "mlp", kmed__lora_names[t]);
+                    found = 1;
+                }
+            for (t = 0; t < 4 && !found; t++)
+                for (j = 0; nv[t] && j < C && !found; j++)
+                    if (!isfinite(nv[t][j])) {
+                        snprintf(what, sizeof what, "model.layers.%d.%s.weight", l, norms[t]);
+                        at = j;
+                        found = 1;
+                    }
+        }
+        for (j = 0; m->final_norm && j < C && !found; j++)
+            if (!isfinite(m->final_norm[j])) {
+                snprintf(what, sizeof what, "model.norm.weight");
+                at = j;
+                found = 1;
+            }
+        KMED_FREE(row);
+    }
+    if (!found || !err) return;
+    snprintf(tmp, sizeof tmp, "%s", err->msg);
+    kmed_error_set(err, KMED_ERR_NUMERIC, NULL, 0, (size_t)-1, "%s holds a non-finite value "
+                   "at element %zu: %s", what, at, tmp);
+}
+
 KMED_API kmed_result kmed_train_grads(kmed_train *tr, const int *ids, const int *labels,
                                       size_t accum, size_t B, size_t T, double *loss,
                                       kmed_error *err)
@@ -1417,15 +1494,20 @@ KMED_API kmed_result kmed_train_grads(kmed_train *tr, const int *ids, const int 
     mean = sum / (double)count;
     tr->last_loss = mean;
     if (loss) *loss = mean;
-    if (!isfinite(mean))
-        return KMED__ERR(err, KMED_ERR_NUMERIC, "loss is %s at step %ld; nothing was updated "
-                         "or saved", isnan(mean) ? "NaN" : "inf", tr->step + 1);
+    if (!isfinite(mean)) {
+        KMED__ERR(err, KMED_ERR_NUMERIC, "loss is %s at step %ld; nothing was updated or "
+                  "saved", isnan(mean) ? "NaN" : "inf", tr->step + 1);
+        kmed__train_blame(tr, err);
+        return KMED_ERR_NUMERIC;
+    }
     if (tr->cfg.spike_factor > 0.0f && tr->loss_n >= 10 &&
         mean > (double)tr->cfg.spike_factor * tr->loss_ema)
         return KMED__ERR(err, KMED_ERR_NUMERIC, "loss spike at step %ld: %.4f > %.1f x running "
                          "mean %.4f; nothing was updated or saved", tr->step + 1, mean,
                          (double)tr->cfg.spike_factor, tr->loss_ema);
-    return kmed_train_check_grads(tr, err);
+    rc = kmed_train_check_grads(tr, err);
+    if (rc == KMED_ERR_NUMERIC) kmed__train_blame(tr, err);
+    return rc;
 }
 
 KMED_API void kmed_train_update(kmed_train *tr)
