@@ -293,6 +293,79 @@ static void kmed__softcap_backward(float *dx, const float *dy, const float *y, s
     }
 }
 
+/* Cross-entropy statistics of one chunk of a logits row, fused so the chunk is read
+   while it is in cache: y = softcap(y) in place (cap <= 0: unchanged), *mx = max(y),
+   *sum = sum of exp(y - *mx) (f32, 8 lanes then the tail, as kmed__ops_exp_sum). The
+   chunked LM head merges the chunks' (max, sum) into the row's log-sum-exp. */
+static void kmed__xent_stats(float *y, size_t n, float cap, float *mx, float *sum)
+{
+    size_t i, nv = 0;
+    float m = -INFINITY, s = 0.0f;
+    if (cap > 0.0f) kmed__ops_softcap_row(y, y, n, cap, 1.0f);
+#ifdef KMED__OPS_AVX2
+    nv = n / 8 * 8;
+    if (nv) {
+        /* max_ps(new, old) keeps old when new is NaN, as the scalar compare does */
+        __m256 vm = _mm256_loadu_ps(y), acc = _mm256_setzero_ps();
+        float t[8];
+        for (i = 8; i < nv; i += 8) vm = _mm256_max_ps(_mm256_loadu_ps(y + i), vm);
+        _mm256_storeu_ps(t, vm);
+        for (i = 0; i < 8; i++) m = t[i] > m ? t[i] : m;
+        for (i = nv; i < n; i++) m = y[i] > m ? y[i] : m;
+        vm = _mm256_set1_ps(m);
+        for (i = 0; i < nv; i += 8)
+            acc = _mm256_add_ps(acc, kmed__ops_exp8(_mm256_sub_ps(_mm256_loadu_ps(y + i), vm)));
+        s = kmed__ops_hsum8(acc);
+    }
+#endif
+    if (nv == 0)
+        for (i = 0; i < n; i++) m = y[i] > m ? y[i] : m;
+    for (i = nv; i < n; i++) s += expf(y[i] - m);
+    *mx = m;
+    *sum = s;
+}
+
+/* Backward of the softcapped cross-entropy for one chunk of a logits row, from the
+   capped logits y (n) and the row's max mx: g = (exp(y - mx) * a - [j == tgt] * inv) *
+   (1 - (y/cap)^2), a = inv / sum(exp(y - mx)) over the whole row, inv = 1 / normaliser.
+   tgt >= n: the target is outside this chunk. Writes (not accumulates) g; g may be y. */
+static void kmed__xent_grad(float *g, const float *y, size_t n, size_t tgt, float mx, float a,
+                            float inv, float cap)
+{
+    size_t i = 0;
+#ifdef KMED__OPS_AVX2
+    __m256 vm = _mm256_set1_ps(mx), va = _mm256_set1_ps(a), vc = _mm256_set1_ps(cap);
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 y8 = _mm256_loadu_ps(y + i);
+        __m256 d = _mm256_mul_ps(kmed__ops_exp8(_mm256_sub_ps(y8, vm)), va);
+        if (tgt >= i && tgt < i + 8) {
+            float t[8];
+            _mm256_storeu_ps(t, d);
+            t[tgt - i] -= inv;
+            d = _mm256_loadu_ps(t);
+        }
+        if (cap > 0.0f) {
+            __m256 t = _mm256_div_ps(y8, vc);
+            d = _mm256_mul_ps(d, _mm256_sub_ps(one, _mm256_mul_ps(t, t)));
+        }
+        _mm256_storeu_ps(g + i, d);
+    }
+#endif
+    while (i < n) {   /* the tail (or all, without SIMD) through the cap's backward */
+        float d[64], yc[64];  /* copies, so g may alias y */
+        size_t j, m = n - i < 64 ? n - i : 64;
+        for (j = 0; j < m; j++) {
+            yc[j] = y[i + j];
+            d[j] = expf(yc[j] - mx) * a;
+            if (i + j == tgt) d[j] -= inv;
+            g[i + j] = 0.0f;
+        }
+        kmed__softcap_backward(g + i, d, yc, m, cap);
+        i += m;
+    }
+}
+
 /* Embedding lookup scaled by sqrt(C): h[n] = dequant(E[ids[n]]) * scale, the scale
    rounded to f32 first (HF rounds sqrt(hidden) to the activation dtype). E (V, C) rows in
    dtype et; ids must be in [0, V) (the caller checks). h (N, C). */

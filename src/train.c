@@ -569,8 +569,14 @@ struct kmed_train {
     float *dxa;                /* (N, r) */
     float *att_scratch;        /* (threads, 2, T, T) */
     float *logits;             /* (head_rows, V) */
-    float *head_scratch;       /* (threads, 2, V) */
+    float *head_scratch;       /* (threads, head_floats) */
+    size_t head_floats;
     float *hx, *hdx;           /* (head_rows, C) */
+    float *hxa, *hxb;          /* hx packed as GEMM A strips and B panels */
+    float *hstat;              /* (head_rows, chunks, 2) per vocabulary chunk: max, exp-sum */
+    float *hpart;              /* (parts, head_rows, C) partial dx per chunk group */
+    float *hrowf;              /* (head_rows, 3): capped target logit, max, softmax scale */
+    float *hdxf;               /* (N, C) the head's dx output during kmed__train_head */
     double *hnll;              /* (head_rows) */
     int *pos;                  /* (N) */
     size_t *hrow;              /* (N) */
@@ -692,6 +698,32 @@ KMED_API void kmed_train_free(kmed_train *tr)
     KMED_FREE(tr);
 }
 
+/* LM-head scratch; see kmed__train_head. */
+#ifdef KMED__SIMD
+#define KMED__TRAIN_VC 256
+#define KMED__TRAIN_PARTS 16
+
+/* Floats of per-thread head scratch for blocks of R rows and C channels. */
+static size_t kmed__train_head_floats(size_t R, size_t C, size_t V)
+{
+    size_t vp = (KMED__TRAIN_VC + KMED__NR - 1) / KMED__NR * KMED__NR;
+    size_t cp = (C + KMED__NR - 1) / KMED__NR * KMED__NR;
+    size_t big = C > KMED__TRAIN_VC ? C : KMED__TRAIN_VC;
+    size_t k = R > KMED__TRAIN_VC ? R : KMED__TRAIN_VC;
+    size_t p1 = vp * C + KMED__NR * big + KMED__MR * KMED__TRAIN_VC;
+    size_t p2 = R * KMED__TRAIN_VC + k * KMED__MR + cp * KMED__TRAIN_VC + KMED__NR * big;
+    (void)V;
+    return (p1 > p2 ? p1 : p2) + 5 * 16;
+}
+
+#else
+static size_t kmed__train_head_floats(size_t R, size_t C, size_t V)
+{
+    (void)R; (void)C;
+    return (V + 511) / 512 * 2 + 16;   /* per thread: one row's chunk statistics */
+}
+#endif
+
 /* Copies weight w (any computable dtype) into f32 dst. */
 static void kmed__train_weight_f32(float *dst, const kmed_weight *w)
 {
@@ -721,7 +753,8 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     size_t C = (size_t)c->hidden_size, F = (size_t)c->intermediate_size, V;
     size_t HD = (size_t)c->n_heads * (size_t)c->head_dim;
     size_t KD = (size_t)c->n_kv_heads * (size_t)c->head_dim;
-    size_t N, B, T, r = 0, total = 0, off = 0, maxp, af, arena_n, nacts, i;
+    size_t N, B, T, r = 0, total = 0, off = 0, maxp, af, arena_n, nacts, i, R;
+    size_t hxa_n = 0, hxb_n = 0, hstat_n = 0, hpart_n = 0;
     int L = c->n_layers, l, t, nlora = 0;
     float *cur;
     char name[160];
@@ -878,10 +911,19 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     if (tr->head_rows > N) tr->head_rows = N;
     nacts = cfg->checkpointing ? 1 : (size_t)L;
     af = kmed__train_acts_floats(c, B, T, r, nlora);
+    R = tr->head_rows;
+    tr->head_floats = kmed__train_head_floats(R, C, V);
+#ifdef KMED__SIMD
+    hxa_n = (R + KMED__MR) * C;
+    hxb_n = (C + KMED__NR) * R;
+    hstat_n = R * ((V + KMED__TRAIN_VC - 1) / KMED__TRAIN_VC) * 2;
+    hpart_n = (size_t)KMED__TRAIN_PARTS * R * C;
+#endif
     arena_n = nacts * af + 16 * 40 + (size_t)(L + 1) * N * C + 7 * N * C + N +
               3 * N * HD + 3 * N * KD + 3 * N * F + N * (r ? r : 1) +
-              (size_t)tr->nthreads * 2 * T * T + tr->head_rows * V + 2 * tr->head_rows * C +
-              (size_t)tr->nthreads * 2 * V;
+              (size_t)tr->nthreads * 2 * T * T + R * V + 2 * R * C +
+              (size_t)tr->nthreads * tr->head_floats + hxa_n + hxb_n + hstat_n + hpart_n +
+              3 * R + 16 * 8;
     tr->arena = (float *)kmed__calloc(arena_n, sizeof(float));
     tr->acts = (kmed__train_acts *)kmed__calloc(nacts, sizeof *tr->acts);
     tr->pos = (int *)kmed__calloc(N, sizeof(int));
@@ -913,9 +955,14 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     tr->dxa = kmed__train_take(&cur, N * (r ? r : 1));
     tr->att_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * 2 * T * T);
     tr->logits = kmed__train_take(&cur, tr->head_rows * V);
-    tr->head_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * 2 * V);
-    tr->hx = kmed__train_take(&cur, tr->head_rows * C);
-    tr->hdx = kmed__train_take(&cur, tr->head_rows * C);
+    tr->head_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * tr->head_floats);
+    tr->hx = kmed__train_take(&cur, R * C);
+    tr->hdx = kmed__train_take(&cur, R * C);
+    tr->hxa = kmed__train_take(&cur, hxa_n);
+    tr->hxb = kmed__train_take(&cur, hxb_n);
+    tr->hstat = kmed__train_take(&cur, hstat_n);
+    tr->hpart = kmed__train_take(&cur, hpart_n);
+    tr->hrowf = kmed__train_take(&cur, 3 * R);
     KMED_ASSERT((size_t)(cur - tr->arena) <= arena_n);
     *out = tr;
     return KMED_OK;
@@ -1171,45 +1218,189 @@ static void kmed__train_layer_backward(kmed_train *tr, int l, const kmed__train_
                             N);
 }
 
+/* Gathers the counted rows of the batch (position t predicts labels[t + 1]) into
+   hrow/htgt; returns their number, or -1 (error set) for a label outside [0, V). */
+static long kmed__train_head_gather(kmed_train *tr, const int *labels, size_t B, size_t T,
+                                    kmed_error *err)
+{
+    size_t V = (size_t)tr->m->cfg.vocab_size, n = 0, b, t;
+    for (b = 0; b < B; b++)
+        for (t = 0; t + 1 < T; t++) {
+            int lab = labels[b * T + t + 1];
+            if (lab == KMED_LABEL_IGNORE) continue;
+            if (lab < 0 || (size_t)lab >= V) {
+                KMED__ERR(err, KMED_ERR_ARG, "label %d at sequence %zu position %zu is "
+                          "outside [0, %zu) and not -100", lab, b, t + 1, V);
+                return -1;
+            }
+            tr->hrow[n] = b * T + t;
+            tr->htgt[n] = lab;
+            n++;
+        }
+    return (long)n;
+}
+
+/* Log-sum-exp pieces of one row from its chunks' (max, exp-sum) pairs st (nch, 2), merged
+   in chunk order: *mx = the row max, returns sum(exp(y - mx)) in double. */
+static double kmed__train_head_lse(const float *st, size_t nch, float *mx)
+{
+    float m = -INFINITY;
+    double sum = 0.0;
+    size_t ch;
+    for (ch = 0; ch < nch; ch++) m = st[2 * ch] > m ? st[2 * ch] : m;
+    for (ch = 0; ch < nch; ch++)
+        if (st[2 * ch + 1] != 0.0f)
+            sum += (double)st[2 * ch + 1] * exp((double)st[2 * ch] - (double)m);
+    *mx = m;
+    return sum;
+}
+
+#ifdef KMED__SIMD
+/* The LM head with tensor's GEMM micro-kernel on cache-sized pieces. Per block of nb
+   counted rows, the vocabulary is cut into chunks of KMED__TRAIN_VC entries:
+   pass 1 (threads over chunks): logits of every row for the chunk (E's chunk packed once,
+     used by all rows), soft-capped in place while in cache, with the chunk's max and
+     exp-sum per row; merged in chunk order into each row's log-sum-exp.
+   pass 2 (threads over KMED__TRAIN_PARTS fixed groups of chunks): the chunk's gradient
+     G (nb, VC) rebuilt from the stored capped logits into cache, then dE[chunk] += G^T x
+     and dx += G E[chunk] into the group's partial dx, the groups summed in order after.
+   Every sum runs over a fixed chunk/group layout, so 1 and N threads give the same bits;
+   only the summation order differs from the plain three-GEMM head (the non-SIMD one). */
 typedef struct kmed__train_headc {
     kmed_train *tr;
-    size_t s;          /* first gathered row of this block */
-    float inv;         /* 1 / norm, 0 for forward only */
+    size_t s0, nb, nch;   /* first gathered row, rows, vocabulary chunks */
+    float inv;            /* 1 / norm, 0 for forward only */
 } kmed__train_headc;
 
-/* Per row of the logits block: soft-cap, log-sum-exp, NLL, and (backward) the gradient
-   of NLL / norm w.r.t. the pre-cap logits, written over the logits. */
-static void kmed__train_head_fn(void *ctx, size_t b, size_t e, int thread)
+/* Pass 1 over chunks [b, e). */
+static void kmed__train_head_stats_fn(void *ctx, size_t b, size_t e, int thread)
 {
-    kmed__train_headc *c = (kmed__train_headc *)ctx;
+    const kmed__train_headc *c = (const kmed__train_headc *)ctx;
     kmed_train *tr = c->tr;
-    size_t V = (size_t)tr->m->cfg.vocab_size, i, j;
+    const kmed_weight *E = &tr->m->embed;
+    size_t V = (size_t)tr->m->cfg.vocab_size, C = (size_t)tr->m->cfg.hidden_size, ch;
+    size_t big = C > KMED__TRAIN_VC ? C : KMED__TRAIN_VC;
     float cap = tr->m->cfg.final_softcap;
-    float *ds = tr->head_scratch + (size_t)thread * 2 * V; /* (V) */
-    float *ys = ds + V;                                      /* (V) */
+    float *cur = tr->head_scratch + (size_t)thread * tr->head_floats;
+    float *bp = kmed__train_take(&cur, (KMED__TRAIN_VC + KMED__NR) * C); /* E^T panels */
+    float *tmp = kmed__train_take(&cur, KMED__NR * big);
+    float *out = kmed__train_take(&cur, KMED__MR * KMED__TRAIN_VC);     /* (MR, VC) */
+    kmed__gsrc Bs;
+    memset(&Bs, 0, sizeof Bs);
+    Bs.p = E->data; Bs.t = E->type; Bs.ld = C; Bs.trans = 1; Bs.alpha = 1.0f;
+    for (ch = b; ch < e; ch++) {
+        size_t v0 = ch * KMED__TRAIN_VC, vc = V - v0 < KMED__TRAIN_VC ? V - v0 : KMED__TRAIN_VC;
+        size_t jr, s, i;
+        for (jr = 0; jr < vc; jr += KMED__NR)
+            kmed__pack_b(bp + jr * C, &Bs, 0, C, v0 + jr,
+                         vc - jr < KMED__NR ? vc - jr : KMED__NR, tmp);
+        for (s = 0; s < c->nb; s += KMED__MR) {
+            size_t mr = c->nb - s < KMED__MR ? c->nb - s : KMED__MR;
+            /* backward keeps the capped logits for pass 2; forward only needs the stats */
+            float *y = c->inv != 0.0f ? tr->logits + s * V + v0 : out;
+            size_t ldy = c->inv != 0.0f ? V : KMED__TRAIN_VC;
+            for (jr = 0; jr < vc; jr += KMED__NR)
+                kmed__gemm_ukr(C, tr->hxa + s * C, bp + jr * C, y + jr, ldy, 0, mr,
+                               vc - jr < KMED__NR ? vc - jr : KMED__NR);
+            for (i = 0; i < mr; i++) {
+                float *yr = y + i * ldy, *st = tr->hstat + ((s + i) * c->nch + ch) * 2;
+                size_t tgt = (size_t)tr->htgt[c->s0 + s + i];
+                kmed__xent_stats(yr, vc, cap, &st[0], &st[1]);
+                if (tgt >= v0 && tgt < v0 + vc) tr->hrowf[(s + i) * 3] = yr[tgt - v0];
+            }
+        }
+    }
+}
+
+/* Merges the chunk statistics of rows [b, e): NLL, the max and the softmax scale. */
+static void kmed__train_head_merge_fn(void *ctx, size_t b, size_t e, int thread)
+{
+    const kmed__train_headc *c = (const kmed__train_headc *)ctx;
+    kmed_train *tr = c->tr;
+    size_t i;
+    (void)thread;
     for (i = b; i < e; i++) {
-        float *y = tr->logits + i * V; /* (V) */
-        int tgt = tr->htgt[c->s + i];
-        float mx = -INFINITY, inv_sum;
-        double sum, lse;
-        kmed__softcap_forward(y, y, V, cap);
-        for (j = 0; j < V; j++) mx = y[j] > mx ? y[j] : mx;
-        memcpy(ds, y, V * sizeof(float));
-        /* ds = exp(y - mx), kept for the gradient; chunk sums in f32, their total in
-           double, so the loss keeps ~1e-8 relative accuracy over 256000 terms */
-        for (j = 0, sum = 0.0; j < V; j += 512)
-            sum += (double)kmed__ops_exp_sum(ds + j, V - j < 512 ? V - j : 512, mx);
-        lse = (double)mx + log(sum);
-        tr->hnll[i] = lse - (double)y[tgt];
-        if (c->inv == 0.0f) continue;
-        /* d nll / d y = softmax - onehot, then through the cap; the op's backward
-           accumulates, so y moves to scratch and the row is rebuilt as the gradient. */
-        inv_sum = (float)(1.0 / sum) * c->inv;
-        for (j = 0; j < V; j++) ds[j] *= inv_sum;
-        ds[tgt] -= c->inv;
-        memcpy(ys, y, V * sizeof(float));
-        memset(y, 0, V * sizeof(float));
-        kmed__softcap_backward(y, ds, ys, V, cap);
+        float mx;
+        double sum = kmed__train_head_lse(tr->hstat + i * c->nch * 2, c->nch, &mx);
+        tr->hnll[i] = (double)mx + log(sum) - (double)tr->hrowf[i * 3];
+        tr->hrowf[i * 3 + 1] = mx;
+        tr->hrowf[i * 3 + 2] = (float)(1.0 / sum) * c->inv;
+    }
+}
+
+/* Pass 2 over chunk groups [b, e). */
+static void kmed__train_head_grad_fn(void *ctx, size_t b, size_t e, int thread)
+{
+    const kmed__train_headc *c = (const kmed__train_headc *)ctx;
+    kmed_train *tr = c->tr;
+    const kmed_weight *E = &tr->m->embed;
+    size_t V = (size_t)tr->m->cfg.vocab_size, C = (size_t)tr->m->cfg.hidden_size;
+    size_t big = C > KMED__TRAIN_VC ? C : KMED__TRAIN_VC, nb = c->nb, p;
+    size_t k = nb > KMED__TRAIN_VC ? nb : KMED__TRAIN_VC;
+    size_t parts = c->nch < KMED__TRAIN_PARTS ? c->nch : KMED__TRAIN_PARTS;
+    float cap = tr->m->cfg.final_softcap;
+    float *cur = tr->head_scratch + (size_t)thread * tr->head_floats;
+    float *G = kmed__train_take(&cur, nb * KMED__TRAIN_VC);     /* (nb, VC) */
+    float *ap = kmed__train_take(&cur, k * KMED__MR);
+    float *bp = kmed__train_take(&cur, (C + KMED__NR) * KMED__TRAIN_VC); /* E panels */
+    float *tmp = kmed__train_take(&cur, KMED__NR * big);
+    kmed__gsrc Es, Gt, Gn;
+    memset(&Es, 0, sizeof Es);
+    Es.p = E->data; Es.t = E->type; Es.ld = C; Es.alpha = 1.0f;
+    Gt = Es;
+    Gt.p = G; Gt.t = KMED_F32; Gt.ld = KMED__TRAIN_VC; Gt.trans = 1; /* A(v, r) = G[r][v] */
+    Gn = Gt;
+    Gn.trans = 0;                                                    /* A(r, v) = G[r][v] */
+    for (p = b; p < e; p++) {
+        float *dxp = tr->hpart + p * nb * C; /* (nb, C) */
+        size_t ch;
+        memset(dxp, 0, nb * C * sizeof(float));
+        for (ch = p * c->nch / parts; ch < (p + 1) * c->nch / parts; ch++) {
+            size_t v0 = ch * KMED__TRAIN_VC, jc, s, r;
+            size_t vc = V - v0 < KMED__TRAIN_VC ? V - v0 : KMED__TRAIN_VC;
+            for (r = 0; r < nb; r++) {
+                const float *rf = tr->hrowf + r * 3;
+                size_t tgt = (size_t)tr->htgt[c->s0 + r];
+                kmed__xent_grad(G + r * KMED__TRAIN_VC, tr->logits + r * V + v0, vc,
+                                tgt >= v0 ? tgt - v0 : vc, rf[1], rf[2], c->inv, cap);
+            }
+            if (tr->dembed)   /* dE[v0 + vs ..][C] += G^T x, 12 (or 6) vocabulary rows a time */
+                for (s = 0; s < vc; s += KMED__MR) {
+                    size_t mv = vc - s < KMED__MR ? vc - s : KMED__MR;
+                    kmed__pack_a(ap, &Gt, s, mv, 0, nb);
+                    for (jc = 0; jc < C; jc += KMED__NR)
+                        kmed__gemm_ukr(nb, ap, tr->hxb + jc * nb, tr->dembed + (v0 + s) * C + jc,
+                                       C, 1, mv, C - jc < KMED__NR ? C - jc : KMED__NR);
+                }
+            for (jc = 0; jc < C; jc += KMED__NR)
+                kmed__pack_b(bp + jc * vc, &Es, v0, vc, jc, C - jc < KMED__NR ? C - jc : KMED__NR,
+                             tmp);
+            for (s = 0; s < nb; s += KMED__MR) {   /* dx[s ..][C] += G E[chunk] */
+                size_t mr = nb - s < KMED__MR ? nb - s : KMED__MR;
+                kmed__pack_a(ap, &Gn, s, mr, 0, vc);
+                for (jc = 0; jc < C; jc += KMED__NR)
+                    kmed__gemm_ukr(vc, ap, bp + jc * vc, dxp + s * C + jc, C, 1, mr,
+                                   C - jc < KMED__NR ? C - jc : KMED__NR);
+            }
+        }
+    }
+}
+
+/* dxf[hrow[s0 + i]] += the partial dx of every chunk group, groups in order. */
+static void kmed__train_head_dx_fn(void *ctx, size_t b, size_t e, int thread)
+{
+    const kmed__train_headc *c = (const kmed__train_headc *)ctx;
+    kmed_train *tr = c->tr;
+    size_t C = (size_t)tr->m->cfg.hidden_size, i, j, p;
+    size_t parts = c->nch < KMED__TRAIN_PARTS ? c->nch : KMED__TRAIN_PARTS;
+    (void)thread;
+    for (i = b; i < e; i++) {
+        float *d = tr->hdxf + tr->hrow[c->s0 + i] * C; /* (C) */
+        for (j = 0; j < C; j++) {
+            float t = tr->hpart[i * C + j];
+            for (p = 1; p < parts; p++) t += tr->hpart[(p * c->nb + i) * C + j];
+            d[j] += t;
+        }
     }
 }
 
@@ -1221,25 +1412,92 @@ static kmed_result kmed__train_head(kmed_train *tr, const int *labels, size_t B,
                                     kmed_error *err)
 {
     const kmed_gemma_config *g = &tr->m->cfg;
-    const kmed_weight *E = &tr->m->embed;
-    size_t V = (size_t)g->vocab_size, C = (size_t)g->hidden_size, n = 0, b, t, s, i, j;
+    size_t V = (size_t)g->vocab_size, C = (size_t)g->hidden_size, s, i, jc;
+    long n = kmed__train_head_gather(tr, labels, B, T, err);
     double sum = 0.0;
     kmed__train_headc hc;
-    for (b = 0; b < B; b++)
-        for (t = 0; t + 1 < T; t++) {
-            int lab = labels[b * T + t + 1];
-            if (lab == KMED_LABEL_IGNORE) continue;
-            if (lab < 0 || (size_t)lab >= V)
-                return KMED__ERR(err, KMED_ERR_ARG, "label %d at sequence %zu position %zu "
-                                 "is outside [0, %zu) and not -100", lab, b, t + 1, V);
-            tr->hrow[n] = b * T + t;
-            tr->htgt[n] = lab;
-            n++;
-        }
+    kmed__gsrc X;
+    if (n < 0) return KMED_ERR_ARG;
+    memset(&hc, 0, sizeof hc);
     hc.tr = tr;
     hc.inv = norm > 0.0 ? (float)(1.0 / norm) : 0.0f;
-    for (s = 0; s < n; s += tr->head_rows) {
-        size_t nb = n - s < tr->head_rows ? n - s : tr->head_rows;
+    hc.nch = (V + KMED__TRAIN_VC - 1) / KMED__TRAIN_VC;
+    memset(&X, 0, sizeof X);
+    X.p = tr->hx; X.t = KMED_F32; X.ld = C; X.alpha = 1.0f;
+    tr->hdxf = dxf;
+    for (s = 0; s < (size_t)n; s += tr->head_rows) {
+        size_t nb = (size_t)n - s < tr->head_rows ? (size_t)n - s : tr->head_rows;
+        for (i = 0; i < nb; i++)
+            memcpy(tr->hx + i * C, tr->xf + tr->hrow[s + i] * C, C * sizeof(float));
+        for (i = 0; i < nb; i += KMED__MR)   /* x strips for the logits (A operand) */
+            kmed__pack_a(tr->hxa + i * C, &X, i, nb - i < KMED__MR ? nb - i : KMED__MR, 0, C);
+        for (jc = 0; jc < C; jc += KMED__NR)   /* x panels for dE (B operand) */
+            kmed__pack_b(tr->hxb + jc * nb, &X, 0, nb, jc, C - jc < KMED__NR ? C - jc : KMED__NR,
+                         NULL);
+        hc.s0 = s;
+        hc.nb = nb;
+        kmed_pool_for(tr->pool, hc.nch, 1, kmed__train_head_stats_fn, &hc);
+        kmed_pool_for(tr->pool, nb, 1, kmed__train_head_merge_fn, &hc);
+        for (i = 0; i < nb; i++) sum += tr->hnll[i];
+        if (norm <= 0.0) continue;
+        kmed_pool_for(tr->pool, hc.nch < KMED__TRAIN_PARTS ? hc.nch : KMED__TRAIN_PARTS, 1,
+                      kmed__train_head_grad_fn, &hc);
+        kmed_pool_for(tr->pool, nb, 1, kmed__train_head_dx_fn, &hc);
+    }
+    if (loss_sum) *loss_sum += sum;
+    if (count) *count += (size_t)n;
+    return KMED_OK;
+}
+
+#else /* no SIMD GEMM: three plain GEMMs over a (head_rows, V) logits block */
+
+typedef struct kmed__train_headc {
+    kmed_train *tr;
+    size_t s;          /* first gathered row of this block */
+    float inv;         /* 1 / norm, 0 for forward only */
+} kmed__train_headc;
+
+/* Per row of the logits block: soft-cap, log-sum-exp and NLL from 512-wide chunks, and
+   (backward) the gradient of NLL / norm w.r.t. the pre-cap logits, written over them. */
+static void kmed__train_head_fn(void *ctx, size_t b, size_t e, int thread)
+{
+    kmed__train_headc *c = (kmed__train_headc *)ctx;
+    kmed_train *tr = c->tr;
+    size_t V = (size_t)tr->m->cfg.vocab_size, nch = (V + 511) / 512, i, j;
+    float cap = tr->m->cfg.final_softcap;
+    float *st = tr->head_scratch + (size_t)thread * tr->head_floats; /* (nch, 2) */
+    for (i = b; i < e; i++) {
+        float *y = tr->logits + i * V; /* (V) */
+        size_t tgt = (size_t)tr->htgt[c->s + i];
+        float mx;
+        double sum;
+        for (j = 0; j < V; j += 512)
+            kmed__xent_stats(y + j, V - j < 512 ? V - j : 512, cap, &st[j / 256],
+                             &st[j / 256 + 1]);
+        sum = kmed__train_head_lse(st, nch, &mx);
+        tr->hnll[i] = (double)mx + log(sum) - (double)y[tgt];
+        if (c->inv == 0.0f) continue;
+        for (j = 0; j < V; j += 512)
+            kmed__xent_grad(y + j, y + j, V - j < 512 ? V - j : 512, tgt >= j ? tgt - j : V,
+                            mx, (float)(1.0 / sum) * c->inv, c->inv, cap);
+    }
+}
+
+static kmed_result kmed__train_head(kmed_train *tr, const int *labels, size_t B, size_t T,
+                                    double norm, float *dxf, double *loss_sum, size_t *count,
+                                    kmed_error *err)
+{
+    const kmed_gemma_config *g = &tr->m->cfg;
+    const kmed_weight *E = &tr->m->embed;
+    size_t V = (size_t)g->vocab_size, C = (size_t)g->hidden_size, s, i, j;
+    long n = kmed__train_head_gather(tr, labels, B, T, err);
+    double sum = 0.0;
+    kmed__train_headc hc;
+    if (n < 0) return KMED_ERR_ARG;
+    hc.tr = tr;
+    hc.inv = norm > 0.0 ? (float)(1.0 / norm) : 0.0f;
+    for (s = 0; s < (size_t)n; s += tr->head_rows) {
+        size_t nb = (size_t)n - s < tr->head_rows ? (size_t)n - s : tr->head_rows;
         for (i = 0; i < nb; i++)
             memcpy(tr->hx + i * C, tr->xf + tr->hrow[s + i] * C, C * sizeof(float));
         kmed_matmul(tr->pool, tr->logits, tr->hx, E->data, E->type, nb, V, C, 0);
@@ -1256,9 +1514,10 @@ static kmed_result kmed__train_head(kmed_train *tr, const int *labels, size_t B,
         if (tr->dembed) kmed_matmul_dw(tr->pool, tr->dembed, tr->logits, tr->hx, nb, V, C);
     }
     if (loss_sum) *loss_sum += sum;
-    if (count) *count += n;
+    if (count) *count += (size_t)n;
     return KMED_OK;
 }
+#endif
 
 KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
                                                  const int *labels, size_t B, size_t T,
