@@ -7,7 +7,9 @@
         tests/fuzz/fuzz_config.c tests/fuzz/regress.c -o build/regress_config -lm -lpthread
      build/regress_config tests/fuzz/regress/config tests/fuzz/corpus/config
    Arguments are files or directories (one level). Prints "N passed, N failed" last; a
-   missing argument counts as a failure. */
+   missing argument counts as a failure. Built with -DREGRESS_NAME=config, no arguments
+   mean tests/fuzz/regress/config and tests/fuzz/corpus/config (those that exist), so the
+   binary runs like any test from tests/run.sh. */
 #define _POSIX_C_SOURCE 200809L
 #include <dirent.h>
 #include <stdint.h>
@@ -52,9 +54,31 @@ static int regress_cmp(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+#define REGRESS_STR2(x) #x
+#define REGRESS_STR(x) REGRESS_STR2(x)
+
 int main(int argc, char **argv)
 {
     int passed = 0, failed = 0, i;
+#ifdef REGRESS_NAME
+    char *dflt[3];
+    struct stat ds;
+    if (argc == 1) {
+        static char reg[256], cor[256];
+        snprintf(reg, sizeof reg, "tests/fuzz/regress/%s", REGRESS_STR(REGRESS_NAME));
+        snprintf(cor, sizeof cor, "tests/fuzz/corpus/%s", REGRESS_STR(REGRESS_NAME));
+        dflt[0] = argv[0];
+        argc = 1;
+        if (stat(reg, &ds) == 0) dflt[argc++] = reg;
+        if (stat(cor, &ds) == 0) dflt[argc++] = cor;
+        if (argc == 1) {
+            fprintf(stderr, "FAIL: no %s or %s (run from the repository root)\n", reg, cor);
+            printf("0 passed, 1 failed\n");
+            return 1;
+        }
+        argv = dflt;
+    }
+#endif
     for (i = 1; i < argc; i++) {
         struct stat sb;
         if (stat(argv[i], &sb) != 0) {
