@@ -982,11 +982,12 @@ static void kmed__pack_b(float *bp, const kmed__gsrc *B, size_t k0, size_t kc, s
     }
 }
 
-/* Micro-kernel: C[mr, nr] (+)= Ap (MR x kc, packed) . Bp (kc x NR, packed). The k loop and
-   the final add are the same whatever mr/nr are, so edge tiles round like full ones. */
-
-static void kmed__gemm_ukr(size_t kc, const float *ap, const float *bp, float *c, size_t ldc,
-                           int accum, size_t mr, size_t nr)
+/* Micro-kernel: C[mr, nr] (+)= Ap (MR x kc, packed) . Bp (kc x NR, row k at bp + k*ldb:
+   packed panels have ldb = NR; an f32 matrix with >= NR columns left can be used in place).
+   The k loop and the final add are the same whatever mr/nr are, so edge tiles round like
+   full ones. */
+static void kmed__gemm_ukr_ldb(size_t kc, const float *ap, const float *bp, size_t ldb,
+                               float *c, size_t ldc, int accum, size_t mr, size_t nr)
 {
 #define KMED__D(i) KMED__VT c##i##a = KMED__VZERO(), c##i##b = KMED__VZERO();
 #define KMED__F(i) a = KMED__VSET1(ap[i]); c##i##a = KMED__VFMA(a, b0, c##i##a); \
@@ -1002,7 +1003,7 @@ static void kmed__gemm_ukr(size_t kc, const float *ap, const float *bp, float *c
         KMED__VT b0 = KMED__VLOAD(bp), b1 = KMED__VLOAD(bp + KMED__VW), a;
         KMED__REP(KMED__F)
         ap += KMED__MR;
-        bp += KMED__NR;
+        bp += ldb;
     }
     if (mr == KMED__MR && nr == KMED__NR) {
         KMED__REP(KMED__C)
@@ -1018,6 +1019,12 @@ static void kmed__gemm_ukr(size_t kc, const float *ap, const float *bp, float *c
 #undef KMED__F
 #undef KMED__S
 #undef KMED__C
+}
+
+static void kmed__gemm_ukr(size_t kc, const float *ap, const float *bp, float *c, size_t ldc,
+                           int accum, size_t mr, size_t nr)
+{
+    kmed__gemm_ukr_ldb(kc, ap, bp, KMED__NR, c, ldc, accum, mr, nr);
 }
 
 typedef struct kmed__gemm_job {

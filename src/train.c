@@ -286,8 +286,12 @@ KMED_API kmed_result kmed_lora_save(const kmed_lora *lora, const char *dir,
             kmed_buf_printf(&js, "%s\n    \"%s\"", first ? "" : ",", kmed__lora_names[t]);
             first = 0;
         }
-    kmed_buf_puts(&js, "\n  ],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n"
-                       "  \"use_rslora\": false\n}\n");
+    /* an rsLoRA adapter (scale alpha / sqrt(r), as loaded) must say so, or it reloads with
+       scale alpha / r */
+    first = lora->scale != lora->alpha / (float)lora->r &&
+            lora->scale == (float)(lora->alpha / sqrt((double)lora->r));
+    kmed_buf_printf(&js, "\n  ],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n"
+                         "  \"use_rslora\": %s\n}\n", first ? "true" : "false");
     if (js.failed) {
         kmed_buf_free(&js);
         return KMED__ERR(err, KMED_ERR_NOMEM, "LoRA save: out of memory");
@@ -353,6 +357,10 @@ KMED_API kmed_result kmed_lora_load(kmed_lora *lora, const kmed_gemma *m, const 
     r = (int)iv;
     j = kmed_json_get(root, "lora_alpha");
     alpha = j && j->type == KMED_JSON_NUMBER ? j->num : 8.0; /* PEFT's default */
+    if (!(fabs(alpha) <= 3.4e38)) { /* inf/NaN (or beyond float) would make every output NaN */
+        rc = KMED__ERRF(err, KMED_ERR_FORMAT, path, "\"lora_alpha\" must be a finite number");
+        goto done;
+    }
     rslora = kmed_json_bool(kmed_json_get(root, "use_rslora"), 0);
     j = kmed_json_get(root, "use_dora");
     if (kmed_json_bool(j, 0)) {
@@ -386,7 +394,7 @@ KMED_API kmed_result kmed_lora_load(kmed_lora *lora, const kmed_gemma *m, const 
         }
     rc = kmed__lora_alloc(lora, &m->cfg, r, (float)alpha, present, err);
     if (rc != KMED_OK) goto done;
-    if (rslora) lora->scale = (float)(alpha / sqrt((double)r));
+    if (rslora) lora->scale = (float)((double)lora->alpha / sqrt((double)r)); /* as saved */
     for (l = 0; l < L; l++)
         for (t = 0; t < KMED_LORA_NTARGETS; t++) {
             size_t out, in;
@@ -568,7 +576,7 @@ struct kmed_train {
     float *dg, *du, *dhg;      /* (N, F) */
     float *dxa;                /* (N, r) */
     float *att_scratch;        /* (threads, 2, T, T) */
-    float *logits;             /* (head_rows, V) */
+    float *logits;             /* (head_rows, V); SIMD head: (chunks, rows, VC) */
     float *head_scratch;       /* (threads, head_floats) */
     size_t head_floats;
     float *hx, *hdx;           /* (head_rows, C) */
@@ -706,14 +714,14 @@ KMED_API void kmed_train_free(kmed_train *tr)
 /* Floats of per-thread head scratch for blocks of R rows and C channels. */
 static size_t kmed__train_head_floats(size_t R, size_t C, size_t V)
 {
-    size_t vp = (KMED__TRAIN_VC + KMED__NR - 1) / KMED__NR * KMED__NR;
-    size_t cp = (C + KMED__NR - 1) / KMED__NR * KMED__NR;
+    /* the kmed__train_take calls of the two passes, each rounded up to 16 floats */
     size_t big = C > KMED__TRAIN_VC ? C : KMED__TRAIN_VC;
     size_t k = R > KMED__TRAIN_VC ? R : KMED__TRAIN_VC;
-    size_t p1 = vp * C + KMED__NR * big + KMED__MR * KMED__TRAIN_VC;
-    size_t p2 = R * KMED__TRAIN_VC + k * KMED__MR + cp * KMED__TRAIN_VC + KMED__NR * big;
+    size_t p1 = (KMED__TRAIN_VC + KMED__NR) * C + KMED__NR * big + R * KMED__TRAIN_VC;
+    size_t p2 = R * KMED__TRAIN_VC + k * KMED__MR + (C + KMED__NR) * KMED__TRAIN_VC +
+                KMED__NR * big;
     (void)V;
-    return (p1 > p2 ? p1 : p2) + 5 * 16;
+    return (p1 > p2 ? p1 : p2) + 4 * 16;
 }
 
 #else
@@ -754,7 +762,7 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     size_t HD = (size_t)c->n_heads * (size_t)c->head_dim;
     size_t KD = (size_t)c->n_kv_heads * (size_t)c->head_dim;
     size_t N, B, T, r = 0, total = 0, off = 0, maxp, af, arena_n, nacts, i, R;
-    size_t hxa_n = 0, hxb_n = 0, hstat_n = 0, hpart_n = 0;
+    size_t hxa_n = 0, hxb_n = 0, hstat_n = 0, hpart_n = 0, vpad = 0;
     int L = c->n_layers, l, t, nlora = 0;
     float *cur;
     char name[160];
@@ -918,10 +926,11 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     hxb_n = (C + KMED__NR) * R;
     hstat_n = R * ((V + KMED__TRAIN_VC - 1) / KMED__TRAIN_VC) * 2;
     hpart_n = (size_t)KMED__TRAIN_PARTS * R * C;
+    vpad = R * KMED__TRAIN_VC;   /* logits stored chunk by chunk, the last one whole */
 #endif
     arena_n = nacts * af + 16 * 40 + (size_t)(L + 1) * N * C + 7 * N * C + N +
               3 * N * HD + 3 * N * KD + 3 * N * F + N * (r ? r : 1) +
-              (size_t)tr->nthreads * 2 * T * T + R * V + 2 * R * C +
+              (size_t)tr->nthreads * 2 * T * T + R * V + vpad + 2 * R * C +
               (size_t)tr->nthreads * tr->head_floats + hxa_n + hxb_n + hstat_n + hpart_n +
               3 * R + 16 * 8;
     tr->arena = (float *)kmed__calloc(arena_n, sizeof(float));
@@ -954,7 +963,7 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     tr->dhg = kmed__train_take(&cur, N * F);
     tr->dxa = kmed__train_take(&cur, N * (r ? r : 1));
     tr->att_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * 2 * T * T);
-    tr->logits = kmed__train_take(&cur, tr->head_rows * V);
+    tr->logits = kmed__train_take(&cur, R * V + vpad);
     tr->head_scratch = kmed__train_take(&cur, (size_t)tr->nthreads * tr->head_floats);
     tr->hx = kmed__train_take(&cur, R * C);
     tr->hdx = kmed__train_take(&cur, R * C);
@@ -1272,6 +1281,26 @@ typedef struct kmed__train_headc {
     float inv;            /* 1 / norm, 0 for forward only */
 } kmed__train_headc;
 
+/* dst[0..n) = src[0..n), with non-temporal stores where dst is 64-byte aligned. */
+static void kmed__train_stream(float *dst, const float *src, size_t n)
+{
+    size_t i = 0;
+#if KMED__SIMD == 512
+    if (((uintptr_t)dst & 63) == 0) {
+        for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+        _mm_sfence();
+    }
+#endif
+    memcpy(dst + i, src + i, (n - i) * sizeof(float));
+}
+
+/* Pulls rows [v0, v0 + n) of an (V, C) f32 matrix toward the cache ahead of use. */
+static void kmed__train_prefetch_rows(const float *m, size_t v0, size_t n, size_t C)
+{
+    const char *p = (const char *)(m + v0 * C), *end = (const char *)(m + (v0 + n) * C);
+    for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+}
+
 /* Pass 1 over chunks [b, e). */
 static void kmed__train_head_stats_fn(void *ctx, size_t b, size_t e, int thread)
 {
@@ -1284,8 +1313,9 @@ static void kmed__train_head_stats_fn(void *ctx, size_t b, size_t e, int thread)
     float *cur = tr->head_scratch + (size_t)thread * tr->head_floats;
     float *bp = kmed__train_take(&cur, (KMED__TRAIN_VC + KMED__NR) * C); /* E^T panels */
     float *tmp = kmed__train_take(&cur, KMED__NR * big);
-    float *out = kmed__train_take(&cur, KMED__MR * KMED__TRAIN_VC);     /* (MR, VC) */
+    float *out = kmed__train_take(&cur, c->nb * KMED__TRAIN_VC);       /* (nb, VC) */
     kmed__gsrc Bs;
+    KMED_ASSERT(cur <= tr->head_scratch + (size_t)(thread + 1) * tr->head_floats);
     memset(&Bs, 0, sizeof Bs);
     Bs.p = E->data; Bs.t = E->type; Bs.ld = C; Bs.trans = 1; Bs.alpha = 1.0f;
     for (ch = b; ch < e; ch++) {
@@ -1294,21 +1324,24 @@ static void kmed__train_head_stats_fn(void *ctx, size_t b, size_t e, int thread)
         for (jr = 0; jr < vc; jr += KMED__NR)
             kmed__pack_b(bp + jr * C, &Bs, 0, C, v0 + jr,
                          vc - jr < KMED__NR ? vc - jr : KMED__NR, tmp);
-        for (s = 0; s < c->nb; s += KMED__MR) {
-            size_t mr = c->nb - s < KMED__MR ? c->nb - s : KMED__MR;
-            /* backward keeps the capped logits for pass 2; forward only needs the stats */
-            float *y = c->inv != 0.0f ? tr->logits + s * V + v0 : out;
-            size_t ldy = c->inv != 0.0f ? V : KMED__TRAIN_VC;
-            for (jr = 0; jr < vc; jr += KMED__NR)
-                kmed__gemm_ukr(C, tr->hxa + s * C, bp + jr * C, y + jr, ldy, 0, mr,
+        /* panel outer: the E^T panel stays in L1 while the x strips stream from L2 */
+        for (jr = 0; jr < vc; jr += KMED__NR)
+            for (s = 0; s < c->nb; s += KMED__MR)
+                kmed__gemm_ukr(C, tr->hxa + s * C, bp + jr * C,
+                               out + s * KMED__TRAIN_VC + jr, KMED__TRAIN_VC, 0,
+                               c->nb - s < KMED__MR ? c->nb - s : KMED__MR,
                                vc - jr < KMED__NR ? vc - jr : KMED__NR);
-            for (i = 0; i < mr; i++) {
-                float *yr = y + i * ldy, *st = tr->hstat + ((s + i) * c->nch + ch) * 2;
-                size_t tgt = (size_t)tr->htgt[c->s0 + s + i];
-                kmed__xent_stats(yr, vc, cap, &st[0], &st[1]);
-                if (tgt >= v0 && tgt < v0 + vc) tr->hrowf[(s + i) * 3] = yr[tgt - v0];
-            }
+        for (i = 0; i < c->nb; i++) {
+            float *yr = out + i * KMED__TRAIN_VC, *st = tr->hstat + (i * c->nch + ch) * 2;
+            size_t tgt = (size_t)tr->htgt[c->s0 + i];
+            kmed__xent_stats(yr, vc, cap, &st[0], &st[1]);
+            if (tgt >= v0 && tgt < v0 + vc) tr->hrowf[i * 3] = yr[tgt - v0];
         }
+        /* backward keeps the capped logits for pass 2, chunk by chunk, streamed past the
+           caches (they come back once, long after) */
+        if (c->inv != 0.0f)
+            kmed__train_stream(tr->logits + ch * c->nb * KMED__TRAIN_VC, out,
+                               c->nb * KMED__TRAIN_VC);
     }
 }
 
@@ -1345,6 +1378,7 @@ static void kmed__train_head_grad_fn(void *ctx, size_t b, size_t e, int thread)
     float *bp = kmed__train_take(&cur, (C + KMED__NR) * KMED__TRAIN_VC); /* E panels */
     float *tmp = kmed__train_take(&cur, KMED__NR * big);
     kmed__gsrc Es, Gt, Gn;
+    KMED_ASSERT(cur <= tr->head_scratch + (size_t)(thread + 1) * tr->head_floats);
     memset(&Es, 0, sizeof Es);
     Es.p = E->data; Es.t = E->type; Es.ld = C; Es.alpha = 1.0f;
     Gt = Es;
@@ -1358,10 +1392,14 @@ static void kmed__train_head_grad_fn(void *ctx, size_t b, size_t e, int thread)
         for (ch = p * c->nch / parts; ch < (p + 1) * c->nch / parts; ch++) {
             size_t v0 = ch * KMED__TRAIN_VC, jc, s, r;
             size_t vc = V - v0 < KMED__TRAIN_VC ? V - v0 : KMED__TRAIN_VC;
+            /* the chunk's dE and E rows arrive while G is computed */
+            if (tr->dembed) kmed__train_prefetch_rows(tr->dembed, v0, vc, C);
+            if (E->type == KMED_F32) kmed__train_prefetch_rows((const float *)E->data, v0, vc, C);
             for (r = 0; r < nb; r++) {
                 const float *rf = tr->hrowf + r * 3;
                 size_t tgt = (size_t)tr->htgt[c->s0 + r];
-                kmed__xent_grad(G + r * KMED__TRAIN_VC, tr->logits + r * V + v0, vc,
+                kmed__xent_grad(G + r * KMED__TRAIN_VC,
+                                tr->logits + (ch * nb + r) * KMED__TRAIN_VC, vc,
                                 tgt >= v0 ? tgt - v0 : vc, rf[1], rf[2], c->inv, cap);
             }
             if (tr->dembed)   /* dE[v0 + vs ..][C] += G^T x, 12 (or 6) vocabulary rows a time */
@@ -1372,15 +1410,23 @@ static void kmed__train_head_grad_fn(void *ctx, size_t b, size_t e, int thread)
                         kmed__gemm_ukr(nb, ap, tr->hxb + jc * nb, tr->dembed + (v0 + s) * C + jc,
                                        C, 1, mv, C - jc < KMED__NR ? C - jc : KMED__NR);
                 }
+            /* E's chunk as the B operand: f32 rows in place, other dtypes and a last partial
+               panel packed */
             for (jc = 0; jc < C; jc += KMED__NR)
-                kmed__pack_b(bp + jc * vc, &Es, v0, vc, jc, C - jc < KMED__NR ? C - jc : KMED__NR,
-                             tmp);
+                if (E->type != KMED_F32 || jc + KMED__NR > C)
+                    kmed__pack_b(bp + jc * vc, &Es, v0, vc, jc,
+                                 C - jc < KMED__NR ? C - jc : KMED__NR, tmp);
             for (s = 0; s < nb; s += KMED__MR) {   /* dx[s ..][C] += G E[chunk] */
                 size_t mr = nb - s < KMED__MR ? nb - s : KMED__MR;
                 kmed__pack_a(ap, &Gn, s, mr, 0, vc);
-                for (jc = 0; jc < C; jc += KMED__NR)
-                    kmed__gemm_ukr(vc, ap, bp + jc * vc, dxp + s * C + jc, C, 1, mr,
-                                   C - jc < KMED__NR ? C - jc : KMED__NR);
+                for (jc = 0; jc < C; jc += KMED__NR) {
+                    int direct = E->type == KMED_F32 && jc + KMED__NR <= C;
+                    kmed__gemm_ukr_ldb(vc, ap,
+                                       direct ? (const float *)E->data + v0 * C + jc
+                                              : bp + jc * vc,
+                                       direct ? C : KMED__NR, dxp + s * C + jc, C, 1, mr,
+                                       C - jc < KMED__NR ? C - jc : KMED__NR);
+                }
             }
         }
     }
