@@ -3,11 +3,12 @@
 #   1. every tests/test_*.c built with -fsanitize=address,undefined (leaks included);
 #   2. the saved fuzz inputs (tests/fuzz/regress/<h>/ and tests/fuzz/corpus/<h>/) replayed
 #      through each harness with tests/fuzz/regress.c, under the same sanitizers;
-#   3. the threaded kernels and the training step (test_tensor, test_train; override with
-#      TSAN_TESTS) under -fsanitize=thread.
+#   3. the threaded kernels (test_tensor) and training steps on a 3-thread pool
+#      (test_reliability: LoRA and full, bit-compared with 1 thread) under -fsanitize=thread;
+#      test_train is clean under TSan too but takes ~5 min there: TSAN_TESTS adds it.
 # Any sanitizer report aborts that binary, which then counts as failed.
 #   usage: tests/sanitize.sh [NAME...]     (NAME: a test like "core"; default: all)
-#   env:   CC (default cc), JOBS (parallel builds, default 2), TSAN_TESTS ("tensor train"),
+#   env:   CC (default cc), JOBS (parallel builds, default 2), TSAN_TESTS ("tensor reliability"),
 #          SAN_SKIP (tests left out of the ASan pass, default "demo": the whole demo chain
 #          with the real 256k vocabulary takes over 5 minutes under ASan; SAN_SKIP= runs it)
 # Binaries go to build/san/ and are rebuilt only when a source is newer. The last line is
@@ -37,7 +38,7 @@ else
         tests+=("$n")
     done
 fi
-tsan_tests=(${TSAN_TESTS:-tensor train})
+tsan_tests=(${TSAN_TESTS:-tensor reliability})
 harnesses=(); for f in tests/fuzz/fuzz_*.c; do n=${f##*/fuzz_}; harnesses+=("${n%.c}"); done
 [ $# -gt 0 ] && harnesses=()
 
@@ -86,14 +87,16 @@ run() {
     t1=$(date +%s)
     line=$(printf '%s\n' "$outp" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
     if [ -z "$line" ]; then
-        printf '%s\n' "$outp" | grep -E 'ERROR|SUMMARY|runtime error|WARNING: ThreadSanitizer|FAIL|#[0-9] ' |
+        printf '%s\n' "$outp" |
+            grep -E 'ERROR|SUMMARY|runtime error|WARNING: ThreadSanitizer|FAIL|#[0-9] ' |
             head -n 30
         printf '%-30s FAIL: exit %s without a result line\n' "$label" "$rc"
         failed=$((failed + 1)); return
     fi
     p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed*}
     [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
-    [ "$f" -ne 0 ] && printf '%s\n' "$outp" | grep -E 'FAIL|ERROR|runtime error|SUMMARY' | head -n 30
+    [ "$f" -ne 0 ] &&
+        printf '%s\n' "$outp" | grep -E 'FAIL|ERROR|runtime error|SUMMARY' | head -n 30
     printf '%-30s %s (%ss)\n' "$label" "$line" "$((t1 - t0))"
     passed=$((passed + p)); failed=$((failed + f))
 }

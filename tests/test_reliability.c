@@ -6,6 +6,7 @@
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_reliability.c \
       -o build/test_reliability -lm -lpthread */
 #define _POSIX_C_SOURCE 200809L /* before any system header: ftruncate, and kmed.h's own */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,29 +14,44 @@
    never), counts live blocks and remembers the largest request. */
 typedef struct rel_alloc { long calls, fail_at, live; size_t peak; } rel_alloc;
 static rel_alloc rel_A; /* the test's own instrument; the library keeps no globals */
+/* worker threads allocate too (kernel scratch): the counters are kept under a lock */
+static pthread_mutex_t rel_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Counts a request of n bytes; 1 if it is the one to fail. */
+static int rel_count(size_t n)
+{
+    int fail;
+    pthread_mutex_lock(&rel_lock);
+    rel_A.calls++;
+    if (n > rel_A.peak) rel_A.peak = n;
+    fail = rel_A.fail_at && rel_A.calls == rel_A.fail_at;
+    pthread_mutex_unlock(&rel_lock);
+    return fail;
+}
+static void rel_live(long d)
+{
+    pthread_mutex_lock(&rel_lock);
+    rel_A.live += d;
+    pthread_mutex_unlock(&rel_lock);
+}
 static void *rel_malloc(size_t n)
 {
     void *p;
-    rel_A.calls++;
-    if (n > rel_A.peak) rel_A.peak = n;
-    if (rel_A.fail_at && rel_A.calls == rel_A.fail_at) return NULL;
+    if (rel_count(n)) return NULL;
     p = malloc(n);
-    if (p) rel_A.live++;
+    if (p) rel_live(1);
     return p;
 }
 static void *rel_realloc(void *p, size_t n)
 {
     void *q;
-    rel_A.calls++;
-    if (n > rel_A.peak) rel_A.peak = n;
-    if (rel_A.fail_at && rel_A.calls == rel_A.fail_at) return NULL;
+    if (rel_count(n)) return NULL;
     q = realloc(p, n);
-    if (q && !p) rel_A.live++;
+    if (q && !p) rel_live(1);
     return q;
 }
 static void rel_free(void *p)
 {
-    if (p) rel_A.live--;
+    if (p) rel_live(-1);
     free(p);
 }
 #define KMED_MALLOC(n) rel_malloc(n)
@@ -789,6 +805,73 @@ static void test_numeric(rel_model *rm)
     kmed_lora_free(&lora);
 }
 
+/* ---- threads: a training step on 1 and 3 threads gives the same bits ----
+   (also the cheap target for ThreadSanitizer: tests/sanitize.sh runs this file under
+   -fsanitize=thread, where any data race in the pool, kernels or step is reported) */
+
+/* Three steps from a fresh adapter (or full copy); the trained values go to out. */
+static void rel_train_threads(rel_model *rm, int threads, int full, float *out, size_t cap,
+                              double *loss)
+{
+    kmed_pool *pool = NULL;
+    kmed_lora lora;
+    kmed_lora_config lc;
+    kmed_train_config tc;
+    kmed_train *tr = NULL;
+    kmed_param *ps;
+    kmed_error e;
+    int ids[2 * 2 * 6], labels[2 * 2 * 6], s;
+    size_t np, i, off = 0;
+    memset(&lc, 0, sizeof lc);
+    memset(&tc, 0, sizeof tc);
+    memset(&lora, 0, sizeof lora);
+    lc.r = 2;
+    lc.seed = 9;
+    tc.full = full;
+    tc.max_batch = 2;
+    tc.max_seq = 6;
+    tc.head_rows = 4; /* several head blocks, so the blocked LM head is exercised too */
+    tc.optim.lr = 1e-2f;
+    tc.optim.clip = 1.0f;
+    rel_batch(ids, labels, 24);
+    CHECK_OK(kmed_pool_create(&pool, threads, &e));
+    if (!full) CHECK_OK(kmed_lora_create(&lora, &rm->m, &lc, &e));
+    CHECK_OK(kmed_train_create(&tr, &rm->m, full ? NULL : &lora, &tc, pool, &e));
+    if (tr) {
+        for (s = 0; s < 3; s++) CHECK_OK(kmed_train_step(tr, ids, labels, 2, 2, 6, loss, &e));
+        np = kmed_train_params(tr, &ps);
+        for (i = 0; i < np && off + ps[i].n <= cap; i++) {
+            memcpy(out + off, ps[i].p, ps[i].n * sizeof(float));
+            off += ps[i].n;
+        }
+        CHECK(i == np);
+    }
+    kmed_train_free(tr);
+    if (!full) kmed_lora_free(&lora);
+    kmed_pool_free(pool);
+}
+
+static void test_threads(rel_model *rm)
+{
+    size_t cap = 16384;
+    float *a = (float *)calloc(cap, sizeof(float)), *b = (float *)calloc(cap, sizeof(float));
+    double la = 0, lb = 0;
+    int full;
+    if (!a || !b) { CHECK(0); free(a); free(b); return; }
+    for (full = 0; full < 2; full++) {
+        memset(a, 0, cap * sizeof(float));
+        memset(b, 0, cap * sizeof(float));
+        rel_train_threads(rm, 1, full, a, cap, &la);
+        rel_train_threads(rm, 3, full, b, cap, &lb);
+        CHECKF(memcmp(a, b, cap * sizeof(float)) == 0 && la == lb, "%s training: 1 and 3 "
+               "threads differ (loss %.9g vs %.9g)", full ? "full" : "LoRA", la, lb);
+        printf("%s training, 3 steps: 1 and 3 threads give identical parameters (loss %.6f)\n",
+               full ? "full" : "LoRA", la);
+    }
+    free(a);
+    free(b);
+}
+
 int main(void)
 {
     rel_model *rm = (rel_model *)calloc(1, sizeof *rm);
@@ -804,6 +887,7 @@ int main(void)
     if (rel_model_init(rm)) {
         test_oom(rm);
         test_numeric(rm);
+        test_threads(rm);
         kmed_gemma_free(&rm->m);
     }
     CHECKF(rel_A.live == live0, "%ld blocks still live at the end", rel_A.live - live0);

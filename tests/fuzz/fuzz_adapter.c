@@ -13,6 +13,7 @@
    build/fuzz_adapter_seed FILE (built with -DFUZZ_ADAPTER_SEED_MAIN, no libFuzzer) */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -108,6 +109,7 @@ static void fa_check_loaded(fuzz_adapter_state *s, kmed_lora *lora)
     static float out[16 * 16];
     int l, t;
     FUZZ_CHECK(lora->n_layers == FA_L && lora->r > 0 && lora->ab);
+    FUZZ_CHECK(isfinite(lora->alpha) && isfinite(lora->scale));
     for (l = 0; l < FA_L; l++)
         for (t = 0; t < KMED_LORA_NTARGETS; t++) {
             FUZZ_CHECK(!lora->ab[l][t].A == !lora->ab[l][t].B);
@@ -124,6 +126,7 @@ static void fa_check_loaded(fuzz_adapter_state *s, kmed_lora *lora)
         FUZZ_CHECK(0);
     }
     FUZZ_CHECK(again.r == lora->r && again.targets == lora->targets);
+    FUZZ_CHECK(again.alpha == lora->alpha && again.scale == lora->scale); /* rsLoRA too */
     FUZZ_CHECK(kmed_lora_numel(&again) == kmed_lora_numel(lora));
     for (l = 0; l < FA_L; l++)
         for (t = 0; t < KMED_LORA_NTARGETS; t++) {
