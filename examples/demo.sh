@@ -76,8 +76,8 @@ stage "init model" build/kmed-init --out "$OUT/base" --hidden 128 --intermediate
 
 stage "continued pre-training (full)" build/kmed-train --model "$OUT/base" \
     --data "$OUT/data/cpt_train_packed.jsonl" --val "$OUT/data/cpt_val_packed.jsonl" \
-    --mode cpt --full --seq-len 256 --batch 4 --steps 150 --lr 3e-3 --warmup 10 \
-    --weight-decay 0.0 --seed 1 --eval-every 50 --ckpt-every 50 --threads "$THREADS" \
+    --mode cpt --full --seq-len 256 --batch 4 --steps 40 --lr 3e-3 --warmup 4 \
+    --seed 1 --eval-every 20 --ckpt-every 20 --threads "$THREADS" \
     --out "$OUT/cpt"
 
 TEST="--items $D/kormedmcqa/doctor_test.jsonl --items $D/kormedmcqa/nurse_test.jsonl
@@ -88,8 +88,8 @@ stage "evaluate base" build/kmed-eval --model "$OUT/cpt" --tokenizer "$TOK" $TES
     --svg "$OUT/accuracy_base.svg"
 
 stage "LoRA SFT" build/kmed-train --model "$OUT/cpt" --data "$OUT/data/sft_train_packed.jsonl" \
-    --val "$OUT/data/sft_val_packed.jsonl" --mode sft --lora-r 16 --lora-alpha 32 \
-    --seq-len 256 --batch 8 --steps 300 --lr 2e-3 --warmup 20 --seed 1 --eval-every 100 \
+    --val "$OUT/data/sft_val_packed.jsonl" --mode sft --lora-r 32 --lora-alpha 64 \
+    --seq-len 256 --batch 8 --steps 300 --lr 3e-3 --warmup 20 --seed 1 --eval-every 100 \
     --ckpt-every 100 --threads "$THREADS" --out "$OUT/adapter"
 
 # shellcheck disable=SC2086
