@@ -48,6 +48,45 @@ static __m256 kmed__ops_tanh8(__m256 x)
     return _mm256_or_ps(r, _mm256_and_ps(x, sign));
 }
 
+#if defined(__AVX512F__)
+#define KMED__OPS_AVX512 1
+/* kmed__ops_exp8 and kmed__ops_tanh8 on 16 lanes: the same operations in the same order,
+   so every lane gets the bits the 8-lane versions give. */
+static __m512 kmed__ops_exp16(__m512 x)
+{
+    __m512 fx, y, z;
+    __m512i e;
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)),
+                      _mm512_set1_ps(88.72283f));
+    fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    z = _mm512_mul_ps(x, x);
+    y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)),
+                          23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+static __m512 kmed__ops_tanh16(__m512 x)
+{
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 ax = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(x)));
+    __m512 t = kmed__ops_exp16(_mm512_mul_ps(ax, _mm512_set1_ps(-2.0f)));
+    __m512 r = _mm512_div_ps(_mm512_sub_ps(one, t), _mm512_add_ps(one, t));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r),
+                                               _mm512_and_si512(_mm512_castps_si512(x), sign)));
+}
+#endif
+
 static float kmed__ops_hsum8(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -301,13 +340,35 @@ static void kmed__xent_stats(float *y, size_t n, float cap, float *mx, float *su
 {
     size_t i, nv = 0;
     float m = -INFINITY, s = 0.0f;
-    if (cap > 0.0f) kmed__ops_softcap_row(y, y, n, cap, 1.0f);
-#ifdef KMED__OPS_AVX2
-    nv = n / 8 * 8;
+#ifdef KMED__OPS_AVX512
+    nv = n / 16 * 16;
     if (nv) {
         /* max_ps(new, old) keeps old when new is NaN, as the scalar compare does */
-        __m256 vm = _mm256_loadu_ps(y), acc = _mm256_setzero_ps();
+        const __m512 vi = _mm512_set1_ps(1.0f / cap), vc = _mm512_set1_ps(cap);
+        __m512 vm = _mm512_set1_ps(-INFINITY), acc = _mm512_setzero_ps();
+        for (i = 0; i < nv; i += 16) {
+            __m512 v = _mm512_loadu_ps(y + i);
+            if (cap > 0.0f) {   /* kmed__ops_softcap_row, 16 lanes */
+                v = _mm512_mul_ps(vc, kmed__ops_tanh16(_mm512_mul_ps(v, vi)));
+                _mm512_storeu_ps(y + i, v);
+            }
+            vm = _mm512_max_ps(v, vm);
+        }
+        if (cap > 0.0f && nv < n) kmed__ops_softcap_row(y + nv, y + nv, n - nv, cap, 1.0f);
+        m = _mm512_reduce_max_ps(vm);
+        for (i = nv; i < n; i++) m = y[i] > m ? y[i] : m;
+        vm = _mm512_set1_ps(m);
+        for (i = 0; i < nv; i += 16)
+            acc = _mm512_add_ps(acc, kmed__ops_exp16(_mm512_sub_ps(_mm512_loadu_ps(y + i), vm)));
+        s = _mm512_reduce_add_ps(acc);
+    }
+#elif defined(KMED__OPS_AVX2)
+    nv = n / 8 * 8;
+    if (nv) {
+        __m256 vm, acc = _mm256_setzero_ps();
         float t[8];
+        if (cap > 0.0f) kmed__ops_softcap_row(y, y, n, cap, 1.0f);
+        vm = _mm256_loadu_ps(y);
         for (i = 8; i < nv; i += 8) vm = _mm256_max_ps(_mm256_loadu_ps(y + i), vm);
         _mm256_storeu_ps(t, vm);
         for (i = 0; i < 8; i++) m = t[i] > m ? t[i] : m;
@@ -318,8 +379,10 @@ static void kmed__xent_stats(float *y, size_t n, float cap, float *mx, float *su
         s = kmed__ops_hsum8(acc);
     }
 #endif
-    if (nv == 0)
+    if (nv == 0) {
+        if (cap > 0.0f) kmed__ops_softcap_row(y, y, n, cap, 1.0f);
         for (i = 0; i < n; i++) m = y[i] > m ? y[i] : m;
+    }
     for (i = nv; i < n; i++) s += expf(y[i] - m);
     *mx = m;
     *sum = s;
@@ -333,6 +396,23 @@ static void kmed__xent_grad(float *g, const float *y, size_t n, size_t tgt, floa
                             float inv, float cap)
 {
     size_t i = 0;
+#ifdef KMED__OPS_AVX512
+    {
+        const __m512 vm = _mm512_set1_ps(mx), va = _mm512_set1_ps(a), vc = _mm512_set1_ps(cap);
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= n; i += 16) {
+            __m512 y16 = _mm512_loadu_ps(y + i);
+            __m512 d = _mm512_mul_ps(kmed__ops_exp16(_mm512_sub_ps(y16, vm)), va);
+            if (tgt >= i && tgt < i + 16)
+                d = _mm512_mask_sub_ps(d, (__mmask16)(1u << (tgt - i)), d, _mm512_set1_ps(inv));
+            if (cap > 0.0f) {
+                __m512 t = _mm512_div_ps(y16, vc);
+                d = _mm512_mul_ps(d, _mm512_sub_ps(one, _mm512_mul_ps(t, t)));
+            }
+            _mm512_storeu_ps(g + i, d);
+        }
+    }
+#endif
 #ifdef KMED__OPS_AVX2
     __m256 vm = _mm256_set1_ps(mx), va = _mm256_set1_ps(a), vc = _mm256_set1_ps(cap);
     __m256 one = _mm256_set1_ps(1.0f);

@@ -855,6 +855,10 @@ typedef struct kmed__gsrc {
     float alpha;
 } kmed__gsrc;
 
+#if KMED__SIMD == 512
+static void kmed__tr16(const float *src, size_t lds, float *dst, size_t ldd);
+#endif
+
 /* ap[k*MR + i] = A(i0+i, k0+k), zero rows past mr. */
 static void kmed__pack_a(float *ap, const kmed__gsrc *A, size_t i0, size_t mr, size_t k0,
                          size_t kc)
@@ -876,6 +880,28 @@ static void kmed__pack_a(float *ap, const kmed__gsrc *A, size_t i0, size_t mr, s
             for (; i < KMED__MR; i++) ap[k * KMED__MR + i] = 0.0f;
         }
     } else {
+#if KMED__SIMD == 512
+        if (mr == KMED__MR && A->alpha == 1.0f && kc >= 16) {
+            /* 16 k at a time: the 12 rows (4 zero rows below) transposed as a 16x16 tile */
+            float t[16 * 16], u[16 * 16];
+            memset(t + 12 * 16, 0, 4 * 16 * sizeof(float));
+            for (k = 0; k + 16 <= kc; k += 16) {
+                size_t j;
+                for (i = 0; i < KMED__MR; i++)
+                    _mm512_storeu_ps(t + i * 16, _mm512_loadu_ps(a + (i0 + i) * A->ld + k0 + k));
+                kmed__tr16(t, 16, u, 16);
+                for (j = 0; j < 16; j++)
+                    _mm512_mask_storeu_ps(ap + (k + j) * KMED__MR, 0x0fff,
+                                          _mm512_loadu_ps(u + j * 16));
+            }
+            for (i = 0; i < mr; i++) {
+                const float *src = a + (i0 + i) * A->ld + k0;
+                size_t kk;
+                for (kk = k; kk < kc; kk++) ap[kk * KMED__MR + i] = src[kk];
+            }
+            return;
+        }
+#endif
         for (i = 0; i < mr; i++) {
             const float *src = a + (i0 + i) * A->ld + k0;
             for (k = 0; k < kc; k++) ap[k * KMED__MR + i] = A->alpha * src[k];

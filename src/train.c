@@ -1656,9 +1656,30 @@ static void kmed__train_opt_fn(void *ctx, size_t b, size_t e, int thread)
 {
     kmed__train_opt *o = (kmed__train_opt *)ctx;
     float *p = o->tr->pall, *g = o->tr->gblock, *m = o->tr->mblock, *v = o->tr->vblock;
-    size_t i;
+    size_t i = b;
     (void)thread;
-    for (i = b; i < e; i++) {
+#if KMED__SIMD == 512
+    if (!o->sgd) {   /* the scalar statements below, 16 lanes at a time, same rounding */
+        const __m512 clip = _mm512_set1_ps(o->clip), decay = _mm512_set1_ps(o->decay);
+        const __m512 omb1 = _mm512_set1_ps(o->omb1), b2 = _mm512_set1_ps(o->b2);
+        const __m512 omb2 = _mm512_set1_ps(o->omb2), ns = _mm512_set1_ps(o->neg_step);
+        const __m512 bc2 = _mm512_set1_ps(o->bc2_sqrt), eps = _mm512_set1_ps(o->eps);
+        for (; i + 16 <= e; i += 16) {
+            __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), clip);
+            __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), decay);
+            __m512 mi = _mm512_loadu_ps(m + i), vi = _mm512_loadu_ps(v + i);
+            mi = _mm512_add_ps(mi, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, mi)));
+            vi = _mm512_add_ps(_mm512_mul_ps(vi, b2), _mm512_mul_ps(_mm512_mul_ps(omb2, gi), gi));
+            pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(ns, mi),
+                                                 _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi),
+                                                                             bc2), eps)));
+            _mm512_storeu_ps(m + i, mi);
+            _mm512_storeu_ps(v + i, vi);
+            _mm512_storeu_ps(p + i, pi);
+        }
+    }
+#endif
+    for (; i < e; i++) {
         float gi = g[i] * o->clip;
         if (o->sgd) {
             p[i] = p[i] - o->lr * (gi + o->wd * p[i]);
