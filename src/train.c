@@ -1286,10 +1286,11 @@ static void kmed__train_stream(float *dst, const float *src, size_t n)
 {
     size_t i = 0;
 #if KMED__SIMD == 512
-    if (((uintptr_t)dst & 63) == 0) {
-        for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
-        _mm_sfence();
-    }
+    i = (64 - ((uintptr_t)dst & 63)) / sizeof(float) % 16;   /* up to the first 64 B line */
+    if (i > n) i = n;
+    memcpy(dst, src, i * sizeof(float));
+    for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    _mm_sfence();
 #endif
     memcpy(dst + i, src + i, (n - i) * sizeof(float));
 }
