@@ -20,7 +20,7 @@ stage() { # stage NAME COMMAND...: runs a stage, prints its wall time and peak R
     echo
     echo "==== $name"
     t0=$(date +%s.%N)
-    if [ -x /usr/bin/time ]; then
+    if [ -x /usr/bin/time ] && [ "$(type -t "$1")" = file ]; then
         /usr/bin/time -f '%M' -o "$OUT/.rss" "$@"
         rss=$(tail -n 1 "$OUT/.rss")
         rss=$(awk -v k="$rss" 'BEGIN { printf ", peak RSS %.0f MB", k / 1024 }')
@@ -57,11 +57,16 @@ find_tokenizer() {
     exit 1
 }
 
-build() {
-    local t
+build() { # two compilers at a time: each tool is one translation unit of the whole library
+    local t pids=() fail=0
     for t in kmed-data kmed-init kmed-train kmed-eval kmed-chat kmed-convert; do
-        $CC $CFLAGS tools/$t.c -o build/$t -lm -lpthread
+        echo "$CC $CFLAGS tools/$t.c -o build/$t -lm -lpthread"
+        $CC $CFLAGS tools/$t.c -o build/$t -lm -lpthread &
+        pids+=($!)
+        if [ ${#pids[@]} -eq 2 ]; then wait "${pids[0]}" || fail=1; pids=("${pids[1]}"); fi
     done
+    for t in "${pids[@]}"; do wait "$t" || fail=1; done
+    return $fail
 }
 stage "build tools" build
 TOK=$(find_tokenizer)
