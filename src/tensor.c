@@ -259,6 +259,9 @@ static size_t kmed__tensor_row_bytes(kmed_dtype t, size_t n)
 
 struct kmed_pool {
     int n_threads;
+    unsigned char *scratch;      /* GEMM panels kept between calls (fresh mmap'd pages per
+                                    call cost page faults); used by the pool's owner only */
+    size_t scratch_bytes;
 #ifndef KMED_NO_THREADS
     pthread_t *threads;          /* n_threads - 1 workers; the caller is thread 0 */
     pthread_mutex_t mu;
@@ -371,6 +374,7 @@ KMED_API void kmed_pool_free(kmed_pool *pool)
     }
     KMED_FREE(pool->threads);
 #endif
+    KMED_FREE(pool->scratch);
     KMED_FREE(pool);
 }
 
@@ -1131,13 +1135,22 @@ static int kmed__gemm_run(kmed_pool *pool, kmed__gemm_job *g)
     g->ap_floats = mc * kc;
     g->bp_floats = nc * kc;
     per = (g->ap_floats + g->bp_floats + KMED__NR * kc) * sizeof(float) + 64;
-    mem = (unsigned char *)KMED_MALLOC(per * (size_t)nt);
-    if (!mem) return 0;
+    if (pool && pool->scratch_bytes >= per * (size_t)nt) {
+        mem = pool->scratch;
+    } else {
+        mem = (unsigned char *)KMED_MALLOC(per * (size_t)nt);
+        if (!mem) return 0;
+        if (pool) {   /* keep the larger block for the next call */
+            KMED_FREE(pool->scratch);
+            pool->scratch = mem;
+            pool->scratch_bytes = per * (size_t)nt;
+        }
+    }
     g->scratch = mem;
     g->scratch_bytes = per;
     if (g->split_n) kmed_pool_for(pool, g->N, KMED__NR, kmed__gemm_range, g);
     else kmed_pool_for(pool, g->M, KMED__MR, kmed__gemm_range, g);
-    KMED_FREE(mem);
+    if (!pool) KMED_FREE(mem);
     return 1;
 }
 
