@@ -73,7 +73,8 @@ TOK=$(find_tokenizer)
 echo "tokenizer: $TOK"
 
 D=examples/data
-stage "data pipeline" build/kmed-data --config $D/demo.json --tokenizer "$TOK" --out "$OUT/data" --quiet
+stage "data pipeline" build/kmed-data --config $D/demo.json --tokenizer "$TOK" --out "$OUT/data" \
+    --seq-len 256 --quiet
 
 # A small Gemma-2 with the real 256000-token vocabulary (tied embedding = most of it).
 stage "init model" build/kmed-init --out "$OUT/base" --hidden 128 --intermediate 512 \
