@@ -9,7 +9,7 @@ TOOLS   = build/kmed-inspect build/kmed-tokenize build/kmed-forward build/kmed-i
           build/kmed-merge build/kmed-bench
 TESTS   = build/test_core build/test_io_text build/test_io_bin build/test_tensor build/test_tok \
           build/test_gemma build/test_generate build/test_convert build/test_safety \
-          build/test_train build/test_data build/test_mcqa build/test_merge build/test_demo build/test_reliability \
+          build/test_train build/test_data build/test_mcqa build/test_merge build/test_demo build/test_reliability build/test_head \
           build/test_tensor_nothreads build/test_core_static build/quickstart_check
 BENCHES = build/bench_kernels build/bench_tok build/bench_train build/bench_data \
           build/bench_merge build/kmed-bench
