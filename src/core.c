@@ -324,6 +324,25 @@ KMED_API kmed_result kmed_map_open(kmed_map *m, const char *path, kmed_error *er
     return KMED_OK;
 }
 
+/* Gives the pages wholly inside [p, p + n) of a mapped file back to the OS once their
+   data has been consumed (streaming conversion and merging), so whole models do not stay
+   resident; they remain in the page cache. Linux only: elsewhere they stay until unmapped. */
+#if defined(__linux__)
+extern int madvise(void *addr, size_t len, int advice);
+#endif
+static void kmed__release_pages(const void *p, size_t n)
+{
+#if defined(__linux__)
+    const size_t page = 4096;
+    uintptr_t a = ((uintptr_t)p + page - 1) & ~(uintptr_t)(page - 1);
+    uintptr_t b = ((uintptr_t)p + n) & ~(uintptr_t)(page - 1);
+    if (b > a) madvise((void *)a, (size_t)(b - a), 4 /* MADV_DONTNEED */);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
 KMED_API void kmed_map_close(kmed_map *m)
 {
     if (m->mapped) munmap((void *)m->data, m->size);

@@ -393,25 +393,6 @@ KMED_API size_t kmed_gemma_weight_bytes(const kmed_gemma *m)
     return total + (4 * (size_t)m->cfg.n_layers + 1) * C * sizeof(float);
 }
 
-/* Gives the pages wholly inside [p, p + n) of a converted source tensor back to the OS, so
-   a streaming conversion does not keep the whole input resident. Linux only: elsewhere the
-   pages stay until the file is closed. */
-#if defined(__linux__)
-extern int madvise(void *addr, size_t len, int advice);
-#endif
-static void kmed__gemma_release(const void *p, size_t n)
-{
-#if defined(__linux__)
-    const size_t page = 4096;
-    uintptr_t a = ((uintptr_t)p + page - 1) & ~(uintptr_t)(page - 1);
-    uintptr_t b = ((uintptr_t)p + n) & ~(uintptr_t)(page - 1);
-    if (b > a) madvise((void *)a, (size_t)(b - a), 4 /* MADV_DONTNEED */);
-#else
-    (void)p;
-    (void)n;
-#endif
-}
-
 /* Fills w from a stored tensor: borrowed when the stored dtype is the target, converted
    row by row otherwise. target KMED_DTYPE_UNKNOWN keeps the stored dtype. */
 static kmed_result kmed__gemma_set_weight(kmed_gemma *m, kmed_weight *w,
@@ -462,12 +443,12 @@ static kmed_result kmed__gemma_set_weight(kmed_gemma *m, kmed_weight *w,
         kmed_quantize_row(target, tmp, buf + i * dst_row, cols);
         /* release the consumed source every ~8 MB: a large embedding stays off the peak */
         if (may_release && (i + 1) * src_row - done >= ((size_t)8 << 20)) {
-            kmed__gemma_release(src + done, (i + 1) * src_row - done);
+            kmed__release_pages(src + done, (i + 1) * src_row - done);
             done = (i + 1) * src_row;
         }
     }
     KMED_FREE(tmp);
-    if (may_release) kmed__gemma_release(t->data, t->nbytes);
+    if (may_release) kmed__release_pages(t->data, t->nbytes);
     im->bufs[im->n_bufs++] = buf;
     w->data = buf;
     w->type = target;

@@ -1064,24 +1064,6 @@ KMED_API kmed_result kmed_merge_tensor(const kmed_merge_config *cfg, uint64_t te
 
 /* ---- merging checkpoints on disk ---- */
 
-/* Gives the pages wholly inside [p, p + n) of a consumed input back to the OS, so a merge
-   does not keep whole models resident (they stay in the page cache). Linux only. */
-#if defined(__linux__)
-extern int madvise(void *addr, size_t len, int advice);
-#endif
-static void kmed__mg_release(const void *p, size_t n)
-{
-#if defined(__linux__)
-    const size_t page = 4096;
-    uintptr_t a = ((uintptr_t)p + page - 1) & ~(uintptr_t)(page - 1);
-    uintptr_t b = ((uintptr_t)p + n) & ~(uintptr_t)(page - 1);
-    if (b > a) madvise((void *)a, (size_t)(b - a), 4 /* MADV_DONTNEED */);
-#else
-    (void)p;
-    (void)n;
-#endif
-}
-
 /* HF names of the LoRA targets, in KMED_LORA_* order. */
 static const char *const kmed__mg_lin[KMED_LORA_NTARGETS] = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -1236,7 +1218,7 @@ static kmed_result kmed__mg_src_begin(kmed__mg_src *s, const char *name, kmed_er
         if (!s->adapted)
             return KMED__ERR(err, KMED_ERR_NOMEM, "merge: out of memory for %s", name);
         r = kmed_lora_merged_weight(&s->m, &s->lora, layer, t, s->adapted, err);
-        kmed__mg_release(s->t->data, s->t->nbytes);
+        kmed__release_pages(s->t->data, s->t->nbytes);
         if (r != KMED_OK) return r;
     }
 #else
@@ -1250,7 +1232,7 @@ static void kmed__mg_src_end(kmed__mg_src *s)
 {
     KMED_FREE(s->adapted);
     s->adapted = NULL;
-    if (s->t) kmed__mg_release(s->t->data, s->t->nbytes);
+    if (s->t) kmed__release_pages(s->t->data, s->t->nbytes);
     s->t = NULL;
 }
 
@@ -1269,7 +1251,7 @@ static kmed_result kmed__mg_src_read(void *ctx, size_t off, size_t n, float *dst
     if (off == 0) s->released = 0; /* a new pass over the tensor */
     end = (off + n) * es;
     if (end - s->released >= ((size_t)8 << 20)) {
-        kmed__mg_release((const unsigned char *)s->t->data + s->released, end - s->released);
+        kmed__release_pages((const unsigned char *)s->t->data + s->released, end - s->released);
         s->released = end;
     }
     return KMED_OK;
