@@ -584,7 +584,6 @@ struct kmed_train {
     float *hstat;              /* (head_rows, chunks, 2) per vocabulary chunk: max, exp-sum */
     float *hpart;              /* (parts, head_rows, C) partial dx per chunk group */
     float *hrowf;              /* (head_rows, 3): capped target logit, max, softmax scale */
-    float *hdxf;               /* (N, C) the head's dx output during kmed__train_head */
     double *hnll;              /* (head_rows) */
     int *pos;                  /* (N) */
     size_t *hrow;              /* (N) */
@@ -708,8 +707,8 @@ KMED_API void kmed_train_free(kmed_train *tr)
 
 /* LM-head scratch; see kmed__train_head. */
 #ifdef KMED__SIMD
-#define KMED__TRAIN_VC 256
-#define KMED__TRAIN_PARTS 16
+#define KMED__TRAIN_VC 256     /* vocabulary chunk: its E rows, logits and G stay in L2 */
+#define KMED__TRAIN_PARTS 16   /* fixed chunk groups with their own partial dx */
 
 /* Floats of per-thread head scratch for blocks of R rows and C channels. */
 static size_t kmed__train_head_floats(size_t R, size_t C, size_t V)
@@ -1269,7 +1268,9 @@ static double kmed__train_head_lse(const float *st, size_t nch, float *mx)
    counted rows, the vocabulary is cut into chunks of KMED__TRAIN_VC entries:
    pass 1 (threads over chunks): logits of every row for the chunk (E's chunk packed once,
      used by all rows), soft-capped in place while in cache, with the chunk's max and
-     exp-sum per row; merged in chunk order into each row's log-sum-exp.
+     exp-sum per row; merged in chunk order into each row's log-sum-exp. The capped logits
+     are streamed out chunk-major for pass 2: storing them costs far less than a fourth
+     GEMM to recompute them (each logit is 128+ multiply-adds per 4 bytes moved).
    pass 2 (threads over KMED__TRAIN_PARTS fixed groups of chunks): the chunk's gradient
      G (nb, VC) rebuilt from the stored capped logits into cache, then dE[chunk] += G^T x
      and dx += G E[chunk] into the group's partial dx, the groups summed in order after.
@@ -1277,6 +1278,7 @@ static double kmed__train_head_lse(const float *st, size_t nch, float *mx)
    only the summation order differs from the plain three-GEMM head (the non-SIMD one). */
 typedef struct kmed__train_headc {
     kmed_train *tr;
+    float *dxf;           /* (N, C) += the gradient of the final norm's output */
     size_t s0, nb, nch;   /* first gathered row, rows, vocabulary chunks */
     float inv;            /* 1 / norm, 0 for forward only */
 } kmed__train_headc;
@@ -1442,7 +1444,7 @@ static void kmed__train_head_dx_fn(void *ctx, size_t b, size_t e, int thread)
     size_t parts = c->nch < KMED__TRAIN_PARTS ? c->nch : KMED__TRAIN_PARTS;
     (void)thread;
     for (i = b; i < e; i++) {
-        float *d = tr->hdxf + tr->hrow[c->s0 + i] * C; /* (C) */
+        float *d = c->dxf + tr->hrow[c->s0 + i] * C; /* (C) */
         for (j = 0; j < C; j++) {
             float t = tr->hpart[i * C + j];
             for (p = 1; p < parts; p++) t += tr->hpart[(p * c->nb + i) * C + j];
@@ -1471,7 +1473,7 @@ static kmed_result kmed__train_head(kmed_train *tr, const int *labels, size_t B,
     hc.nch = (V + KMED__TRAIN_VC - 1) / KMED__TRAIN_VC;
     memset(&X, 0, sizeof X);
     X.p = tr->hx; X.t = KMED_F32; X.ld = C; X.alpha = 1.0f;
-    tr->hdxf = dxf;
+    hc.dxf = dxf;
     for (s = 0; s < (size_t)n; s += tr->head_rows) {
         size_t nb = (size_t)n - s < tr->head_rows ? (size_t)n - s : tr->head_rows;
         for (i = 0; i < nb; i++)
