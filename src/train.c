@@ -1175,7 +1175,8 @@ static void kmed__train_layer_backward(kmed_train *tr, int l, const kmed__train_
     kmed__train_attn ac;
     kmed__train_rows rc;
 
-    /* feed-forward block: x_out = hmid + post_ffn_norm(down(geglu(gate, up)(pre_ffn_norm(hmid)))) */
+    /* feed-forward block:
+       x_out = hmid + post_ffn_norm(down(geglu(gate, up)(pre_ffn_norm(hmid)))) */
     memset(tr->dtmp, 0, N * C * sizeof(float));
     kmed__train_norm_bw(tr, tr->dtmp, G->dnorm[3], tr->dres, a->dn, w->post_ffn_norm,
                         a->rstd4, N);
