@@ -21,7 +21,7 @@ all: tools $(EXAMPLES)
 tools: $(TOOLS)
 bench: $(BENCHES)
 
-SRC = kmed.h src/*.h src/*.c
+SRC = kmed.h
 
 build/kmed-%: tools/kmed-%.c tools/common.h $(SRC)
 	@mkdir -p build

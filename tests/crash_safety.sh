@@ -23,7 +23,7 @@ bad() { echo "FAIL: $*"; failed=$((failed + 1)); }
 
 for t in init train inspect; do
     bin=build/kmed-$t
-    if [ ! -x "$bin" ] || [ -n "$(find tools/kmed-$t.c tools/common.h kmed.h src -newer "$bin" \
+    if [ ! -x "$bin" ] || [ -n "$(find tools/kmed-$t.c tools/common.h kmed.h -newer "$bin" \
             -print -quit)" ]; then
         mkdir -p build
         cc -std=c99 -O2 -march=native -Wall -Wextra -I. "tools/kmed-$t.c" -o "$bin" -lm -lpthread ||

@@ -51,7 +51,7 @@ build() {
         regress) bin=$out/regress_$n; src=tests/fuzz/fuzz_$n.c; flags="${asan/-O1/-O0}"
                  extra=tests/fuzz/regress.c ;; # tiny inputs: -O0 builds 3x faster
     esac
-    if [ -f "$bin" ] && [ -z "$(find "$src" $extra kmed.h src tests/test.h -newer "$bin" \
+    if [ -f "$bin" ] && [ -z "$(find "$src" $extra kmed.h tests/test.h -newer "$bin" \
             -print -quit)" ]; then
         return 0
     fi

@@ -45,7 +45,7 @@ fi
 # Build (skipped when the binary is newer than every source), JOBS in parallel.
 build_one() {
     local n=$1 bin=$out/fuzz_$1 src=tests/fuzz/fuzz_$1.c
-    if [ -f "$bin" ] && [ -z "$(find "$src" kmed.h src -newer "$bin" -print -quit)" ]; then
+    if [ -f "$bin" ] && [ -z "$(find "$src" kmed.h -newer "$bin" -print -quit)" ]; then
         return 0
     fi
     "$cc" $flags "$src" -o "$bin.tmp" -lm -lpthread > "$out/build_$n.log" 2>&1 &&
