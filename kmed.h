@@ -6140,8 +6140,9 @@ typedef struct kmed__gemm_job {
     float beta;             /* with accum: C = beta * C + A.B, applied per thread range */
     int accum;              /* 0: C = A.B (C not read) */
     int split_n;            /* threads take column ranges (else row ranges) */
-    unsigned char *scratch; /* per thread: scratch_bytes each */
+    unsigned char *scratch; /* per thread: scratch_bytes each; NULL: stack panels */
     size_t scratch_bytes, ap_floats, bp_floats;
+    size_t mc, nc;          /* row and column block sizes */
 } kmed__gemm_job;
 
 static float *kmed__align64(unsigned char *p)
@@ -6165,15 +6166,15 @@ static void kmed__gemm_block(const kmed__gemm_job *g, size_t m0, size_t m1, size
                 for (n = n0; n < n1; n++) g->C[m * g->ldc + n] = 0.0f;
         return;
     }
-    for (jc = n0; jc < n1; jc += KMED__NC) {
-        size_t nc = n1 - jc < KMED__NC ? n1 - jc : KMED__NC;
+    for (jc = n0; jc < n1; jc += g->nc) {
+        size_t nc = n1 - jc < g->nc ? n1 - jc : g->nc;
         for (pc = 0; pc < g->K; pc += KMED__KC) {
             size_t kc = g->K - pc < KMED__KC ? g->K - pc : KMED__KC;
             for (jr = 0; jr < nc; jr += KMED__NR)
                 kmed__pack_b(bp + jr * kc, &g->B, pc, kc, jc + jr,
                              nc - jr < KMED__NR ? nc - jr : KMED__NR, tmp);
-            for (ic = m0; ic < m1; ic += KMED__MC) {
-                size_t mc = m1 - ic < KMED__MC ? m1 - ic : KMED__MC;
+            for (ic = m0; ic < m1; ic += g->mc) {
+                size_t mc = m1 - ic < g->mc ? m1 - ic : g->mc;
                 for (ir = 0; ir < mc; ir += KMED__MR)
                     kmed__pack_a(ap + ir * kc, &g->A, ic + ir,
                                  mc - ir < KMED__MR ? mc - ir : KMED__MR, pc, kc);
@@ -6189,15 +6190,22 @@ static void kmed__gemm_block(const kmed__gemm_job *g, size_t m0, size_t m1, size
     }
 }
 
+/* Panels of one micro-tile (MR x KC of A, NR x KC of B, NR x KC transpose scratch): what
+   a GEMM runs on when no heap scratch can be had. Each output's summation order depends
+   only on KC, so the result is the same bits as with full-size panels. */
+#define KMED__GEMM_MIN_BYTES ((KMED__MR + 2 * KMED__NR) * KMED__KC * sizeof(float) + 64)
+
 static void kmed__gemm_range(void *vctx, size_t b, size_t e, int thread)
 {
     const kmed__gemm_job *g = (const kmed__gemm_job *)vctx;
-    unsigned char *s = g->scratch + (size_t)thread * g->scratch_bytes;
+    unsigned char stack[KMED__GEMM_MIN_BYTES];
+    unsigned char *s = g->scratch ? g->scratch + (size_t)thread * g->scratch_bytes : stack;
     if (g->split_n) kmed__gemm_block(g, 0, g->M, b, e, s);
     else kmed__gemm_block(g, b, e, 0, g->N, s);
 }
 
-/* Runs the job over the pool; 0 when scratch memory is short (caller falls back). */
+/* Runs the job over the pool; short of heap scratch, on one-micro-tile stack panels (same
+   result bits, slower). Returns 1. */
 static int kmed__gemm_run(kmed_pool *pool, kmed__gemm_job *g)
 {
     int nt = kmed_pool_threads(pool);
@@ -6208,6 +6216,8 @@ static int kmed__gemm_run(kmed_pool *pool, kmed__gemm_job *g)
     unsigned char *mem;
     if (mc > KMED__MC) mc = KMED__MC;
     if (nc > KMED__NC) nc = KMED__NC;
+    g->mc = KMED__MC;
+    g->nc = KMED__NC;
     g->ap_floats = mc * kc;
     g->bp_floats = nc * kc;
     per = (g->ap_floats + g->bp_floats + KMED__NR * kc) * sizeof(float) + 64;
@@ -6215,7 +6225,16 @@ static int kmed__gemm_run(kmed_pool *pool, kmed__gemm_job *g)
         mem = pool->scratch;
     } else {
         mem = (unsigned char *)KMED_MALLOC(per * (size_t)nt);
-        if (!mem) return 0;
+        if (!mem) {
+            g->mc = KMED__MR;
+            g->nc = KMED__NR;
+            g->ap_floats = KMED__MR * (size_t)KMED__KC;
+            g->bp_floats = KMED__NR * (size_t)KMED__KC;
+            g->scratch = NULL;
+            if (g->split_n) kmed_pool_for(pool, g->N, KMED__NR, kmed__gemm_range, g);
+            else kmed_pool_for(pool, g->M, KMED__MR, kmed__gemm_range, g);
+            return 1;
+        }
         if (pool) {   /* keep the larger block for the next call */
             KMED_FREE(pool->scratch);
             pool->scratch = mem;
