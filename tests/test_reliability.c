@@ -79,23 +79,9 @@ static void rel_path(char *out, size_t cap, const char *name)
 
 /* ---- declared sizes ---- */
 
-static void put_u32(kmed_buf *b, uint32_t v)
-{
-    unsigned char c[4];
-    int i;
-    for (i = 0; i < 4; i++) c[i] = (unsigned char)(v >> (8 * i));
-    kmed_buf_put(b, c, 4);
-}
-static void put_u64(kmed_buf *b, uint64_t v)
-{
-    unsigned char c[8];
-    int i;
-    for (i = 0; i < 8; i++) c[i] = (unsigned char)(v >> (8 * i));
-    kmed_buf_put(b, c, 8);
-}
 static void put_gstr(kmed_buf *b, const char *s)
 {
-    put_u64(b, strlen(s));
+    kmed__iob_put_u64(b, strlen(s));
     kmed_buf_puts(b, s);
 }
 
@@ -103,7 +89,7 @@ static void put_gstr(kmed_buf *b, const char *s)
 static void st_image(kmed_buf *b, const char *header, uint64_t claimed_len, size_t data)
 {
     size_t i;
-    put_u64(b, claimed_len ? claimed_len : strlen(header));
+    kmed__iob_put_u64(b, claimed_len ? claimed_len : strlen(header));
     kmed_buf_puts(b, header);
     for (i = 0; i < data; i++) kmed_buf_put(b, "", 1);
 }
@@ -145,10 +131,10 @@ static void expect_reject_gguf(const char *what, kmed_buf *img)
 /* GGUF v3 header for n_tensors tensors and n_kv metadata entries. */
 static void gguf_head(kmed_buf *b, uint64_t n_tensors, uint64_t n_kv)
 {
-    put_u32(b, 0x46554747u); /* "GGUF" */
-    put_u32(b, 3);
-    put_u64(b, n_tensors);
-    put_u64(b, n_kv);
+    kmed__iob_put_u32(b, 0x46554747u); /* "GGUF" */
+    kmed__iob_put_u32(b, 3);
+    kmed__iob_put_u64(b, n_tensors);
+    kmed__iob_put_u64(b, n_kv);
 }
 
 static void test_declared_sizes(void)
@@ -172,20 +158,20 @@ static void test_declared_sizes(void)
     /* GGUF */
     gguf_head(&b, 1, 0);
     put_gstr(&b, "t");
-    put_u32(&b, 2);
-    put_u64(&b, (uint64_t)1 << 20);
-    put_u64(&b, (uint64_t)1 << 20);
-    put_u32(&b, 0); /* F32 */
-    put_u64(&b, 0);
+    kmed__iob_put_u32(&b, 2);
+    kmed__iob_put_u64(&b, (uint64_t)1 << 20);
+    kmed__iob_put_u64(&b, (uint64_t)1 << 20);
+    kmed__iob_put_u32(&b, 0); /* F32 */
+    kmed__iob_put_u64(&b, 0);
     expect_reject_gguf("2^40-element F32 tensor", &b);
     gguf_head(&b, 1, 0);
     put_gstr(&b, "t");
-    put_u32(&b, 3);
-    put_u64(&b, (uint64_t)1 << 32);
-    put_u64(&b, (uint64_t)1 << 32);
-    put_u64(&b, (uint64_t)1 << 32);
-    put_u32(&b, 0);
-    put_u64(&b, 0);
+    kmed__iob_put_u32(&b, 3);
+    kmed__iob_put_u64(&b, (uint64_t)1 << 32);
+    kmed__iob_put_u64(&b, (uint64_t)1 << 32);
+    kmed__iob_put_u64(&b, (uint64_t)1 << 32);
+    kmed__iob_put_u32(&b, 0);
+    kmed__iob_put_u64(&b, 0);
     expect_reject_gguf("2^96-element tensor (overflow)", &b);
     gguf_head(&b, 0, (uint64_t)1 << 62);
     expect_reject_gguf("2^62 metadata entries", &b);
@@ -193,25 +179,25 @@ static void test_declared_sizes(void)
     expect_reject_gguf("2^62 tensors", &b);
     gguf_head(&b, 0, 1);
     put_gstr(&b, "tokenizer.ggml.merges");
-    put_u32(&b, KMED_GGUF_ARRAY);
-    put_u32(&b, KMED_GGUF_STRING);
-    put_u64(&b, 1000000000);
+    kmed__iob_put_u32(&b, KMED_GGUF_ARRAY);
+    kmed__iob_put_u32(&b, KMED_GGUF_STRING);
+    kmed__iob_put_u64(&b, 1000000000);
     put_gstr(&b, "a b");
     expect_reject_gguf("10^9-entry merges array", &b);
     gguf_head(&b, 0, 1);
     put_gstr(&b, "tokenizer.ggml.scores");
-    put_u32(&b, KMED_GGUF_ARRAY);
-    put_u32(&b, KMED_GGUF_F32);
-    put_u64(&b, (uint64_t)1 << 40);
+    kmed__iob_put_u32(&b, KMED_GGUF_ARRAY);
+    kmed__iob_put_u32(&b, KMED_GGUF_F32);
+    kmed__iob_put_u64(&b, (uint64_t)1 << 40);
     expect_reject_gguf("2^40-entry f32 array", &b);
     gguf_head(&b, 0, 1);
     put_gstr(&b, "general.name");
-    put_u32(&b, KMED_GGUF_STRING);
-    put_u64(&b, (uint64_t)1 << 30);
+    kmed__iob_put_u32(&b, KMED_GGUF_STRING);
+    kmed__iob_put_u64(&b, (uint64_t)1 << 30);
     kmed_buf_puts(&b, "abc");
     expect_reject_gguf("1 GB string", &b);
     gguf_head(&b, 0, 1);
-    put_u64(&b, (uint64_t)1 << 62); /* key length */
+    kmed__iob_put_u64(&b, (uint64_t)1 << 62); /* key length */
     kmed_buf_puts(&b, "general.name and more bytes so the count check passes");
     expect_reject_gguf("2^62-byte key", &b);
 
