@@ -19952,13 +19952,15 @@ static int kmed__mcqa_field(const kmed__mcqa_src *s, const char *name, kmed_buf 
         else if (j->type == KMED_JSON_TRUE || j->type == KMED_JSON_FALSE)
             kmed_buf_puts(buf, j->type == KMED_JSON_TRUE ? "true" : "false");
         else return 0;
-        return !buf->failed;
     } else {
         int c = kmed_csv_col(s->csv, name);
         if (c < 0) return 0;
         kmed_buf_put(buf, s->csv->fields[c].s, s->csv->fields[c].len);
-        return !buf->failed;
     }
+    /* items hold C strings: a value with an escaped NUL ("\u0000") ends there, and its
+       length says so, so an empty-looking value is treated as empty */
+    if (!buf->failed) buf->len = strlen(buf->data);
+    return !buf->failed;
 }
 
 /* "3", " 3 ", "C", "c" -> 3; 0 when not an answer 1..5. */

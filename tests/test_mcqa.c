@@ -64,6 +64,11 @@ static void test_bad_items(void)
     CHECKF(strstr(e.msg, "bad_answer.jsonl:2") && strstr(e.msg, "answer"), "%s", e.msg);
     CHECK(s.n == 0); /* a failed load adds nothing */
     CHECK(kmed_mcqa_load(&s, "tests/data/mcqa/none.jsonl", NULL, &e) == KMED_ERR_NOT_FOUND);
+    /* an escaped NUL ends a value: "\u0000x" is an empty subset (taken from the file name)
+       and an empty id (made from file:line) */
+    CHECK_OK(kmed_mcqa_load(&s, "tests/data/mcqa/pharm_nul.jsonl", NULL, &e));
+    CHECK(s.n == 1 && strcmp(s.items[0].subset, "pharm") == 0);
+    CHECKF(s.n == 1 && strcmp(s.items[0].id, "pharm_nul.jsonl:1") == 0, "%s", s.n ? s.items[0].id : "");
     kmed_mcqa_free(&s);
 }
 
