@@ -1188,6 +1188,14 @@ typedef struct kmed_train_config {
                                  0: as many rows as fit 32M floats (128 MB) */
     float spike_factor;       /* kmed_train_step fails when the loss exceeds factor x the
                                  running mean (after 10 steps); 0: off */
+    const unsigned char *used_tokens; /* [vocab_size] or NULL: 1 for every token id the
+                                 data holds (inputs, labels, padding). Rows of the other
+                                 tokens that are bitwise equal get the same gradient and the
+                                 same update for the whole run, so the trainer computes them
+                                 as one shared row that the softmax counts once per token:
+                                 exact, and the LM head shrinks to the used tokens + 1 (a
+                                 model initialised with kmed-init --vocab-from). Batches may
+                                 then only hold used ids. NULL: every row computed */
     kmed_optim_config optim;
 } kmed_train_config;
 
@@ -13156,6 +13164,14 @@ struct kmed_train {
                                   (same order as params) */
     size_t total;
     float *dembed, *dfinal;    /* full mode */
+    /* vocabulary compaction (cfg.used_tokens): m->cfg.vocab_size is the compact size n */
+    size_t vocab;              /* the model's own vocabulary V */
+    int *vmap;                 /* [V] compact row of each token; NULL: no compaction */
+    unsigned char *vembed;     /* (n, C) rows in the stored dtype: used tokens, then shared */
+    size_t sh;                 /* the shared row (n - 1), or n when there is none */
+    float sh_count;            /* tokens the shared row stands for */
+    float *hsh;                /* (head_rows) its capped logit per head row */
+    int *rids, *rlabels;       /* (N) a batch remapped to compact rows */
     kmed__train_lgrad *lg;     /* [L] */
     long step;
     double loss_ema, last_loss;
@@ -13287,7 +13303,12 @@ static void kmed__train_acts_slice(kmed__train_acts *a, float **cur,
 KMED_API void kmed_train_free(kmed_train *tr)
 {
     if (!tr) return;
-    KMED_FREE(tr->view.layers);
+    if (tr->full) KMED_FREE(tr->view.layers);   /* LoRA's view borrows m's layers */
+    KMED_FREE(tr->vmap);
+    KMED_FREE(tr->vembed);
+    KMED_FREE(tr->rids);
+    KMED_FREE(tr->rlabels);
+    KMED_FREE(tr->hsh);
     KMED_FREE(tr->params);
     KMED_FREE(tr->pblock);
     KMED_FREE(tr->gblock);
@@ -13349,6 +13370,67 @@ static kmed_result kmed__train_check_weight(const kmed_weight *w, size_t rows, s
     return KMED_OK;
 }
 
+/* Row hash for finding equal embedding rows (FNV-1a 64 over the row's bytes). */
+typedef struct kmed__train_rowkey { uint64_t h; size_t id; } kmed__train_rowkey;
+
+static int kmed__train_rowkey_cmp(const void *a, const void *b)
+{
+    const kmed__train_rowkey *x = (const kmed__train_rowkey *)a;
+    const kmed__train_rowkey *y = (const kmed__train_rowkey *)b;
+    if (x->h != y->h) return x->h < y->h ? -1 : 1;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/* Vocabulary compaction (see kmed_train_config.used_tokens): the largest group of
+   bitwise-equal rows among the unused tokens becomes one shared row at the end; every
+   other token keeps its own row, in id order. Leaves tr->vmap NULL when no two unused
+   rows are equal. */
+static kmed_result kmed__train_compact(kmed_train *tr, const kmed_gemma *m,
+                                       const unsigned char *used, kmed_error *err)
+{
+    const kmed_weight *E = &m->embed;
+    size_t V = (size_t)m->cfg.vocab_size, rb = kmed_dtype_bytes(E->type, E->cols);
+    size_t nu = 0, v, i, j, best = 0, best_len = 0, members = 0, n;
+    const unsigned char *rows = (const unsigned char *)E->data, *rep;
+    kmed__train_rowkey *key = (kmed__train_rowkey *)KMED_MALLOC(V * sizeof *key);
+    if (!key) return KMED__ERR(err, KMED_ERR_NOMEM, "train: out of memory");
+    for (v = 0; v < V; v++) {
+        uint64_t h = 0xcbf29ce484222325ULL;
+        if (used[v]) continue;
+        for (j = 0; j < rb; j++) h = (h ^ rows[v * rb + j]) * 0x100000001b3ULL;
+        key[nu].h = h;
+        key[nu++].id = v;
+    }
+    qsort(key, nu, sizeof *key, kmed__train_rowkey_cmp);
+    for (i = 0; i < nu; i = j) {
+        for (j = i + 1; j < nu && key[j].h == key[i].h; j++) {}
+        if (j - i > best_len) { best = i; best_len = j - i; }
+    }
+    rep = nu ? rows + key[best].id * rb : NULL;
+    tr->vmap = best_len >= 2 ? (int *)KMED_MALLOC(V * sizeof *tr->vmap) : NULL;
+    if (best_len >= 2 && !tr->vmap) {
+        KMED_FREE(key);
+        return KMED__ERR(err, KMED_ERR_NOMEM, "train: out of memory");
+    }
+    if (!tr->vmap) { KMED_FREE(key); return KMED_OK; }
+    for (v = 0; v < V; v++) tr->vmap[v] = 0;
+    for (i = best; i < best + best_len; i++)   /* equal hash, then equal bytes */
+        if (!memcmp(rows + key[i].id * rb, rep, rb)) { tr->vmap[key[i].id] = -1; members++; }
+    KMED_FREE(key);
+    n = V - members + 1;
+    tr->vembed = (unsigned char *)KMED_MALLOC(n * rb);
+    if (!tr->vembed) return KMED__ERR(err, KMED_ERR_NOMEM, "train: out of memory");
+    for (v = 0, i = 0; v < V; v++) {
+        if (tr->vmap[v] < 0) { tr->vmap[v] = (int)(n - 1); continue; }
+        memcpy(tr->vembed + i * rb, rows + v * rb, rb);
+        tr->vmap[v] = (int)i++;
+    }
+    memcpy(tr->vembed + (n - 1) * rb, rep, rb);
+    tr->sh = n - 1;
+    tr->sh_count = (float)members;
+    return KMED_OK;
+}
+
 KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, kmed_lora *lora,
                                        const kmed_train_config *cfg, kmed_pool *pool,
                                        kmed_error *err)
@@ -13361,6 +13443,7 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     size_t N, B, T, r = 0, total = 0, off = 0, maxp, af, arena_n, nacts, i, R;
     size_t hxa_n = 0, hxb_n = 0, hstat_n = 0, hpart_n = 0, vpad = 0;
     int L = c->n_layers, l, t, nlora = 0;
+    kmed_weight E;             /* the embedding the trainer reads: m's, or its compact rows */
     float *cur;
     char name[160];
     kmed_result rc;
@@ -13404,6 +13487,28 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     tr->nthreads = kmed_pool_threads(pool);
     tr->lg = (kmed__train_lgrad *)kmed__calloc((size_t)L, sizeof *tr->lg);
     if (!tr->lg) goto nomem;
+    tr->vocab = V;
+    tr->sh = V;
+    E = m->embed;
+    if (cfg->used_tokens && (rc = kmed__train_compact(tr, m, cfg->used_tokens, err)) != KMED_OK) {
+        kmed_train_free(tr);
+        return rc;
+    }
+    if (tr->vmap) {
+        V = tr->sh + 1;
+        E.data = tr->vembed;
+        E.rows = V;
+        tr->rids = (int *)kmed__calloc(N, sizeof(int));
+        tr->rlabels = (int *)kmed__calloc(N, sizeof(int));
+        if (!tr->rids || !tr->rlabels) goto nomem;
+        if (!tr->full) {   /* LoRA: a shell over m's layers with the compact embedding */
+            tr->view = *m;
+            tr->view.impl_ = NULL;
+            tr->view.embed = E;
+            tr->view.cfg.vocab_size = (int)V;
+            tr->m = &tr->view;
+        }
+    }
 
     /* Parameters: count, allocate, name. */
     if (tr->full) {
@@ -13446,8 +13551,9 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
         if (!tr->view.layers) goto nomem;
         kmed__train_add_param(tr, "model.embed_tokens.weight", NULL, 2, V, C, &off);
         tr->dembed = tr->params[0].g;
-        kmed__train_weight_f32(tr->params[0].p, &m->embed);
-        tr->view.embed = m->embed;
+        kmed__train_weight_f32(tr->params[0].p, &E);
+        tr->view.cfg.vocab_size = (int)V;
+        tr->view.embed = E;
         tr->view.embed.type = KMED_F32;
         tr->view.embed.data = tr->params[0].p;
         for (l = 0; l < L; l++) {
@@ -13536,7 +13642,9 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     tr->hrow = (size_t *)kmed__calloc(N, sizeof(size_t));
     tr->htgt = (int *)kmed__calloc(N, sizeof(int));
     tr->hnll = (double *)kmed__calloc(tr->head_rows, sizeof(double));
-    if (!tr->arena || !tr->acts || !tr->pos || !tr->hrow || !tr->htgt || !tr->hnll) goto nomem;
+    tr->hsh = (float *)kmed__calloc(tr->head_rows, sizeof(float));
+    if (!tr->arena || !tr->acts || !tr->pos || !tr->hrow || !tr->htgt || !tr->hnll || !tr->hsh)
+        goto nomem;
     cur = tr->arena;
     for (i = 0; i < nacts; i++)
         kmed__train_acts_slice(&tr->acts[i], &cur, c, B, T, r, lora,
@@ -13937,6 +14045,7 @@ static void kmed__train_head_stats_fn(void *ctx, size_t b, size_t e, int thread)
             float *yr = out + i * KMED__TRAIN_VC, *st = tr->hstat + (i * c->nch + ch) * 2;
             size_t tgt = (size_t)tr->htgt[c->s0 + i];
             kmed__xent_stats(yr, vc, cap, &st[0], &st[1]);
+            if (tr->sh >= v0 && tr->sh < v0 + vc) tr->hsh[i] = yr[tr->sh - v0];
             if (tgt >= v0 && tgt < v0 + vc) tr->hrowf[i * 3] = yr[tgt - v0];
         }
         /* backward keeps the capped logits for pass 2, chunk by chunk, streamed past the
@@ -13957,6 +14066,8 @@ static void kmed__train_head_merge_fn(void *ctx, size_t b, size_t e, int thread)
     for (i = b; i < e; i++) {
         float mx;
         double sum = kmed__train_head_lse(tr->hstat + i * c->nch * 2, c->nch, &mx);
+        if (tr->vmap)   /* the shared row once per token it stands for */
+            sum += (double)(tr->sh_count - 1.0f) * exp((double)tr->hsh[i] - (double)mx);
         tr->hnll[i] = (double)mx + log(sum) - (double)tr->hrowf[i * 3];
         tr->hrowf[i * 3 + 1] = mx;
         tr->hrowf[i * 3 + 2] = (float)(1.0 / sum) * c->inv;
@@ -14012,6 +14123,8 @@ static void kmed__train_head_grad_fn(void *ctx, size_t b, size_t e, int thread)
                         kmed__gemm_ukr(nb, ap, tr->hxb + jc * nb, tr->dembed + (v0 + s) * C + jc,
                                        C, 1, mv, C - jc < KMED__NR ? C - jc : KMED__NR);
                 }
+            if (tr->sh >= v0 && tr->sh < v0 + vc)   /* dx sums over every shared token */
+                for (r = 0; r < nb; r++) G[r * KMED__TRAIN_VC + tr->sh - v0] *= tr->sh_count;
             /* E's chunk as the B operand: f32 rows in place, other dtypes and a last partial
                panel packed */
             for (jc = 0; jc < C; jc += KMED__NR)
@@ -14123,6 +14236,8 @@ static void kmed__train_head_fn(void *ctx, size_t b, size_t e, int thread)
             kmed__xent_stats(y + j, V - j < 512 ? V - j : 512, cap, &st[j / 256],
                              &st[j / 256 + 1]);
         sum = kmed__train_head_lse(st, nch, &mx);
+        if (tr->vmap)   /* the shared row once per token it stands for */
+            sum += (double)(tr->sh_count - 1.0f) * exp((double)y[tr->sh] - (double)mx);
         tr->hnll[i] = (double)mx + log(sum) - (double)y[tgt];
         if (c->inv == 0.0f) continue;
         for (j = 0; j < V; j += 512)
@@ -14153,13 +14268,15 @@ static kmed_result kmed__train_head(kmed_train *tr, const int *labels, size_t B,
         kmed_pool_for(tr->pool, nb, 1, kmed__train_head_fn, &hc);
         for (i = 0; i < nb; i++) sum += tr->hnll[i];
         if (norm <= 0.0) continue;
+        if (tr->dembed) kmed_matmul_dw(tr->pool, tr->dembed, tr->logits, tr->hx, nb, V, C);
+        if (tr->vmap)   /* dE above is per shared token; dx sums over all of them */
+            for (i = 0; i < nb; i++) tr->logits[i * V + tr->sh] *= tr->sh_count;
         memset(tr->hdx, 0, nb * C * sizeof(float));
         kmed_matmul_dx(tr->pool, tr->hdx, tr->logits, E->data, E->type, nb, V, C);
         for (i = 0; i < nb; i++) {
             float *d = dxf + tr->hrow[s + i] * C;
             for (j = 0; j < C; j++) d[j] += tr->hdx[i * C + j];
         }
-        if (tr->dembed) kmed_matmul_dw(tr->pool, tr->dembed, tr->logits, tr->hx, nb, V, C);
     }
     if (loss_sum) *loss_sum += sum;
     if (count) *count += (size_t)n;
@@ -14179,6 +14296,24 @@ KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
     if (B == 0 || T == 0 || B > tr->maxB || T > tr->maxT)
         return KMED__ERR(err, KMED_ERR_ARG, "batch %zu x %zu tokens outside the trainer's "
                          "1..%zu x 1..%zu", B, T, tr->maxB, tr->maxT);
+    if (tr->vmap) {   /* to compact rows; a token of the shared row breaks its premise */
+        for (i = 0; i < N; i++) {
+            int id = ids[i], lab = labels[i], bad = 0;
+            if (id < 0 || (size_t)id >= tr->vocab || (size_t)tr->vmap[id] == tr->sh) bad = 1;
+            else if (lab != KMED_LABEL_IGNORE &&
+                     (lab < 0 || (size_t)lab >= tr->vocab || (size_t)tr->vmap[lab] == tr->sh)) {
+                bad = 1;
+                id = lab;
+            }
+            if (bad)
+                return KMED__ERR(err, KMED_ERR_ARG, "token id %d at sequence %zu position %zu "
+                                 "is not among the trainer's used tokens", id, i / T, i % T);
+            tr->rids[i] = tr->vmap[ids[i]];
+            tr->rlabels[i] = lab == KMED_LABEL_IGNORE ? lab : tr->vmap[lab];
+        }
+        ids = tr->rids;
+        labels = tr->rlabels;
+    }
     for (i = 0; i < N; i++)
         if (ids[i] < 0 || (size_t)ids[i] >= V)
             return KMED__ERR(err, KMED_ERR_ARG, "token id %d at sequence %zu position %zu "
@@ -14240,6 +14375,13 @@ KMED_API double kmed_train_grad_norm(kmed_train *tr)
     double s = 0.0;
     size_t i;
     for (i = 0; i < tr->total; i++) s += (double)tr->gblock[i] * (double)tr->gblock[i];
+    if (tr->vmap && tr->dembed) {   /* the shared row's gradient is every shared token's */
+        size_t C = (size_t)tr->m->cfg.hidden_size;
+        double r = 0.0;
+        const float *g = tr->dembed + tr->sh * C;   /* (C) */
+        for (i = 0; i < C; i++) r += (double)g[i] * (double)g[i];
+        s += (double)(tr->sh_count - 1.0f) * r;
+    }
     return sqrt(s);
 }
 
@@ -14461,7 +14603,8 @@ KMED_API kmed_result kmed_train_step(kmed_train *tr, const int *ids, const int *
 static kmed_result kmed__train_write(kmed_train *tr, const char *path, const char *which,
                                      int prefixed, const kmed_tensor_info *extra,
                                      size_t n_extra, const char *const *mk,
-                                     const char *const *mv, size_t n_meta, kmed_error *err)
+                                     const char *const *mv, size_t n_meta, const float *embed_full,
+                                     kmed_error *err)
 {
     size_t nw = strlen(which), n = n_extra + tr->np * nw, i, k, o = 0;
     kmed_tensor_info *ti = (kmed_tensor_info *)kmed__calloc(n ? n : 1, sizeof *ti);
@@ -14487,6 +14630,11 @@ static kmed_result kmed__train_write(kmed_train *tr, const char *path, const cha
             ti[o].shape[1] = q->shape[1];
             ti[o].data = d;
             ti[o].nbytes = q->n * sizeof(float);
+            if (embed_full && i == 0 && which[k] == 'p') {   /* expanded compact rows */
+                ti[o].data = embed_full;
+                ti[o].shape[0] = tr->vocab;
+                ti[o].nbytes = tr->vocab * q->shape[1] * sizeof(float);
+            }
             o++;
         }
     rc = kmed_st_write(path, ti, o, mk, mv, n_meta, err);
@@ -14499,7 +14647,7 @@ KMED_API kmed_result kmed_train_save_grads(kmed_train *tr, const char *path,
                                            kmed_error *err)
 {
     const char *mk[1] = {"format"}, *mv[1] = {"pt"};
-    return kmed__train_write(tr, path, "g", 0, NULL, 0, mk, mv, 1, err);
+    return kmed__train_write(tr, path, "g", 0, NULL, 0, mk, mv, 1, NULL, err);
 }
 
 KMED_API kmed_result kmed_train_save_model(kmed_train *tr, const char *dir, kmed_error *err)
@@ -14509,11 +14657,20 @@ KMED_API kmed_result kmed_train_save_model(kmed_train *tr, const char *dir, kmed
     char path[1100];
     kmed_buf js = {0};
     kmed_result rc;
+    float *full = NULL;
     if (!tr->full)
         return KMED__ERR(err, KMED_ERR_STATE, "save model: LoRA trainer (save the adapter)");
     if ((rc = kmed_mkdir_p(dir, err)) != KMED_OK) return rc;
+    if (tr->vmap) {   /* every token's row again, the shared one repeated */
+        size_t C = (size_t)c->hidden_size, v;
+        full = (float *)KMED_MALLOC(tr->vocab * C * sizeof(float));
+        if (!full) return KMED__ERR(err, KMED_ERR_NOMEM, "save model: out of memory");
+        for (v = 0; v < tr->vocab; v++)
+            memcpy(full + v * C, tr->params[0].p + (size_t)tr->vmap[v] * C, C * sizeof(float));
+    }
     rc = kmed_path_join(path, sizeof path, dir, "model.safetensors", err);
-    if (rc == KMED_OK) rc = kmed__train_write(tr, path, "p", 0, NULL, 0, mk, mv, 1, err);
+    if (rc == KMED_OK) rc = kmed__train_write(tr, path, "p", 0, NULL, 0, mk, mv, 1, full, err);
+    KMED_FREE(full);
     if (rc != KMED_OK) return rc;
     kmed_buf_printf(&js, "{\n  \"architectures\": [\"Gemma2ForCausalLM\"],\n"
                     "  \"model_type\": \"gemma2\",\n  \"torch_dtype\": \"float32\",\n"
@@ -14521,7 +14678,7 @@ KMED_API kmed_result kmed_train_save_model(kmed_train *tr, const char *dir, kmed
                     "  \"intermediate_size\": %d,\n  \"num_hidden_layers\": %d,\n"
                     "  \"num_attention_heads\": %d,\n  \"num_key_value_heads\": %d,\n"
                     "  \"head_dim\": %d,\n  \"query_pre_attn_scalar\": ",
-                    c->vocab_size, c->hidden_size, c->intermediate_size, c->n_layers,
+                    (int)tr->vocab, c->hidden_size, c->intermediate_size, c->n_layers,
                     c->n_heads, c->n_kv_heads, c->head_dim);
     kmed_buf_json_f32(&js, c->query_pre_attn_scalar);
     kmed_buf_puts(&js, ",\n  \"rms_norm_eps\": ");
@@ -14596,7 +14753,7 @@ KMED_API kmed_result kmed_train_ckpt_save(kmed_train *tr, const char *path,
         ex[ne].nbytes = st->n_val * 2 * sizeof(float);
         ne++;
     }
-    return kmed__train_write(tr, path, tr->mblock ? "pmv" : "p", 1, ex, ne, mk, mv, 8, err);
+    return kmed__train_write(tr, path, tr->mblock ? "pmv" : "p", 1, ex, ne, mk, mv, 8, NULL, err);
 }
 
 static const char *kmed__train_meta(const kmed_st *st, const char *key)

@@ -989,6 +989,114 @@ static void test_fixture(const char *fx, kmed_pool *pool)
     kmed_gemma_free(&m);
 }
 
+/* Vocabulary compaction (used_tokens): a model whose unused tokens share one embedding
+   row trains exactly as with every row computed: the same losses and gradient norms step
+   by step (clipping active, so the norm must count the shared row once per token), the
+   same weights, and a saved model with the full vocabulary again. */
+static kmed_train *compact_trainer(const kmed_gemma *m, kmed_lora *lora, int full,
+                                   const unsigned char *used, kmed_pool *pool)
+{
+    kmed_train_config tc;
+    kmed_train *tr = NULL;
+    kmed_error e = {0};
+    memset(&tc, 0, sizeof tc);
+    tc.full = full;
+    tc.max_batch = TB;
+    tc.max_seq = TT;
+    tc.head_rows = 5;
+    tc.optim.kind = KMED_OPTIM_SGD;   /* AdamW would turn float noise in near-zero
+                                         gradients into whole lr-sized steps */
+    tc.optim.lr = 0.5f;
+    tc.optim.weight_decay = 0.1f;
+    tc.optim.clip = 0.05f;
+    tc.used_tokens = used;
+    CHECK_OK(kmed_train_create(&tr, m, lora, &tc, pool, &e));
+    return tr;
+}
+
+static void test_compact(kmed_pool *pool)
+{
+    enum { U = TV / 2 };   /* tokens [0, U) are used, [U, TV) share one row */
+    tiny_src s;
+    tiny_model tm;
+    unsigned char used[TV];
+    int ids[TB * TT], labels[TB * TT], full, k, v;
+    kmed_error e = {0};
+    tiny_src_init(&s);
+    for (v = U + 1; v < TV; v++) memcpy(s.w[0] + v * TC, s.w[0] + U * TC, TC * sizeof(float));
+    for (v = 0; v < TV; v++) used[v] = v < U;
+    tiny_model_init(&tm, &s, KMED_F32, 0);
+    for (full = 0; full <= 1; full++) {
+        kmed_lora la, lb;
+        kmed_lora_config lc;
+        kmed_train *ta, *tb;
+        kmed_param *pa, *pb;
+        size_t np, i;
+        double worst = 0;
+        memset(&lc, 0, sizeof lc);
+        lc.r = 4; lc.alpha = 8; lc.targets = (1u << KMED_LORA_NTARGETS) - 1; lc.seed = 5;
+        if (!full) {
+            CHECK_OK(kmed_lora_create(&la, &tm.m, &lc, &e));
+            CHECK_OK(kmed_lora_create(&lb, &tm.m, &lc, &e));
+            lora_randomize_B(&la);
+            memcpy(((kmed__lora_impl *)lb.impl_)->block, ((kmed__lora_impl *)la.impl_)->block,
+                   kmed_lora_numel(&la) * sizeof(float));
+        }
+        ta = compact_trainer(&tm.m, full ? NULL : &la, full, NULL, pool);
+        tb = compact_trainer(&tm.m, full ? NULL : &lb, full, used, pool);
+        CHECK(kmed_train_model(tb)->cfg.vocab_size == U + 1);
+        for (k = 0; k < 4; k++) {
+            double l1 = 0, l2 = 0;
+            for (i = 0; i < TB * TT; i++) ids[i] = labels[i] = 3 + (int)kmed_rng_below(&trng, U - 3);
+            labels[0] = labels[TT + 2] = KMED_LABEL_IGNORE;
+            CHECK_OK(kmed_train_grads(ta, ids, labels, 1, TB, TT, &l1, &e));
+            CHECK_OK(kmed_train_grads(tb, ids, labels, 1, TB, TT, &l2, &e));
+            CHECKF(fabs(kmed_train_grad_norm(ta) - kmed_train_grad_norm(tb)) <=
+                   1e-5 * kmed_train_grad_norm(ta), "%s step %d: gradient norm %.8g, compact %.8g",
+                   full ? "full" : "lora", k, kmed_train_grad_norm(ta), kmed_train_grad_norm(tb));
+            kmed_train_update(ta);
+            kmed_train_update(tb);
+            CHECKF(fabs(l1 - l2) <= 1e-5 * fabs(l1), "%s step %d: loss %.8f, compact %.8f",
+                   full ? "full" : "lora", k, l1, l2);
+        }
+        np = kmed_train_params(ta, &pa);
+        CHECK(kmed_train_params(tb, &pb) == np);
+        for (i = full; i < np; i++)   /* every tensor but the embedding: same shape */
+            if (pa[i].n == pb[i].n) {
+                double d = rel_diff(pb[i].p, pa[i].p, pa[i].n);
+                if (d > worst) worst = d;
+            }
+        if (full) {   /* embedding rows: own rows, and the shared row for the unused ones */
+            for (v = 0; v < TV; v++) {
+                double d = rel_diff(pb[0].p + (v < U ? v : U) * TC, pa[0].p + v * TC, TC);
+                if (d > worst) worst = d;
+            }
+            CHECK(pb[0].shape[0] == U + 1);
+        }
+        CHECKF(worst < 1e-5, "%s: compact weights differ by %.3g", full ? "full" : "lora",
+               worst);
+        /* an unused token in a batch breaks the premise: refused, named */
+        ids[3] = U + 7;
+        CHECK(kmed_train_step(tb, ids, labels, 1, TB, TT, NULL, &e) == KMED_ERR_ARG);
+        CHECKF(strstr(e.msg, "used tokens") && strstr(e.msg, "55"), "%s", e.msg);
+        if (full) {   /* the saved model has every row again */
+            kmed_gemma back;
+            const char *dir = "build/test_compact_model";
+            CHECK_OK(kmed_train_save_model(tb, dir, &e));
+            CHECK_OK(kmed_gemma_load(&back, dir, NULL, &e));
+            CHECK(back.cfg.vocab_size == TV && back.embed.rows == TV);
+            if (back.embed.rows == TV)
+                CHECK(rel_diff((const float *)back.embed.data, pa[0].p, (size_t)TV * TC) < 1e-5);
+            kmed_gemma_free(&back);
+        }
+        kmed_train_free(ta);
+        kmed_train_free(tb);
+        if (!full) { kmed_lora_free(&la); kmed_lora_free(&lb); }
+    }
+    tiny_model_free(&tm);
+    tiny_src_free(&s);
+}
+
 int main(void)
 {
     const char *fx = kmed_test_fixtures();
@@ -999,6 +1107,7 @@ int main(void)
     test_op_backwards();
     test_tiny(pool);
     test_resume_and_guards();
+    test_compact(pool);
     if (fx) test_fixture(fx, pool);
     kmed_pool_free(pool);
     return kmed_test_done();
