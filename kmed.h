@@ -992,8 +992,12 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
    generation_config.json, weights as opts says): every linear weight and the embedding
    drawn from normal(0, 0.02) (HF's initializer_range) with the pad_id row of the embedding
    zeroed (HF's padding_idx), every norm 0 (HF stores w; the forward uses 1 + w).
+   used_tokens ([vocab_size] or NULL): the rows of tokens not marked start at zero too, so
+   a model trained from scratch on data holding only the marked tokens keeps them equal
+   and kmed_train_config.used_tokens computes them as one row.
    Deterministic for a seed, whatever the shard layout. */
 KMED_API kmed_result kmed_gemma_init_random(const kmed_gemma_config *cfg, uint64_t seed,
+                                            const unsigned char *used_tokens,
                                             const char *dir, const kmed_hf_save_opts *opts,
                                             kmed_error *err);
 
@@ -1476,6 +1480,8 @@ typedef struct kmed_data_source {
     double min_korean;      /* > 0: drop records whose Hangul share of letters is lower */
     int strip_html;         /* 1: strip tags in every field (always on for dict) */
     int no_explanation;     /* 1: drop cot/explanations, so answers are the option alone */
+    int cloze;              /* mcqa/expqa: 1 = the cloze form, question alone -> the answer's
+                               text, no options and no letter (config key "cloze") */
     char subset[16];        /* mcqa: force the subset ("" = column, else from file name) */
     char split[16];         /* mcqa: force the split ("" = column, else from file name) */
     char splits[64];        /* comma list of splits to keep ("" = all) */
@@ -1513,6 +1519,7 @@ typedef struct kmed_data_record {
     kmed_data_pair *turns;    size_t n_turns;     /* conv, cod dialogue: user/assistant */
     kmed_data_pair *sections; size_t n_sections;  /* dict */
     int flagged;        /* set by the pipeline when the safety filter only flags */
+    int cloze;          /* mcqa/expqa: format in the cloze form (kmed_data_source.cloze) */
 } kmed_data_record;
 
 KMED_API void kmed_data_record_free(kmed_data_record *rec);
@@ -1885,7 +1892,11 @@ KMED_API double kmed_mcqa_mcnemar(size_t b, size_t c);
 typedef enum kmed_mcqa_method {
     KMED_MCQA_LETTER,    /* log-likelihood of each answer letter after the prompt */
     KMED_MCQA_GENERATE,  /* greedy generation + answer extraction */
-    KMED_MCQA_OPTION     /* log-likelihood of " {option text}" per byte (acc_norm) */
+    KMED_MCQA_OPTION,    /* log-likelihood of " {option text}" per byte (acc_norm) */
+    KMED_MCQA_CLOZE      /* the cloze form: the question alone ("{question}\n정답："), no
+                            options listed, scored like OPTION. Small models answer it
+                            above chance long before they learn to bind answers to letters
+                            (OLMES's CF vs MCF) */
 } kmed_mcqa_method;
 
 typedef struct kmed_mcqa_config {
@@ -1897,6 +1908,12 @@ typedef struct kmed_mcqa_config {
     int fast;                       /* forward with KMED_FWD_FAST (quantized activations) */
     const kmed_mcqa_set *fewshot;
 } kmed_mcqa_config;
+
+/* The prompt cfg scores item with: kmed_mcqa_prompt, or under KMED_MCQA_CLOZE the cloze
+   text (exemplars then answer with their option text instead of a letter). */
+KMED_API kmed_result kmed_mcqa_config_prompt(const kmed_mcqa_item *item,
+                                             const kmed_mcqa_config *cfg, kmed_buf *out,
+                                             kmed_error *err);
 
 /* Prediction for one item. pred: 0..4, or -1 when a generation had no extractable letter. */
 typedef struct kmed_mcqa_pred {
@@ -11361,6 +11378,7 @@ typedef struct kmed__cv_rand {
     uint64_t seed;
     int pad_id;
     size_t cur;              /* index of the tensor the stream belongs to, or (size_t)-1 */
+    const unsigned char *used;   /* [V] or NULL: embedding rows of other tokens are zero */
     kmed_rng rng;
 } kmed__cv_rand;
 
@@ -11380,7 +11398,8 @@ static kmed_result kmed__cv_fill_rand(void *ctx, const kmed__cv_entry *e, size_t
     /* initializer_range 0.02; the row is drawn even for the pad row so later rows do not
        depend on pad_id. */
     for (j = 0; j < e->cols; j++) out[j] = (float)(0.02 * kmed_rng_normal(&r->rng));
-    if (e->is_embed && (int)row == r->pad_id) memset(out, 0, e->cols * sizeof *out);
+    if (e->is_embed && ((int)row == r->pad_id || (r->used && !r->used[row])))
+        memset(out, 0, e->cols * sizeof *out);
     return KMED_OK;
 }
 
@@ -11629,6 +11648,7 @@ KMED_API kmed_result kmed_gemma_save_hf(const kmed_gemma *m, const char *dir,
 }
 
 KMED_API kmed_result kmed_gemma_init_random(const kmed_gemma_config *cfg, uint64_t seed,
+                                            const unsigned char *used_tokens,
                                             const char *dir, const kmed_hf_save_opts *opts,
                                             kmed_error *err)
 {
@@ -11642,6 +11662,7 @@ KMED_API kmed_result kmed_gemma_init_random(const kmed_gemma_config *cfg, uint64
     if (!e) return KMED__ERR(err, KMED_ERR_NOMEM, "init: out of memory");
     rs.seed = seed;
     rs.pad_id = cfg->pad_id;
+    rs.used = used_tokens;
     rs.cur = (size_t)-1;
     kmed_rng_seed(&rs.rng, seed);
     r = kmed__cv_save_hf(cfg, e, n, dir, opts, kmed__cv_fill_rand, &rs, err);
@@ -18838,14 +18859,15 @@ static int kmed__data_is_korean(const char *s)
     return s && kmed_data_korean_share(s, strlen(s)) >= 0.3;
 }
 
-/* question + "\nA. opt" lines (+ the answer cue for chat examples). The cue is the one lm-eval's kormedmcqa
+/* question + "\nA. opt" lines (+ the answer cue for chat examples); in the cloze form the
+   question and cue alone. The cue is the one lm-eval's kormedmcqa
    prompt ends with ("정답：", fullwidth colon), so a fine-tuned model answers the
    evaluation's prompt exactly as it was trained to. */
 static void kmed__data_mcq_prompt(kmed_buf *b, const kmed_data_record *rec, int cue)
 {
     int o;
     kmed_buf_puts(b, rec->question);
-    for (o = 0; o < rec->n_options; o++) kmed_buf_printf(b, "\n%c. %s", 'A' + o, rec->options[o]);
+    for (o = 0; o < rec->n_options && !rec->cloze; o++) kmed_buf_printf(b, "\n%c. %s", 'A' + o, rec->options[o]);
     if (cue) kmed_buf_puts(b, kmed__data_is_korean(rec->question) ? "\n\xec\xa0\x95\xeb\x8b\xb5\xef\xbc\x9a"
                                                           : "\nAnswer:");
 }
@@ -18854,7 +18876,8 @@ static void kmed__data_mcq_answer(kmed_buf *b, const kmed_data_record *rec, int 
 {
     int ko = kmed__data_is_korean(rec->question);
     if (label) kmed_buf_puts(b, ko ? "정답: " : "Answer: ");
-    kmed_buf_printf(b, "%c. %s", 'A' + rec->answer - 1, rec->options[rec->answer - 1]);
+    if (rec->cloze) kmed_buf_puts(b, rec->options[rec->answer - 1]);
+    else kmed_buf_printf(b, "%c. %s", 'A' + rec->answer - 1, rec->options[rec->answer - 1]);
     if (rec->explanation)
         kmed_buf_printf(b, "\n\n%s%s", label ? (ko ? "해설: " : "Explanation: ") : "",
                         rec->explanation);
@@ -19280,6 +19303,7 @@ static kmed_result kmed__data_cfg_source(kmed_data_source *s, const kmed_json *o
     s->min_korean = kmed_json_num(kmed_json_get(o, "min_korean"), 0);
     s->strip_html = kmed_json_bool(kmed_json_get(o, "strip_html"), 0);
     s->no_explanation = !kmed_json_bool(kmed_json_get(o, "explanations"), 1);
+    s->cloze = kmed_json_bool(kmed_json_get(o, "cloze"), 0);
     if ((v = kmed_json_get(o, "format"))) {
         const char *f = kmed_json_str(v, "");
         if (strcmp(f, "sft") == 0) s->format = KMED_DATA_FMT_SFT;
@@ -19531,6 +19555,7 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
         KMED_FREE(rec->explanation);
         rec->explanation = NULL;
     }
+    rec->cloze = src->cloze && (rec->kind == KMED_DATA_MCQA || rec->kind == KMED_DATA_EXPQA);
     R->text.len = 0;
     kmed_data_record_text(rec, &R->text);
     R->question.len = 0;
@@ -20326,16 +20351,24 @@ static void kmed__mcqa_put_stripped(kmed_buf *out, const char *s)
     kmed_buf_put(out, p, n);
 }
 
-KMED_API void kmed_mcqa_item_text(const kmed_mcqa_item *item, kmed_buf *out)
+/* Item text; cloze: the question and the answer cue alone. */
+static void kmed__mcqa_item_put(const kmed_mcqa_item *item, int cloze, kmed_buf *out)
 {
     int k;
     kmed__mcqa_put_stripped(out, item->question);
-    for (k = 0; k < KMED_MCQA_NOPT; k++) kmed_buf_printf(out, "\n%c. %s", 'A' + k, item->opt[k]);
+    for (k = 0; k < KMED_MCQA_NOPT && !cloze; k++)
+        kmed_buf_printf(out, "\n%c. %s", 'A' + k, item->opt[k]);
     kmed_buf_puts(out, "\n\xec\xa0\x95\xeb\x8b\xb5" KMED__MCQA_COLON); /* "정답：" */
 }
 
-KMED_API kmed_result kmed_mcqa_prefix(const kmed_mcqa_set *fewshot, const char *subset,
-                                      int shots, int chat, kmed_buf *out, kmed_error *err)
+KMED_API void kmed_mcqa_item_text(const kmed_mcqa_item *item, kmed_buf *out)
+{
+    kmed__mcqa_item_put(item, 0, out);
+}
+
+static kmed_result kmed__mcqa_prefix(const kmed_mcqa_set *fewshot, const char *subset,
+                                     int shots, int chat, int cloze, kmed_buf *out,
+                                     kmed_error *err)
 {
     size_t i;
     int used = 0;
@@ -20343,8 +20376,9 @@ KMED_API kmed_result kmed_mcqa_prefix(const kmed_mcqa_set *fewshot, const char *
     for (i = 0; fewshot && i < fewshot->n && used < shots; i++) {
         const kmed_mcqa_item *ex = &fewshot->items[i];
         if (strcmp(ex->subset, subset) != 0) continue;
-        kmed_mcqa_item_text(ex, out);
-        kmed_buf_printf(out, " %c\n\n", 'A' + ex->answer - 1);
+        kmed__mcqa_item_put(ex, cloze, out);
+        if (cloze) kmed_buf_printf(out, " %s\n\n", ex->opt[ex->answer - 1]);
+        else kmed_buf_printf(out, " %c\n\n", 'A' + ex->answer - 1);
         used++;
     }
     if (used < shots)
@@ -20353,14 +20387,35 @@ KMED_API kmed_result kmed_mcqa_prefix(const kmed_mcqa_set *fewshot, const char *
     return out->failed ? KMED__ERR(err, KMED_ERR_NOMEM, "out of memory") : KMED_OK;
 }
 
+static kmed_result kmed__mcqa_prompt(const kmed_mcqa_item *item, const kmed_mcqa_set *fewshot,
+                                     int shots, int chat, int cloze, kmed_buf *out,
+                                     kmed_error *err)
+{
+    kmed_result r = kmed__mcqa_prefix(fewshot, item->subset, shots, chat, cloze, out, err);
+    if (r != KMED_OK) return r;
+    kmed__mcqa_item_put(item, cloze, out);
+    if (chat) kmed_buf_puts(out, "<end_of_turn>\n<start_of_turn>model\n");
+    return out->failed ? KMED__ERR(err, KMED_ERR_NOMEM, "out of memory") : KMED_OK;
+}
+
+KMED_API kmed_result kmed_mcqa_prefix(const kmed_mcqa_set *fewshot, const char *subset,
+                                      int shots, int chat, kmed_buf *out, kmed_error *err)
+{
+    return kmed__mcqa_prefix(fewshot, subset, shots, chat, 0, out, err);
+}
+
 KMED_API kmed_result kmed_mcqa_prompt(const kmed_mcqa_item *item, const kmed_mcqa_set *fewshot,
                                       int shots, int chat, kmed_buf *out, kmed_error *err)
 {
-    kmed_result r = kmed_mcqa_prefix(fewshot, item->subset, shots, chat, out, err);
-    if (r != KMED_OK) return r;
-    kmed_mcqa_item_text(item, out);
-    if (chat) kmed_buf_puts(out, "<end_of_turn>\n<start_of_turn>model\n");
-    return out->failed ? KMED__ERR(err, KMED_ERR_NOMEM, "out of memory") : KMED_OK;
+    return kmed__mcqa_prompt(item, fewshot, shots, chat, 0, out, err);
+}
+
+KMED_API kmed_result kmed_mcqa_config_prompt(const kmed_mcqa_item *item,
+                                             const kmed_mcqa_config *cfg, kmed_buf *out,
+                                             kmed_error *err)
+{
+    return kmed__mcqa_prompt(item, cfg->fewshot, cfg->shots, cfg->chat,
+                             cfg->method == KMED_MCQA_CLOZE, out, err);
 }
 
 /* ---- answer extraction ---- */
@@ -20593,7 +20648,8 @@ KMED_API void kmed_mcqa_pred_json(const kmed_mcqa_item *item, const kmed_mcqa_pr
 
 static const char *kmed__mcqa_metric(kmed_mcqa_method m)
 {
-    return m == KMED_MCQA_GENERATE ? "exact_match" : m == KMED_MCQA_OPTION ? "acc_norm" : "acc";
+    return m == KMED_MCQA_GENERATE ? "exact_match"
+           : m == KMED_MCQA_OPTION || m == KMED_MCQA_CLOZE ? "acc_norm" : "acc";
 }
 
 static void kmed__mcqa_result_json(kmed_buf *out, const char *task, const kmed_mcqa_acc *a,
@@ -20632,7 +20688,8 @@ KMED_API void kmed_mcqa_report_json(const kmed_mcqa_summary *s, const kmed_mcqa_
                     "\"chat\":%s,\"accuracy\":%.6f,\"macro_accuracy\":%.6f,\"ci95\":[%.6f,%.6f],"
                     "\"unparsed\":%zu,\"predictions\":",
                     cfg->shots, cfg->method == KMED_MCQA_GENERATE ? "generate"
-                                : cfg->method == KMED_MCQA_OPTION ? "option" : "letter",
+                                : cfg->method == KMED_MCQA_OPTION ? "option"
+                                : cfg->method == KMED_MCQA_CLOZE ? "cloze" : "letter",
                     cfg->shots, cfg->chat ? "true" : "false", s->overall.acc, s->macro,
                     s->overall.lo, s->overall.hi, s->overall.unparsed);
     kmed_buf_json_str(out, preds_path ? preds_path : "", preds_path ? strlen(preds_path) : 0);
@@ -20786,7 +20843,7 @@ static kmed_result kmed__mcqa_item(kmed__mcqa_run *run, const kmed_mcqa_config *
     if (cfg->method == KMED_MCQA_LETTER) {
         for (k = 0; k < KMED_MCQA_NOPT; k++)
             p->score[k] = kmed__mcqa_logprob(last, run->V, letters[k]);
-    } else if (cfg->method == KMED_MCQA_OPTION) {
+    } else if (cfg->method == KMED_MCQA_OPTION || cfg->method == KMED_MCQA_CLOZE) {
         /* the prompt's last logits are overwritten by the continuation: keep a copy */
         float *keep = (float *)KMED_MALLOC(run->V * sizeof *keep);
         if (!keep) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
@@ -20859,14 +20916,15 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
     /* the longest prompt sizes the cache; options add up to max_cont tokens */
     for (i = 0; i < set->n && r == KMED_OK; i++) {
         text.len = 0;
-        r = kmed_mcqa_prompt(&set->items[i], cfg->fewshot, cfg->shots, cfg->chat, &text, err);
+        r = kmed_mcqa_config_prompt(&set->items[i], cfg, &text, err);
         if (r == KMED_OK) r = kmed__mcqa_encode(tok, text.data, text.len, !cfg->chat, &ids, &n, err);
         if (n > max_tokens) max_tokens = n;
         KMED_FREE(ids);
         ids = NULL;
     }
     /* room after the prompt: an option's tokens, or the generation budget */
-    run.max_cont = cfg->method == KMED_MCQA_OPTION ? 256 : 1;
+    run.max_cont = cfg->method == KMED_MCQA_OPTION || cfg->method == KMED_MCQA_CLOZE ? 256
+                                                                               : 1;
     extra = cfg->method == KMED_MCQA_GENERATE
                 ? (size_t)(cfg->max_gen_tokens > 0 ? cfg->max_gen_tokens : 32) : run.max_cont;
     if (r == KMED_OK) r = kmed_gemma_state_init(&run.st, model, max_tokens + extra + 1, err);
@@ -20876,7 +20934,7 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
         const kmed_mcqa_item *it = &set->items[i];
         size_t cached = 0;
         text.len = 0;
-        r = kmed_mcqa_prompt(it, cfg->fewshot, cfg->shots, cfg->chat, &text, err);
+        r = kmed_mcqa_config_prompt(it, cfg, &text, err);
         if (r == KMED_OK) r = kmed__mcqa_encode(tok, text.data, text.len, !cfg->chat, &ids, &n, err);
         if (r == KMED_OK && !cfg->no_prefix_cache && strcmp(cur_subset, it->subset) != 0) {
             /* a new subset: run its shared prefix once; the cache keeps it */
@@ -20885,7 +20943,8 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
             KMED_FREE(pids);
             pids = NULL;
             np = 0;
-            r = kmed_mcqa_prefix(cfg->fewshot, it->subset, cfg->shots, cfg->chat, &prefix, err);
+            r = kmed__mcqa_prefix(cfg->fewshot, it->subset, cfg->shots, cfg->chat,
+                                   cfg->method == KMED_MCQA_CLOZE, &prefix, err);
             if (r == KMED_OK && prefix.len)
                 r = kmed__mcqa_encode(tok, prefix.data, prefix.len, !cfg->chat, &pids, &np, err);
             if (r == KMED_OK) r = kmed_gemma_state_set_pos(&run.st, 0, err);

@@ -103,9 +103,9 @@ int main(int argc, char **argv)
         memset(&ho, 0, sizeof ho);
         ho.dtype = KMED_BF16;
         die_if(kmed_mkdir_p(dir, &err), &err, "creating the bench directory");
-        die_if(kmed_gemma_init_random(&g, 1, base, &ho, &err), &err, "writing the base");
-        die_if(kmed_gemma_init_random(&g, 2, m1, &ho, &err), &err, "writing model 1");
-        die_if(kmed_gemma_init_random(&g, 3, m2, &ho, &err), &err, "writing model 2");
+        die_if(kmed_gemma_init_random(&g, 1, NULL, base, &ho, &err), &err, "writing the base");
+        die_if(kmed_gemma_init_random(&g, 2, NULL, m1, &ho, &err), &err, "writing model 1");
+        die_if(kmed_gemma_init_random(&g, 3, NULL, m2, &ho, &err), &err, "writing model 2");
         _exit(0);
     }
     if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)

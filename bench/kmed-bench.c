@@ -386,7 +386,7 @@ int main(int argc, char **argv)
         bench_config(&c);
         memset(&so, 0, sizeof so);
         so.dtype = KMED_BF16;
-        die_if(kmed_gemma_init_random(&c, 1234, write_dir, &so, &err), &err,
+        die_if(kmed_gemma_init_random(&c, 1234, NULL, write_dir, &so, &err), &err,
                "writing the bench model");
         printf("wrote the bench model (BF16) to %s in %.1f s\n", write_dir,
                kmed_time_now() - t0);

@@ -306,7 +306,7 @@ static void test_init_random(void)
     c.eos_id = 1;
     c.pad_id = 0;
     memset(&ho, 0, sizeof ho);
-    CHECK_OK(kmed_gemma_init_random(&c, 7, TMP "/init", &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&c, 7, NULL, TMP "/init", &ho, &e));
     CHECK_OK(kmed_st_open(&st, TMP "/init", &e));
     if (e.code) return;
     CHECK(st.n_tensors == 2 + 11 * 3);
@@ -331,7 +331,7 @@ static void test_init_random(void)
     /* same seed, sharded bf16: the bf16 rounding of the same values */
     ho.dtype = KMED_BF16;
     ho.max_shard_bytes = 40000;
-    CHECK_OK(kmed_gemma_init_random(&c, 7, TMP "/init_sh", &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&c, 7, NULL, TMP "/init_sh", &ho, &e));
     {
         kmed_st a, b;
         size_t i, bad = 0;
@@ -385,10 +385,10 @@ static void test_init_random(void)
 
     /* Bad configs and types are errors. */
     c.n_kv_heads = 3;
-    CHECK(kmed_gemma_init_random(&c, 7, TMP "/bad", NULL, &e) != KMED_OK);
+    CHECK(kmed_gemma_init_random(&c, 7, NULL, TMP "/bad", NULL, &e) != KMED_OK);
     c.n_kv_heads = 2;
     ho.dtype = KMED_Q8_0;
-    CHECK(kmed_gemma_init_random(&c, 7, TMP "/bad", &ho, &e) == KMED_ERR_UNSUPPORTED);
+    CHECK(kmed_gemma_init_random(&c, 7, NULL, TMP "/bad", &ho, &e) == KMED_ERR_UNSUPPORTED);
 }
 
 int main(void)

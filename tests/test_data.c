@@ -389,6 +389,14 @@ static void test_format(void)
     CHECK_OK(kmed_data_format_cpt(&r, &b, &e));
     CHECKF(strcmp(b.data, "{\"id\":\"m:1\",\"source\":\"m\",\"text\":\"질문?\\nA. 가\\nB. 나\\n"
                   "정답: B. 나\\n\\n해설: 해설\"}\n") == 0, "%s", b.data);
+    /* the cloze form: the question and cue alone, answered with the option text */
+    r.cloze = 1;
+    r.explanation = NULL;
+    b.len = 0;
+    CHECK_OK(kmed_data_format_sft(&r, NULL, &b, &e));
+    CHECKF(strcmp(b.data, "{\"id\":\"m:1\",\"source\":\"m\",\"messages\":[{\"role\":\"user\","
+                  "\"content\":\"질문?\\n정답：\"},{\"role\":\"assistant\",\"content\":\"나\"}]}\n")
+           == 0, "%s", b.data);
     memset(&r, 0, sizeof r);
     r.kind = KMED_DATA_DICT;
     r.id = "d:1";

@@ -133,7 +133,7 @@ int main(void)
     gc.bos_id = 2; gc.eos_id = 1; gc.pad_id = 0;
     memset(&ho, 0, sizeof ho);
     ho.dtype = KMED_F32;
-    CHECK_OK(kmed_gemma_init_random(&gc, 7, OUT "/base", &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&gc, 7, NULL, OUT "/base", &ho, &e));
     CHECK_OK(kmed_gemma_load(&base, OUT "/base", NULL, &e));
 
     /* 3. continued pre-training, full parameters: the loss falls */

@@ -45,6 +45,19 @@ static void test_load_and_prompts(void)
     CHECK_OK(kmed_mcqa_prompt(&items.items[0], NULL, 0, 1, &b, &e));
     CHECK(strncmp(b.data, "<bos><start_of_turn>user\n다음 중", 29) == 0);
     CHECK(b.len > 35 && strcmp(b.data + b.len - 35, "<end_of_turn>\n<start_of_turn>model\n") == 0);
+    /* cloze: the question alone, exemplars answered with their option text */
+    {
+        kmed_mcqa_config cc;
+        memset(&cc, 0, sizeof cc);
+        cc.method = KMED_MCQA_CLOZE;
+        cc.fewshot = &shots;
+        cc.shots = 1;
+        b.len = 0;
+        CHECK_OK(kmed_mcqa_config_prompt(&items.items[0], &cc, &b, &e));
+        CHECKF(strcmp(b.data, "첫 번째 예시 문제?\n정답： 다\n\n"
+                              "다음 중 제2형 당뇨병의 1차 치료제로 가장 적절한 것은?\n정답：") == 0,
+               "cloze prompt:\n%s", b.data);
+    }
     /* too few exemplars */
     b.len = 0;
     CHECK(kmed_mcqa_prompt(&items.items[0], &shots, 3, 0, &b, &e) == KMED_ERR_NOT_FOUND);

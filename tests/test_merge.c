@@ -491,10 +491,10 @@ static void disk_checks(void)
     ho.dtype = KMED_BF16;
     ho.max_shard_bytes = 40000; /* several shards, as real checkpoints come */
     CHECK_OK(kmed_mkdir_p(TMP, &e));
-    CHECK_OK(kmed_gemma_init_random(&g, 1, TMP "/base", &ho, &e));
-    CHECK_OK(kmed_gemma_init_random(&g, 2, TMP "/m1", &ho, &e));
-    CHECK_OK(kmed_gemma_init_random(&g, 3, TMP "/m2", &ho, &e));
-    CHECK_OK(kmed_gemma_init_random(&g2, 4, TMP "/other", &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&g, 1, NULL, TMP "/base", &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&g, 2, NULL, TMP "/m1", &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&g, 3, NULL, TMP "/m2", &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&g2, 4, NULL, TMP "/other", &ho, &e));
     memset(mm, 0, sizeof mm);
     mm[0].model = models[0]; mm[0].weight = 0.4f; mm[0].density = 0.53f;
     mm[1].model = models[1]; mm[1].weight = 0.6f; mm[1].density = 0.6f;

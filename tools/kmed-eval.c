@@ -23,7 +23,8 @@ static const char usage[] =
     "  --fewshot FILE      few-shot split (exemplars taken in order per subset)\n"
     "  --shots K           exemplars per prompt (default: 0)\n"
     "  --chat              wrap prompts in Gemma's chat template (default: off)\n"
-    "  --method M          letter|generate|option (default: letter)\n"
+    "  --method M          letter|generate|option|cloze (default: letter); cloze: the\n"
+    "                      question alone, each option text scored as its answer\n"
     "  --max-gen-tokens N  generation budget for --method generate (default: 32)\n"
     "  --no-prefix-cache   recompute the few-shot prefix for every item (default: reuse)\n"
     "  --limit N           score only the first N items (default: all)\n"
@@ -228,7 +229,9 @@ int main(int argc, char **argv)
             if (!strcmp(m, "letter")) cfg.method = KMED_MCQA_LETTER;
             else if (!strcmp(m, "generate")) cfg.method = KMED_MCQA_GENERATE;
             else if (!strcmp(m, "option")) cfg.method = KMED_MCQA_OPTION;
-            else usage_error(usage, "--method: '%s' is not letter, generate or option", m);
+            else if (!strcmp(m, "cloze")) cfg.method = KMED_MCQA_CLOZE;
+            else usage_error(usage, "--method: '%s' is not letter, generate, option or cloze",
+                             m);
         }
         else if (!strcmp(a, "--max-gen-tokens")) cfg.max_gen_tokens = (int)arg_long(argc, argv, &i, usage);
         else if (!strcmp(a, "--no-prefix-cache")) cfg.no_prefix_cache = 1;
@@ -275,7 +278,7 @@ int main(int argc, char **argv)
             if (show && strcmp(items.items[k].id, show) != 0 &&
                 !(strspn(show, "0123456789") == strlen(show) && (size_t)atol(show) == k))
                 continue;
-            die_if(kmed_mcqa_prompt(&items.items[k], cfg.fewshot, cfg.shots, cfg.chat, &p, &err),
+            die_if(kmed_mcqa_config_prompt(&items.items[k], &cfg, &p, &err),
                    &err, "building prompt");
             if (show) { fwrite(p.data, 1, p.len, stdout); putchar('\n'); kmed_buf_free(&p); break; }
             b.len = 0;

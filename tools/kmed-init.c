@@ -34,6 +34,10 @@ static const char *usage =
     "  --tokenizer PATH     copy tokenizer files in: a tokenizer.json / tokenizer.model, or a\n"
     "                       directory (tokenizer.json, tokenizer.model, tokenizer_config.json,\n"
     "                       special_tokens_map.json); checked to fit --vocab (default: none)\n"
+    "  --vocab-from FILE    JSONL with \"input_ids\" (kmed-data's *_packed.jsonl); repeatable:\n"
+    "                       embedding rows of tokens no such file holds start at zero, so\n"
+    "                       kmed-train on that data computes them as one row (a from-scratch\n"
+    "                       model uses a few thousand of the 256000 ids) (default: none)\n"
     "  --help               this text\n";
 
 /* Copies src to dir/name atomically; returns 0 if src does not exist. */
@@ -59,11 +63,41 @@ static const char *base_name(const char *p)
     return s ? s + 1 : p;
 }
 
+/* Marks every id in the "input_ids" arrays of a JSONL file. */
+static void mark_used(const char *path, unsigned char *used, long vocab)
+{
+    kmed_error err = {0};
+    kmed_jsonl jl;
+    const kmed_json *o;
+    int eof = 0;
+    die_if(kmed_jsonl_open(&jl, path, &err), &err, "--vocab-from");
+    for (;;) {
+        const kmed_json *ids;
+        size_t i;
+        die_if(kmed_jsonl_next(&jl, &o, &eof, &err), &err, "--vocab-from");
+        if (eof) break;
+        ids = kmed_json_get(o, "input_ids");
+        if (!ids || ids->type != KMED_JSON_ARRAY)
+            die("%s:%zu: no \"input_ids\" array", path, jl.lines.line);
+        for (i = 0; i < ids->len; i++) {
+            double v = ids->kids[i].num;
+            if (ids->kids[i].type != KMED_JSON_NUMBER || v != floor(v) || v < 0 || v >= vocab)
+                die("%s:%zu: input_ids[%zu] is not an id in [0, %ld)", path, jl.lines.line, i,
+                    vocab);
+            used[(size_t)v] = 1;
+        }
+    }
+    kmed_jsonl_close(&jl);
+}
+
 int main(int argc, char **argv)
 {
     static const char *const tok_files[4] = {"tokenizer.json", "tokenizer.model",
                                              "tokenizer_config.json", "special_tokens_map.json"};
     const char *out = NULL, *dtype = "bf16", *tokp = NULL;
+    const char *vocab_from[64];
+    unsigned char *used = NULL;
+    int n_from = 0;
     long vocab = 256000, hidden = 64, inter = 128, layers = 2, heads = 4, kv = 2, hd = 16;
     long window = 16, max_pos = 8192, seed = 0, shard_mb = 0;
     double qs = 0, acap = 50, fcap = 30, theta = 10000, eps = 1e-6;
@@ -97,6 +131,10 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--dtype")) dtype = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--shard-mb")) shard_mb = arg_long(argc, argv, &i, usage);
         else if (!strcmp(a, "--tokenizer")) tokp = arg_str(argc, argv, &i, usage);
+        else if (!strcmp(a, "--vocab-from")) {
+            if (n_from == 64) usage_error(usage, "--vocab-from: at most 64 files");
+            vocab_from[n_from++] = arg_str(argc, argv, &i, usage);
+        }
         else usage_error(usage, "unknown flag '%s'", a);
     }
     if (!out) usage_error(usage, "--out is required");
@@ -152,8 +190,20 @@ int main(int argc, char **argv)
         kmed_tok_free(&tok);
     }
 
+    if (n_from) {
+        long k, n_used = 0;
+        used = (unsigned char *)calloc((size_t)c.vocab_size, 1);
+        if (!used) die("out of memory");
+        for (k = 0; k < n_from; k++) mark_used(vocab_from[k], used, c.vocab_size);
+        used[c.pad_id] = used[c.bos_id] = used[c.eos_id] = 1;
+        for (k = 0; k < c.vocab_size; k++) n_used += used[k];
+        fprintf(stderr, "kmed-init: %ld of %d tokens in the data; the others start at zero\n",
+                n_used, c.vocab_size);
+    }
     t0 = kmed_time_now();
-    die_if(kmed_gemma_init_random(&c, (uint64_t)seed, out, &o, &err), &err, "writing model");
+    die_if(kmed_gemma_init_random(&c, (uint64_t)seed, used, out, &o, &err), &err,
+           "writing model");
+    free(used);
     if (tokp) {
         int copied = 0, k;
         if (kmed_is_dir(tokp)) {

@@ -288,6 +288,17 @@ static void load_data(const char *path, const kmed_tok *tok, int cpt, size_t seq
 
 /* Sequence number `pos` of the data stream: epoch e = pos / n visits every sequence
    once in an order fixed by (seed, e), so a run resumes from pos alone. */
+/* Marks every token id of the sequences (inputs and labels). */
+static void mark_used(const seqs *s, unsigned char *used)
+{
+    size_t i, t;
+    for (i = 0; i < s->n; i++)
+        for (t = 0; t < s->v[i].n; t++) {
+            used[s->v[i].ids[t]] = 1;
+            if (s->v[i].labels[t] >= 0) used[s->v[i].labels[t]] = 1;
+        }
+}
+
 static size_t data_index(const seqs *s, uint64_t seed, uint64_t pos, size_t *perm,
                          uint64_t *perm_epoch)
 {
@@ -373,6 +384,7 @@ int main(int argc, char **argv)
     size_t n_ex, n_drop, *perm, step_seqs, *idx, tcap, T;
     uint64_t perm_epoch = (uint64_t)-1;
     int *ids, *labels;
+    unsigned char *used;
     char ckpt_path[1100], svg_path[1100];
     float *hist_train, *hist_val;
     size_t n_train_hist = 0, n_val_hist = 0;
@@ -508,9 +520,21 @@ int main(int argc, char **argv)
     tc.optim.warmup = warmup;
     tc.optim.total_steps = steps;
     tc.optim.min_lr_ratio = (float)min_lr_ratio;
+    /* tokens the data holds: the rows of the others, when equal, train as one */
+    used = (unsigned char *)calloc((size_t)m.cfg.vocab_size, 1);
+    if (!used) die("out of memory");
+    mark_used(&train, used);
+    mark_used(&val, used);
+    used[m.cfg.pad_id] = 1;   /* padding */
+    tc.used_tokens = used;
     die_if(kmed_pool_create(&pool, (int)threads, &err), &err, "creating thread pool");
     die_if(kmed_train_create(&tr, &m, full ? NULL : &lora, &tc, pool, &err), &err,
            "creating trainer");
+    if (kmed_train_model(tr)->cfg.vocab_size < m.cfg.vocab_size)
+        fprintf(stderr, "kmed-train: %d of %d embedding rows are equal and unused by the data: "
+                "trained as one (LM head over %d rows)\n",
+                m.cfg.vocab_size - kmed_train_model(tr)->cfg.vocab_size + 1, m.cfg.vocab_size,
+                kmed_train_model(tr)->cfg.vocab_size);
 
     hist_train = (float *)calloc((size_t)steps + 1, sizeof(float));
     hist_val = (float *)calloc(2 * ((size_t)steps + 2), sizeof(float));
@@ -614,5 +638,6 @@ int main(int argc, char **argv)
     free(perm);
     free(ids);
     free(labels);
+    free(used);
     return 0;
 }
