@@ -1,5 +1,6 @@
 /* Shared by the tokenizer harnesses (fuzz_tok.c, fuzz_tokjson.c, fuzz_tokmodel.c), which
-   include it after kmed.h's implementation: what every tokenizer must do with any text. */
+   include it after kmed.h's implementation: what every tokenizer must do with any text.
+   The helpers not every harness calls are inline, so the others build without warnings. */
 #ifndef KMED_FUZZ_TOK_H
 #define KMED_FUZZ_TOK_H
 #include <stdlib.h>
@@ -49,7 +50,7 @@ static void exercise(const kmed_tok *tok, const char *text, size_t len)
 
 /* A tokenizer file in data[0..len): it loads and handles a fixed text, or fails with a
    message. */
-static void fuzz_tok_file(const char *data, size_t len)
+static inline void fuzz_tok_file(const char *data, size_t len)
 {
     kmed_tok tok;
     kmed_error e = {0};
@@ -63,7 +64,7 @@ static void fuzz_tok_file(const char *data, size_t len)
 
 /* 1 if kmed__tok_load_mem reads data as tokenizer.json ('{' after an optional BOM and
    whitespace), 0 if as a SentencePiece tokenizer.model. */
-static int fuzz_tok_is_json(const char *data, size_t len)
+static inline int fuzz_tok_is_json(const char *data, size_t len)
 {
     size_t i = len >= 3 && !memcmp(data, "\xEF\xBB\xBF", 3) ? 3 : 0;
     while (i < len && (data[i] == ' ' || data[i] == '\t' || data[i] == '\n' || data[i] == '\r'))
