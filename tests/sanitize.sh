@@ -51,8 +51,8 @@ build() {
         regress) bin=$out/regress_$n; src=tests/fuzz/fuzz_$n.c; flags="${asan/-O1/-O0}"
                  extra=tests/fuzz/regress.c ;; # tiny inputs: -O0 builds 3x faster
     esac
-    if [ -f "$bin" ] && [ -z "$(find "$src" $extra kmed.h tests/test.h -newer "$bin" \
-            -print -quit)" ]; then
+    if [ -f "$bin" ] && [ -z "$(find "$src" $extra kmed.h tests/test.h tests/fuzz/*.h \
+            -newer "$bin" -print -quit)" ]; then
         return 0
     fi
     # shellcheck disable=SC2086

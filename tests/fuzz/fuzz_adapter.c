@@ -30,7 +30,7 @@ typedef struct fuzz_adapter_state {
     char dir[64], dir2[80];
     char *cfg, *st;          /* the start-up adapter's two files */
     size_t cfg_len, st_len;
-    int init;
+    int init, st_on_disk; /* the start-up safetensors is in dir (skip rewriting it) */
 } fuzz_adapter_state;
 
 static fuzz_adapter_state *fa_state(void)
@@ -70,7 +70,9 @@ static fuzz_adapter_state *fa_state(void)
     s.m.embed.rows = 16;
     s.m.embed.cols = 8;
     if (kmed_gemma_validate(&s.m, &e) != KMED_OK) { fprintf(stderr, "%s\n", e.msg); abort(); }
-    snprintf(s.dir, sizeof s.dir, "/tmp/kmed_fuzz_adapter_%ld", (long)getpid());
+    /* tmpfs when there is one: every input rewrites these files */
+    snprintf(s.dir, sizeof s.dir, "%s/kmed_fuzz_adapter_%ld",
+             access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp", (long)getpid());
     snprintf(s.dir2, sizeof s.dir2, "%s/again", s.dir);
     memset(&lc, 0, sizeof lc);
     lc.r = 2;
@@ -153,7 +155,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t clen = nul ? (size_t)(nul - data) : size;
     fa_write(s->dir, "adapter_config.json", data, clen, NULL, 0);
     if (!nul) {
-        fa_write(s->dir, "adapter_model.safetensors", s->st, s->st_len, NULL, 0);
+        if (!s->st_on_disk)
+            fa_write(s->dir, "adapter_model.safetensors", s->st, s->st_len, NULL, 0);
+        s->st_on_disk = 1;
     } else {
         const uint8_t *h = nul + 1;
         size_t rest = size - clen - 1, hlen, i;
@@ -169,6 +173,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (nul2) memcpy(img + 8 + hlen, nul2 + 1, rest - hlen - 1);
             fa_write(s->dir, "adapter_model.safetensors", img, 8 + rest - (nul2 ? 1 : 0),
                      NULL, 0);
+            s->st_on_disk = 0;
             free(img);
         }
     }

@@ -2,8 +2,9 @@
    items: item text, few-shot prompts, lm-eval answer extraction. The first input byte
    picks the file type (b % 3: .jsonl, .json, .csv), the subset argument (b / 3 % 2: from
    the file, or "pharm"), the shot count (b / 6 % 3) and chat wrapping (b / 18 % 2); the rest
-   is written to a temp file and loaded. Every loaded item must be complete (five options,
-   answer 1..5, id and subset set), and every error must carry a message.
+   is written to a temp file (on tmpfs /dev/shm when there is one) and loaded. Every loaded
+   item must be complete (five options, answer 1..5, id and subset set), and every error
+   must carry a message.
    clang -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
        -I. tests/fuzz/fuzz_mcqa.c -o build/fuzz_mcqa -lm -lpthread
    build/fuzz_mcqa -max_total_time=30 tests/fuzz/corpus/mcqa */
@@ -54,7 +55,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int b, k;
     if (size == 0) return 0;
     if (!dir[0]) {
-        snprintf(dir, sizeof dir, "/tmp/kmed_fuzz_mcqa_%ld", (long)getpid());
+        snprintf(dir, sizeof dir, "%s/kmed_fuzz_mcqa_%ld",
+                 access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp", (long)getpid());
         if (kmed_mkdir_p(dir, NULL) != KMED_OK) abort();
     }
     b = data[0];

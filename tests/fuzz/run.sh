@@ -7,6 +7,8 @@
 # tests/fuzz/regress/<name>/ once fixed so the regression replay keeps it.
 #   usage: tests/fuzz/run.sh [SECONDS] [NAME...]     (run from anywhere; default 20 s, all)
 #   env:   JOBS (default 2), CLANG (default clang), FUZZ_FLAGS (extra libFuzzer flags)
+# tests/fuzz/fuzz_<name>.options, where present, holds that harness's own libFuzzer flags
+# (e.g. -max_len, to keep each input's work bounded); FUZZ_FLAGS come after and win.
 # New corpus entries go to build/fuzz/corpus/<name>/, never into the seed directories.
 # The last line is "N passed, N failed" over the harnesses.
 set -u
@@ -45,7 +47,8 @@ fi
 # Build (skipped when the binary is newer than every source), JOBS in parallel.
 build_one() {
     local n=$1 bin=$out/fuzz_$1 src=tests/fuzz/fuzz_$1.c
-    if [ -f "$bin" ] && [ -z "$(find "$src" kmed.h -newer "$bin" -print -quit)" ]; then
+    if [ -f "$bin" ] &&
+            [ -z "$(find "$src" kmed.h tests/fuzz/*.h -newer "$bin" -print -quit)" ]; then
         return 0
     fi
     "$cc" $flags "$src" -o "$bin.tmp" -lm -lpthread > "$out/build_$n.log" 2>&1 &&
@@ -61,12 +64,13 @@ wait
 
 # Run, JOBS at a time; each run's log is build/fuzz/<name>.log.
 run_one() {
-    local n=$1 work=$out/corpus/$1 seeds=()
+    local n=$1 work=$out/corpus/$1 seeds=() opts=
     mkdir -p "$work"
+    [ -f "tests/fuzz/fuzz_$n.options" ] && opts=$(cat "tests/fuzz/fuzz_$n.options")
     [ -d "tests/fuzz/corpus/$n" ] && seeds+=("tests/fuzz/corpus/$n")
     [ -d "tests/fuzz/regress/$n" ] && seeds+=("tests/fuzz/regress/$n")
     "$out/fuzz_$n" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 -artifact_prefix="$out/artifacts/$n-" ${FUZZ_FLAGS:-} \
+        -print_final_stats=1 -artifact_prefix="$out/artifacts/$n-" $opts ${FUZZ_FLAGS:-} \
         "$work" ${seeds[@]+"${seeds[@]}"} > "$out/$n.log" 2>&1
 }
 passed=0; failed=0
