@@ -8423,9 +8423,14 @@ static kmed_result kmed__tok_parse_ops(const kmed_json *j, const char *what, kme
         r = KMED_OK;
     } else if (!strcmp(what, "decoder") && !strcmp(type, "Strip")) {
         const kmed_json *c = kmed_json_get(j, "content");
+        double a = kmed_json_num(kmed_json_get(j, "start"), 0);
+        double b = kmed_json_num(kmed_json_get(j, "stop"), 0);
+        if (!(a >= 0 && a <= 1e6 && b >= 0 && b <= 1e6))   /* counts; !(..) catches NaN */
+            return KMED__ERRF(err, KMED_ERR_FORMAT, path, "decoder Strip: start %g / stop %g "
+                              "are not counts in 0..1000000", a, b);
         op->op = KMED__TOK_OP_STRIP;
-        op->arg1 = (int)kmed_json_num(kmed_json_get(j, "start"), 0);
-        op->arg2 = (int)kmed_json_num(kmed_json_get(j, "stop"), 0);
+        op->arg1 = (int)a;
+        op->arg2 = (int)b;
         if (!c || c->type != KMED_JSON_STRING || !c->len) goto unsupported;
         r = kmed__tok_op_strings(op, c, NULL, path, err);
     } else {
