@@ -1226,7 +1226,8 @@ KMED_API void kmed_train_free(kmed_train *tr);
 /* The trainable tensors in a fixed order (owned by the trainer). */
 KMED_API size_t kmed_train_params(kmed_train *tr, kmed_param **params);
 /* Full mode: the model whose weights are the trainer's f32 parameters (a view, valid
-   until kmed_train_free). LoRA mode: the borrowed base model. */
+   until kmed_train_free). LoRA mode: the borrowed base model. With cfg.used_tokens
+   compacting, its embedding holds the compact rows (vocab_size = used tokens + 1). */
 KMED_API const kmed_gemma *kmed_train_model(const kmed_train *tr);
 /* Optimiser steps taken so far. */
 KMED_API long kmed_train_step_count(const kmed_train *tr);
