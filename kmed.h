@@ -17389,8 +17389,23 @@ KMED_API void kmed_data_clean_text(kmed_buf *out, const char *s, size_t n, int f
         p = b.data;
         pn = b.len;
     }
-    if (b.failed) out->failed = 1;
-    else kmed__data_space(out, p, pn, flags & KMED_DATA_CLEAN_ONELINE);
+    if (b.failed) {
+        out->failed = 1;
+    } else {
+        size_t start = out->len;
+        kmed__data_space(out, p, pn, flags & KMED_DATA_CLEAN_ONELINE);
+        /* a dropped control or U+FFFD may have parted a base letter from its combining mark:
+           compose once more, so that cleaning clean text changes nothing */
+        if (!out->failed &&
+            kmed__data_nfc_quick(out->data + start, out->len - start) < out->len - start) {
+            kmed_buf c = {0};
+            kmed_data_nfc(&c, out->data + start, out->len - start);
+            out->len = start;
+            if (c.failed) out->failed = 1;
+            else kmed_buf_put(out, c.data, c.len);
+            kmed_buf_free(&c);
+        }
+    }
     kmed_buf_free(&a);
     kmed_buf_free(&b);
 }

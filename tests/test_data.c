@@ -66,6 +66,8 @@ static void test_clean(void)
     CHECK(strcmp(clean("  a\r\nb  \t c\xc2\xa0" "d\xe2\x80\x8b\n\n\n\ne&amp;f&lt;g  ", 0),
                  "a\nb c d\n\ne&f<g") == 0);
     CHECK(strcmp(clean("x\r\ny", KMED_DATA_CLEAN_ONELINE), "x y") == 0);
+    /* a dropped invalid byte between a letter and its combining mark: composed (U+01CE) */
+    CHECK(strcmp(clean("a\xeb\xcc\x8c", 0), "\xc7\x8e") == 0);
     CHECK(strcmp(clean("<p>정의</p><br/>내용&nbsp;입니다<script>var x;</script> 끝",
                        KMED_DATA_CLEAN_HTML), "정의\n내용 입니다 끝") == 0);
     /* without the HTML flag tags stay, entities are decoded; '<' before a digit is text */
