@@ -358,7 +358,8 @@ typedef struct kmed_tensor_info {
 KMED_API const char *kmed_dtype_name(kmed_dtype t);  /* "F32", "BF16", "Q8_0", ... */
 /* Parses a dtype name (case-insensitive: f32, bf16, q8_0, ...); KMED_DTYPE_UNKNOWN if none. */
 KMED_API kmed_dtype kmed_dtype_parse(const char *s);
-/* Number of elements of a tensor (product of shape). */
+/* Number of elements of a tensor (product of shape): 0 when any dimension is 0, UINT64_MAX
+   when the product overflows. */
 KMED_API uint64_t kmed_tensor_numel(const kmed_tensor_info *t);
 /* Bytes for n elements of t, or 0 when n is not a whole number of blocks or t is unknown. */
 KMED_API size_t kmed_dtype_bytes(kmed_dtype t, uint64_t n);
@@ -3454,9 +3455,12 @@ KMED_API kmed_dtype kmed_dtype_parse(const char *s)
 KMED_API uint64_t kmed_tensor_numel(const kmed_tensor_info *t)
 {
     uint64_t n = 1;
-    int i;
-    for (i = 0; i < t->ndim && i < KMED_MAX_DIMS; i++) {
-        if (t->shape[i] && n > UINT64_MAX / t->shape[i]) return UINT64_MAX; /* saturate */
+    int i, nd = t->ndim < KMED_MAX_DIMS ? t->ndim : KMED_MAX_DIMS;
+    /* A zero dimension anywhere makes the tensor empty, whatever the others overflow to. */
+    for (i = 0; i < nd; i++)
+        if (!t->shape[i]) return 0;
+    for (i = 0; i < nd; i++) {
+        if (n > UINT64_MAX / t->shape[i]) return UINT64_MAX; /* saturate */
         n *= t->shape[i];
     }
     return n;

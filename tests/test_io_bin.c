@@ -107,6 +107,8 @@ static void test_dtypes(void)
     CHECK(kmed_tensor_numel(&ti) == 30);
     ti.shape[0] = (uint64_t)1 << 40; ti.shape[1] = (uint64_t)1 << 40;
     CHECK(kmed_tensor_numel(&ti) == UINT64_MAX);
+    ti.shape[2] = 0; /* empty, though the other dimensions overflow (GGUF fuzz find) */
+    CHECK(kmed_tensor_numel(&ti) == 0);
     CHECK(strcmp(kmed_ggml_type_name(12), "Q4_K") == 0);
     CHECK(strcmp(kmed_ggml_type_name(8), "Q8_0") == 0);
     CHECK(strcmp(kmed_ggml_type_name(30), "BF16") == 0);
