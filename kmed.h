@@ -815,8 +815,10 @@ KMED_API kmed_result kmed_gemma_state_set_pos(kmed_gemma_state *st, size_t pos,
 enum {
     KMED_FWD_LOGITS_LAST = 1,  /* logits (V) of the last of the n positions */
     KMED_FWD_LOGITS_ALL = 2,   /* logits (n, V) of every position */
-    KMED_FWD_FAST = 4          /* matmuls with KMED_MM_FAST (activations quantized like
+    KMED_FWD_FAST = 4,         /* matmuls with KMED_MM_FAST (activations quantized like
                                   llama.cpp); default: f32 activations, the reference */
+    KMED_FWD_NO_HEAD = 8       /* with a LOGITS flag: write the final-normed hidden states
+                                  (rows, C) instead of logits, for kmed_gemma_head */
 };
 /* Appends n tokens at position st->pos (batched prefill for n > 1, decode for n = 1)
    and advances st->pos by n. logits: see the flags (final soft-cap applied); NULL with
@@ -829,6 +831,12 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
                                         kmed_gemma_state *st, kmed_pool *pool,
                                         const int *ids, size_t n, int flags,
                                         float *logits, float *hidden, kmed_error *err);
+/* Logits (rows, V) of final-normed hidden states xn (rows, C) from KMED_FWD_NO_HEAD: the
+   tied LM head and the final soft-cap, exactly as kmed_gemma_forward applies them. Lets a
+   caller gather the rows of several forwards (e.g. the options of a question) and read the
+   V x C embedding once for all of them. flags: KMED_FWD_FAST or 0. */
+KMED_API void kmed_gemma_head(const kmed_gemma *m, kmed_pool *pool, const float *xn,
+                              size_t rows, int flags, float *logits);
 
 /* ---- .npy files (NumPy format 1.0, little-endian, C order), for comparing logits and
    hidden states with other implementations ---- */
@@ -10688,13 +10696,22 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
 
     if (flags & (KMED_FWD_LOGITS_LAST | KMED_FWD_LOGITS_ALL)) {
         size_t first = (flags & KMED_FWD_LOGITS_ALL) ? 0 : n - 1, rows = n - first;
-        kmed__rmsnorm_forward(s->xn, NULL, s->x + first * C, m->final_norm, rows, C,
+        float *xn = (flags & KMED_FWD_NO_HEAD) ? logits : s->xn;
+        kmed__rmsnorm_forward(xn, NULL, s->x + first * C, m->final_norm, rows, C,
                               c->rms_norm_eps);
-        kmed_matmul(pool, logits, s->xn, m->embed.data, m->embed.type, rows, V, C, mm);
-        kmed__softcap_forward(logits, logits, rows * V, c->final_softcap);
+        if (!(flags & KMED_FWD_NO_HEAD)) kmed_gemma_head(m, pool, xn, rows, flags, logits);
     }
     st->pos = pos0 + n;
     return KMED_OK;
+}
+
+KMED_API void kmed_gemma_head(const kmed_gemma *m, kmed_pool *pool, const float *xn,
+                              size_t rows, int flags, float *logits)
+{
+    size_t V = (size_t)m->cfg.vocab_size;
+    kmed_matmul(pool, logits, xn, m->embed.data, m->embed.type, rows, V,
+                (size_t)m->cfg.hidden_size, (flags & KMED_FWD_FAST) ? KMED_MM_FAST : 0);
+    kmed__softcap_forward(logits, logits, rows * V, m->cfg.final_softcap);
 }
 
 /* ---- .npy ---- */
@@ -20791,14 +20808,13 @@ static kmed_result kmed__mcqa_encode(const kmed_tok *tok, const char *text, size
     return kmed_tok_encode(tok, &tc, text, len, *ids, need, n, err);
 }
 
-/* log softmax of logits[want] over V entries */
-static float kmed__mcqa_logprob(const float *logits, size_t V, int want)
+/* log softmax of logits[want] over V entries (the trainer's vectorised max and exp-sum;
+   logits are not modified) */
+static float kmed__mcqa_logprob(float *logits, size_t V, int want)
 {
-    double mx = logits[0], s = 0;
-    size_t v;
-    for (v = 1; v < V; v++) if (logits[v] > mx) mx = logits[v];
-    for (v = 0; v < V; v++) s += exp((double)logits[v] - mx);
-    return (float)((double)logits[want] - mx - log(s));
+    float mx, sum;
+    kmed__xent_stats(logits, V, 0.0f, &mx, &sum);
+    return (float)((double)logits[want] - mx - log((double)sum));
 }
 
 /* Continuation ids of each answer letter: "▁A".."▁E" after a plain prompt (lm-eval's
@@ -20817,6 +20833,11 @@ static kmed_result kmed__mcqa_letter_ids(const kmed_tok *tok, int chat, int *ids
     return KMED_OK;
 }
 
+/* Rows of final-normed hidden states gathered from the options' forwards before one LM
+   head pass: the head reads the V x C embedding once per batch instead of once per option,
+   which dominates option scoring on a small model with Gemma's 256000-token vocabulary. */
+#define KMED__MCQA_ROWS 64
+
 typedef struct kmed__mcqa_run {
     const kmed_gemma *model;
     const kmed_lora *lora;
@@ -20824,27 +20845,54 @@ typedef struct kmed__mcqa_run {
     kmed_pool *pool;
     int fwd;                    /* KMED_FWD_FAST or 0 */
     kmed_gemma_state st;
-    float *logits;              /* (max_cont, V) */
-    size_t V, max_cont;
+    float *logits;              /* (KMED__MCQA_ROWS, V) */
+    float *xn;                  /* (KMED__MCQA_ROWS, C): rows awaiting the head */
+    float *last;                /* (C): the prompt's last row */
+    int want[KMED__MCQA_ROWS];  /* the token each row predicts */
+    int opt[KMED__MCQA_ROWS];   /* and the option it belongs to */
+    size_t rows;
+    double lp[KMED_MCQA_NOPT];  /* sums of log p(option token | context) */
+    size_t V, C, max_cont;
 } kmed__mcqa_run;
 
-/* Sum of log p(cont | prompt) given the prompt's last-position logits `last` and the cache
-   holding the prompt; leaves the cache at the prompt. */
-static kmed_result kmed__mcqa_cont_logprob(kmed__mcqa_run *run, const float *last,
-                                           const int *cont, size_t nc, double *lp,
-                                           kmed_error *err)
+/* Runs the head over the gathered rows and adds their log-probabilities to lp. */
+static void kmed__mcqa_flush(kmed__mcqa_run *run)
 {
-    size_t pos = run->st.pos, j;
+    size_t i;
+    if (!run->rows) return;
+    kmed_gemma_head(run->model, run->pool, run->xn, run->rows, run->fwd, run->logits);
+    for (i = 0; i < run->rows; i++)
+        run->lp[run->opt[i]] += kmed__mcqa_logprob(run->logits + i * run->V, run->V,
+                                                   run->want[i]);
+    run->rows = 0;
+}
+
+/* Queues log p(cont | prompt) of option k, from the prompt's last row (run->last) and the
+   cache holding the prompt; leaves the cache at the prompt. Long options run in pieces. */
+static kmed_result kmed__mcqa_cont_logprob(kmed__mcqa_run *run, int k, const int *cont,
+                                           size_t nc, kmed_error *err)
+{
+    size_t pos = run->st.pos, j = 0, t, m;
     kmed_result r;
-    *lp = kmed__mcqa_logprob(last, run->V, cont[0]);
-    if (nc > 1) {
-        if (nc - 1 > run->max_cont)
-            return KMED__ERR(err, KMED_ERR_LIMIT, "option of %zu tokens is too long", nc);
-        r = kmed_gemma_forward(run->model, run->lora, &run->st, run->pool, cont, nc - 1,
-                               KMED_FWD_LOGITS_ALL | run->fwd, run->logits, NULL, err);
+    if (nc - 1 > run->max_cont)
+        return KMED__ERR(err, KMED_ERR_LIMIT, "option of %zu tokens is too long", nc);
+    if (run->rows == KMED__MCQA_ROWS) kmed__mcqa_flush(run);
+    memcpy(run->xn + run->rows * run->C, run->last, run->C * sizeof *run->xn);
+    run->want[run->rows] = cont[0];
+    run->opt[run->rows++] = k;
+    while (j + 1 < nc) {
+        if (run->rows == KMED__MCQA_ROWS) kmed__mcqa_flush(run);
+        m = nc - 1 - j < KMED__MCQA_ROWS - run->rows ? nc - 1 - j : KMED__MCQA_ROWS - run->rows;
+        r = kmed_gemma_forward(run->model, run->lora, &run->st, run->pool, cont + j, m,
+                               KMED_FWD_LOGITS_ALL | KMED_FWD_NO_HEAD | run->fwd,
+                               run->xn + run->rows * run->C, NULL, err);
         if (r != KMED_OK) return r;
-        for (j = 1; j < nc; j++)
-            *lp += kmed__mcqa_logprob(run->logits + (j - 1) * run->V, run->V, cont[j]);
+        for (t = 0; t < m; t++) {
+            run->want[run->rows + t] = cont[j + t + 1];
+            run->opt[run->rows + t] = k;
+        }
+        run->rows += m;
+        j += m;
     }
     return kmed_gemma_state_set_pos(&run->st, pos, err);
 }
@@ -20855,45 +20903,44 @@ static kmed_result kmed__mcqa_item(kmed__mcqa_run *run, const kmed_mcqa_config *
                                    size_t cached, const int *letters, kmed_mcqa_pred *p,
                                    kmed_error *err)
 {
-    float *last = run->logits;
     kmed_result r;
-    int k;
+    int k, by_option = cfg->method == KMED_MCQA_OPTION || cfg->method == KMED_MCQA_CLOZE;
     p->pred = 0;
     if (cfg->method != KMED_MCQA_GENERATE) {
         if ((r = kmed_gemma_state_set_pos(&run->st, cached, err)) != KMED_OK) return r;
         r = kmed_gemma_forward(run->model, run->lora, &run->st, run->pool, ids + cached,
-                               n - cached, KMED_FWD_LOGITS_LAST | run->fwd, last, NULL, err);
+                               n - cached, KMED_FWD_LOGITS_LAST | run->fwd |
+                               (by_option ? KMED_FWD_NO_HEAD : 0),
+                               by_option ? run->last : run->logits, NULL, err);
         if (r != KMED_OK) return r;
     }
     if (cfg->method == KMED_MCQA_LETTER) {
         for (k = 0; k < KMED_MCQA_NOPT; k++)
-            p->score[k] = kmed__mcqa_logprob(last, run->V, letters[k]);
-    } else if (cfg->method == KMED_MCQA_OPTION || cfg->method == KMED_MCQA_CLOZE) {
-        /* the prompt's last logits are overwritten by the continuation: keep a copy */
-        float *keep = (float *)KMED_MALLOC(run->V * sizeof *keep);
-        if (!keep) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
-        memcpy(keep, last, run->V * sizeof *keep);
+            p->score[k] = kmed__mcqa_logprob(run->logits, run->V, letters[k]);
+    } else if (by_option) {
+        size_t nchar[KMED_MCQA_NOPT];
+        run->rows = 0;
         for (k = 0; k < KMED_MCQA_NOPT && r == KMED_OK; k++) {
             kmed_buf cont = {0};
             int *cids = NULL;
-            size_t nc = 0, nchar = 0, i;
-            double lp = 0;
+            size_t nc = 0, i;
+            run->lp[k] = 0;
+            nchar[k] = 0;
             if (!cfg->chat) kmed_buf_puts(&cont, " ");
             kmed_buf_puts(&cont, it->opt[k]);
             if (cont.failed) r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
             if (r == KMED_OK) r = kmed__mcqa_encode(run->tok, cont.data, cont.len, 0, &cids, &nc, err);
-            if (r == KMED_OK && nc == 0) {
-                p->score[k] = -INFINITY;
-            } else if (r == KMED_OK) {
-                r = kmed__mcqa_cont_logprob(run, keep, cids, nc, &lp, err);
-                for (i = 0; i < cont.len; i++) nchar += ((unsigned char)cont.data[i] & 0xc0) != 0x80;
-                p->score[k] = (float)(lp / (double)nchar); /* per character, as acc_norm */
+            if (r == KMED_OK && nc) {
+                r = kmed__mcqa_cont_logprob(run, k, cids, nc, err);
+                for (i = 0; i < cont.len; i++) nchar[k] += ((unsigned char)cont.data[i] & 0xc0) != 0x80;
             }
             KMED_FREE(cids);
             kmed_buf_free(&cont);
         }
-        KMED_FREE(keep);
         if (r != KMED_OK) return r;
+        kmed__mcqa_flush(run);
+        for (k = 0; k < KMED_MCQA_NOPT; k++) /* per character, as acc_norm */
+            p->score[k] = nchar[k] ? (float)(run->lp[k] / (double)nchar[k]) : -INFINITY;
     } else { /* GENERATE: greedy with lm-eval's stop sequences, then its extraction */
         static const char *const stops[] = {"Q:", "</s>", "<|im_end|>", ".", "\n\n"};
         kmed_generate_config gc;
@@ -20953,7 +21000,11 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
     extra = cfg->method == KMED_MCQA_GENERATE
                 ? (size_t)(cfg->max_gen_tokens > 0 ? cfg->max_gen_tokens : 32) : run.max_cont;
     if (r == KMED_OK) r = kmed_gemma_state_init(&run.st, model, max_tokens + extra + 1, err);
-    if (r == KMED_OK && !(run.logits = (float *)kmed__calloc(run.max_cont * run.V, sizeof(float))))
+    run.C = (size_t)model->cfg.hidden_size;
+    if (r == KMED_OK &&
+        (!(run.logits = (float *)kmed__calloc(KMED__MCQA_ROWS * run.V, sizeof(float))) ||
+         !(run.xn = (float *)kmed__calloc(KMED__MCQA_ROWS * run.C, sizeof(float))) ||
+         !(run.last = (float *)kmed__calloc(run.C, sizeof(float)))))
         r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     for (i = 0; i < set->n && r == KMED_OK; i++) {
         const kmed_mcqa_item *it = &set->items[i];
@@ -20992,6 +21043,8 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
     KMED_FREE(ids);
     KMED_FREE(pids);
     KMED_FREE(run.logits);
+    KMED_FREE(run.xn);
+    KMED_FREE(run.last);
     kmed_gemma_state_free(&run.st);
     kmed_buf_free(&text);
     kmed_buf_free(&prefix);

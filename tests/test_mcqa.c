@@ -176,6 +176,46 @@ static void test_summary_report(void)
 
 /* Letter scores on the fixture model equal log-softmax of the golden logits, and the
    few-shot prefix cache changes nothing. */
+/* Reference per-character option score: the prompt without its last token, then that token
+   and the option's tokens in one plain forward with every position's logits, log-softmax
+   in double; no prefix cache, no batched head. */
+static double ref_option_score(kmed_gemma *model, const kmed_tok *tok,
+                               const kmed_mcqa_config *cfg, const kmed_mcqa_item *it, int k)
+{
+    kmed_error e = {0};
+    kmed_buf text = {0}, cont = {0};
+    kmed_gemma_state st;
+    int *p = NULL, *c = NULL, *seq;
+    size_t np = 0, nc = 0, j, v, V = (size_t)model->cfg.vocab_size, nchar = 0;
+    float *logits;
+    double lp = 0;
+    CHECK_OK(kmed_mcqa_config_prompt(it, cfg, &text, &e));
+    CHECK_OK(kmed__mcqa_encode(tok, text.data, text.len, !cfg->chat, &p, &np, &e));
+    if (!cfg->chat) kmed_buf_puts(&cont, " ");
+    kmed_buf_puts(&cont, it->opt[k]);
+    CHECK_OK(kmed__mcqa_encode(tok, cont.data, cont.len, 0, &c, &nc, &e));
+    for (j = 0; j < cont.len; j++) nchar += ((unsigned char)cont.data[j] & 0xc0) != 0x80;
+    seq = (int *)malloc((nc + 1) * sizeof *seq);
+    logits = (float *)malloc((nc + 1) * V * sizeof *logits);
+    seq[0] = p[np - 1];
+    memcpy(seq + 1, c, nc * sizeof *c);
+    CHECK_OK(kmed_gemma_state_init(&st, model, np + nc + 1, &e));
+    if (np > 1) CHECK_OK(kmed_gemma_forward(model, NULL, &st, NULL, p, np - 1, 0, NULL, NULL, &e));
+    CHECK_OK(kmed_gemma_forward(model, NULL, &st, NULL, seq, nc + 1, KMED_FWD_LOGITS_ALL,
+                                logits, NULL, &e));
+    for (j = 0; j < nc; j++) {
+        const float *row = logits + j * V;
+        double mx = row[0], sum = 0;
+        for (v = 1; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+        for (v = 0; v < V; v++) sum += exp((double)row[v] - mx);
+        lp += (double)row[c[j]] - mx - log(sum);
+    }
+    kmed_gemma_state_free(&st);
+    free(logits); free(seq); free(p); free(c);
+    kmed_buf_free(&text); kmed_buf_free(&cont);
+    return lp / (double)nchar;
+}
+
 static void test_scoring(void)
 {
     /* golden logits within 0.005 and logsumexp within 2e-5 (fixture README) */
@@ -257,12 +297,41 @@ static void test_scoring(void)
             for (k = 0; k < KMED_MCQA_NOPT; k++)
                 if (fabs(a[i].score[k] - b[i].score[k]) > worst) worst = fabs(a[i].score[k] - b[i].score[k]);
         CHECKF(items.n == 2 && worst <= tol_cache, "prefix cache vs recompute: %g", worst);
-        /* option scoring runs and picks the best per-character log-likelihood */
-        cfg.method = KMED_MCQA_OPTION;
-        CHECK_OK(kmed_mcqa_score(&model, NULL, &tok, NULL, &items, &cfg, a, NULL, &e));
-        for (i = 0; i < items.n && i < 2; i++)
-            for (k = 0; k < KMED_MCQA_NOPT; k++)
-                CHECK(a[i].score[k] <= a[i].score[a[i].pred] && a[i].score[k] < 0);
+        /* option scoring (2-shot, plain) and cloze scoring (chat) equal the reference: the
+           options' rows share one head pass, and an option longer than a head batch runs
+           in pieces (item 0's option E made 150+ tokens long) */
+        {
+            static const char *const longopt =
+                "메트포르민은 제2형 당뇨병의 1차 치료제로 간에서 포도당 생성을 줄이고 인슐린 "
+                "감수성을 높이며, 체중 증가와 저혈당이 드물어 대부분의 환자에게 먼저 쓰인다; "
+                "신기능이 떨어진 환자에서는 젖산산증 위험 때문에 용량을 줄이거나 중단한다. "
+                "위장관 부작용이 흔하여 저용량으로 시작해 서서히 올린다.";
+            char *saved = items.items[0].opt[4];
+            double worst_opt = 0;
+            int m;
+            items.items[0].opt[4] = (char *)longopt;
+            for (m = 0; m < 2; m++) {
+                cfg.method = m ? KMED_MCQA_CLOZE : KMED_MCQA_OPTION;
+                cfg.chat = m;
+                cfg.shots = m ? 0 : 2;
+                cfg.no_prefix_cache = m;
+                CHECK_OK(kmed_mcqa_score(&model, NULL, &tok, NULL, &items, &cfg, a, NULL, &e));
+                for (i = 0; i < items.n && i < 2; i++)
+                    for (k = 0; k < KMED_MCQA_NOPT; k++) {
+                        double d = fabs(a[i].score[k] -
+                                        ref_option_score(&model, &tok, &cfg, &items.items[i], k));
+                        worst_opt = d > worst_opt ? d : worst_opt;
+                        CHECK(a[i].score[k] <= a[i].score[a[i].pred] && a[i].score[k] < 0);
+                    }
+            }
+            items.items[0].opt[4] = saved;
+            printf("option and cloze scores vs reference: max abs diff %.2e\n", worst_opt);
+            CHECKF(worst_opt <= tol_cache, "option scores differ from the reference by %g",
+                   worst_opt);
+            cfg.chat = 0;
+            cfg.shots = 2;
+            cfg.no_prefix_cache = 1;
+        }
         /* generation: greedy text, extraction applied, same as extracting by hand */
         cfg.method = KMED_MCQA_GENERATE;
         cfg.max_gen_tokens = 8;
