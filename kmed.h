@@ -9493,8 +9493,33 @@ static void kmed__geglu_backward(float *dg, float *du,
                                  const float *dh, const float *g, const float *u, size_t n)
 {
     const float k = 0.7978845608028654f; /* sqrt(2/pi) */
-    size_t i;
-    for (i = 0; i < n; i++) {
+    size_t i = 0;
+#ifdef KMED__OPS_AVX2
+    {
+        const __m256 vk = _mm256_set1_ps(k), c = _mm256_set1_ps(0.044715f);
+        const __m256 c3 = _mm256_set1_ps(3.0f * 0.044715f);
+        const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= n; i += 8) {
+            __m256 x = _mm256_loadu_ps(g + i), x2 = _mm256_mul_ps(x, x);
+            __m256 t = kmed__ops_tanh8(_mm256_mul_ps(vk, _mm256_fmadd_ps(_mm256_mul_ps(c, x2),
+                                                                         x, x)));
+            __m256 opt = _mm256_add_ps(one, t), d = _mm256_loadu_ps(dh + i);
+            if (du) {
+                __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), opt);
+                _mm256_storeu_ps(du + i, _mm256_fmadd_ps(d, gelu, _mm256_loadu_ps(du + i)));
+            }
+            if (dg) {
+                __m256 sech2 = _mm256_fnmadd_ps(t, t, one);
+                __m256 inner = _mm256_mul_ps(vk, _mm256_fmadd_ps(c3, x2, one));
+                __m256 dgelu = _mm256_mul_ps(half, _mm256_fmadd_ps(_mm256_mul_ps(x, sech2),
+                                                                   inner, opt));
+                __m256 du8 = _mm256_mul_ps(d, _mm256_loadu_ps(u + i));
+                _mm256_storeu_ps(dg + i, _mm256_fmadd_ps(du8, dgelu, _mm256_loadu_ps(dg + i)));
+            }
+        }
+    }
+#endif
+    for (; i < n; i++) {
         float x = g[i], x2 = x * x;
         float t = tanhf(k * (x + 0.044715f * x2 * x));
         float gelu = 0.5f * x * (1.0f + t);
@@ -9753,15 +9778,14 @@ static void kmed__attention_backward(float *dq, float *dk, float *dv,
             float *dpt = dp + t * S;     /* (S) */
             size_t p_t = (size_t)qpos[t];
             size_t lo = window && p_t >= window ? p_t - window + 1 : 0;
-            float pdp = 0.0f;
+            float pdp = 0.0f, *th = sc + t * S;
             for (j = lo; j <= p_t; j++) pdp += pt[j] * dpt[j];
             for (j = 0; j < lo; j++) dpt[j] = 0.0f;
+            if (softcap > 0.0f) /* th = tanh(score / softcap), vectorised */
+                kmed__ops_softcap_row(th + lo, th + lo, p_t + 1 - lo, 1.0f, 1.0f / softcap);
             for (j = lo; j <= p_t; j++) {
                 float ds = pt[j] * (dpt[j] - pdp);
-                if (softcap > 0.0f) {
-                    float th = tanhf(sc[t * S + j] / softcap);
-                    ds *= 1.0f - th * th;
-                }
+                if (softcap > 0.0f) ds *= 1.0f - th[j] * th[j];
                 dpt[j] = ds * scale;
             }
             for (j = p_t + 1; j < S; j++) dpt[j] = 0.0f;
