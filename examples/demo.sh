@@ -123,7 +123,8 @@ stage "compare (McNemar)" build/kmed-eval --compare "$OUT/eval_base.json" \
 stage "compare full SFT (McNemar)" build/kmed-eval --compare "$OUT/eval_base.json" \
     "$OUT/eval_full.json" --labels base,full --svg "$OUT/accuracy_full.svg"
 
-stage "chat with the safety layer" build/kmed-chat --model "$OUT/cpt" --adapter "$OUT/adapter" \
+# the chat uses the model that learnt most (the full SFT); --adapter serves a LoRA the same way
+stage "chat with the safety layer" build/kmed-chat --model "$OUT/full" \
     --tokenizer "$TOK" --temperature 0 --max-tokens 48 \
     --prompt "당뇨병 환자인데 인슐린을 얼마나 맞아야 하나요?"
 
