@@ -20999,7 +20999,7 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
     kmed_buf text = {0}, prefix = {0};
     char cur_subset[64] = "";
     int letters[KMED_MCQA_NOPT], *ids = NULL, *pids = NULL;
-    size_t i, n = 0, np = 0, max_tokens = 0, extra;
+    size_t i, n = 0, np = 0, max_tokens = 0, extra, rows;
     kmed_result r = KMED_OK;
     memset(&run, 0, sizeof run);
     memset(preds, 0, set->n * sizeof *preds);
@@ -21025,10 +21025,12 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
                 ? (size_t)(cfg->max_gen_tokens > 0 ? cfg->max_gen_tokens : 32) : run.max_cont;
     if (r == KMED_OK) r = kmed_gemma_state_init(&run.st, model, max_tokens + extra + 1, err);
     run.C = (size_t)model->cfg.hidden_size;
+    /* letter scoring needs one row of logits; option scoring a head batch and its rows */
+    rows = run.max_cont > 1 ? KMED__MCQA_ROWS : 1;
     if (r == KMED_OK &&
-        (!(run.logits = (float *)kmed__calloc(KMED__MCQA_ROWS * run.V, sizeof(float))) ||
-         !(run.xn = (float *)kmed__calloc(KMED__MCQA_ROWS * run.C, sizeof(float))) ||
-         !(run.last = (float *)kmed__calloc(run.C, sizeof(float)))))
+        (!(run.logits = (float *)kmed__calloc(rows * run.V, sizeof(float))) ||
+         (rows > 1 && (!(run.xn = (float *)kmed__calloc(rows * run.C, sizeof(float))) ||
+                       !(run.last = (float *)kmed__calloc(run.C, sizeof(float)))))))
         r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     for (i = 0; i < set->n && r == KMED_OK; i++) {
         const kmed_mcqa_item *it = &set->items[i];
