@@ -722,7 +722,10 @@ enum { KMED_LORA_Q, KMED_LORA_K, KMED_LORA_V, KMED_LORA_O, KMED_LORA_GATE, KMED_
 /* A LoRA adapter over a kmed_gemma: for target t of layer l with weight W [out, in],
    y = x W^T + scale * (x A^T) B^T, A [r, in], B [out, r], scale = alpha / r.
    A/B are NULL where the target is not adapted. The forward pass applies an attached
-   adapter; training (train module) creates, updates, saves and loads it. */
+   adapter; training (train module) creates, updates, saves and loads it.
+   Trainable tokens (PEFT's trainable_token_indices): the adapter may also carry whole
+   embedding rows for some token ids; each replaces the base row of its id in the input
+   embedding and in the tied LM head. */
 typedef struct kmed_lora_ab { float *A, *B; } kmed_lora_ab;
 typedef struct kmed_lora {
     int r;
@@ -731,6 +734,9 @@ typedef struct kmed_lora {
     unsigned targets;                  /* bit t set: target t adapted */
     int n_layers;
     kmed_lora_ab (*ab)[KMED_LORA_NTARGETS]; /* [n_layers][KMED_LORA_NTARGETS] */
+    int n_tokens;                      /* trainable tokens; 0: none */
+    int *token_ids;                    /* [n_tokens] vocabulary ids, ascending, distinct */
+    float *token_rows;                 /* [n_tokens][hidden]: row i is token_ids[i]'s */
     void *impl_;                       /* private: the owning block */
 } kmed_lora;
 
@@ -835,8 +841,8 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
    tied LM head and the final soft-cap, exactly as kmed_gemma_forward applies them. Lets a
    caller gather the rows of several forwards (e.g. the options of a question) and read the
    V x C embedding once for all of them. flags: KMED_FWD_FAST or 0. */
-KMED_API void kmed_gemma_head(const kmed_gemma *m, kmed_pool *pool, const float *xn,
-                              size_t rows, int flags, float *logits);
+KMED_API void kmed_gemma_head(const kmed_gemma *m, const kmed_lora *lora, kmed_pool *pool,
+                              const float *xn, size_t rows, int flags, float *logits);
 
 /* ---- .npy files (NumPy format 1.0, little-endian, C order), for comparing logits and
    hidden states with other implementations ---- */
@@ -1131,6 +1137,9 @@ typedef struct kmed_lora_config {
     unsigned targets;     /* bits (1u << KMED_LORA_*); 0: all seven */
     uint64_t layers;      /* bit l: layer l adapted; 0: every layer */
     uint64_t seed;        /* PEFT init: A ~ U(-1/sqrt(in), 1/sqrt(in)) from kmed_rng, B = 0 */
+    const int *tokens;    /* [n_tokens] trainable token ids (distinct, any order), or NULL;
+                             their rows start as the base embedding's */
+    int n_tokens;
 } kmed_lora_config;
 
 /* PEFT module name of a target ("q_proj", ..., "down_proj"), NULL when out of range. */
@@ -1139,17 +1148,23 @@ KMED_API const char *kmed_lora_target_name(int target);
    up, down), "attn" (q,k,v,o), "mlp" (gate,up,down) or "all". */
 KMED_API kmed_result kmed_lora_targets_parse(const char *s, unsigned *targets,
                                              kmed_error *err);
-/* Creates a freshly initialised adapter for model m (read for its shapes only). The
-   adapter owns one block for every A and B; free with kmed_lora_free. */
+/* Creates a freshly initialised adapter for model m (read for its shapes, and for the
+   embedding rows of trainable tokens). The adapter owns one block for every A and B and
+   token row; free with kmed_lora_free. */
 KMED_API kmed_result kmed_lora_create(kmed_lora *lora, const kmed_gemma *m,
                                       const kmed_lora_config *cfg, kmed_error *err);
 KMED_API void kmed_lora_free(kmed_lora *lora);
 /* Number of trainable floats in the adapter. */
 KMED_API size_t kmed_lora_numel(const kmed_lora *lora);
+/* The adapter's embedding row for token id (hidden floats), NULL when id is not one of
+   its trainable tokens (or lora is NULL). */
+KMED_API const float *kmed_lora_token_row(const kmed_lora *lora, int id);
 /* Writes a PEFT adapter directory: adapter_model.safetensors (F32, names
-   base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, ...) and
-   adapter_config.json. base_name goes into base_model_name_or_path (may be NULL). Both
-   files are written atomically; dir is created if missing. */
+   base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, ...; trainable tokens as
+   base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta [n, hidden])
+   and adapter_config.json (trainable_token_indices lists their ids). base_name goes into
+   base_model_name_or_path (may be NULL). Both files are written atomically; dir is
+   created if missing. */
 KMED_API kmed_result kmed_lora_save(const kmed_lora *lora, const char *dir,
                                     const char *base_name, kmed_error *err);
 /* Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors, F32,
@@ -1163,9 +1178,10 @@ KMED_API kmed_result kmed_lora_load(kmed_lora *lora, const kmed_gemma *m, const 
 KMED_API kmed_result kmed_lora_merged_weight(const kmed_gemma *m, const kmed_lora *lora,
                                              int layer, int target, float *out,
                                              kmed_error *err);
-/* Merges in place: W += scale * B A for every adapted target. Every adapted weight of m
-   must be F32 and writable (memory the caller owns, or a model loaded as F32 from a
-   BF16 checkpoint); KMED_ERR_UNSUPPORTED otherwise, with nothing changed. */
+/* Merges in place: W += scale * B A for every adapted target, and the rows of trainable
+   tokens copied into the embedding. Every weight it changes must be F32 and writable
+   (memory the caller owns, or a model loaded as F32 from a BF16 checkpoint);
+   KMED_ERR_UNSUPPORTED otherwise, with nothing changed. */
 KMED_API kmed_result kmed_lora_merge(kmed_gemma *m, const kmed_lora *lora, kmed_error *err);
 
 /* ---- training ---- */
@@ -1227,7 +1243,9 @@ typedef struct kmed_train kmed_train;
    trainer, and updates lora's tensors in place; the base stays frozen in its dtype (F32,
    BF16, Q8_0, Q4_0: dequantized on the fly, never stored in f32). Full mode (lora NULL)
    copies every weight of m into trainer-owned f32 parameters; kmed_train_model gives a
-   model that reads them. pool may be NULL and must outlive the trainer. */
+   model that reads them. An adapter with trainable tokens makes the trainer hold the
+   embedding as f32 and its gradient (2 x vocab x hidden floats, or the compact rows).
+   pool may be NULL and must outlive the trainer. */
 KMED_API kmed_result kmed_train_create(kmed_train **tr, const kmed_gemma *m, kmed_lora *lora,
                                        const kmed_train_config *cfg, kmed_pool *pool,
                                        kmed_error *err);
@@ -10608,6 +10626,19 @@ static void kmed__gemma_residual(kmed_pool *pool, float *x, float *t, const floa
     kmed_pool_for(n >= KMED__GEMMA_PAR_ROWS ? pool : NULL, n, 1, kmed__gemma_rows_job, &c);
 }
 
+/* Index of token id among the adapter's trainable tokens (ids ascending), -1 if none. */
+static long kmed__lora_token(const kmed_lora *lora, int id)
+{
+    long lo = 0, hi = lora ? (long)lora->n_tokens - 1 : -1;
+    while (lo <= hi) {
+        long mid = lo + (hi - lo) / 2;
+        if (lora->token_ids[mid] == id) return mid;
+        if (lora->token_ids[mid] < id) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return -1;
+}
+
 /* y (n, out) = x W^T, plus the LoRA delta of target t when the adapter has it. */
 static void kmed__gemma_linear(kmed_pool *pool, float *y, const float *x, const kmed_weight *w,
                                const kmed_lora *lora, size_t layer, int target, float *xa,
@@ -10665,6 +10696,13 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
     for (i = 0; i < n; i++) s->pos[i] = (int)(pos0 + i);
 
     kmed__embed_forward(s->x, ids, m->embed.data, m->embed.type, n, C);
+    for (i = 0; lora && lora->n_tokens > 0 && i < n; i++) {   /* trainable tokens' rows */
+        long k = kmed__lora_token(lora, ids[i]);
+        const int row0 = 0;
+        if (k >= 0)
+            kmed__embed_forward(s->x + i * C, &row0, lora->token_rows + (size_t)k * C,
+                                KMED_F32, 1, C);
+    }
     if (hidden) memcpy(hidden, s->x, n * C * sizeof(float));
 
     memset(&rctx, 0, sizeof rctx);
@@ -10723,18 +10761,26 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
         float *xn = (flags & KMED_FWD_NO_HEAD) ? logits : s->xn;
         kmed__rmsnorm_forward(xn, NULL, s->x + first * C, m->final_norm, rows, C,
                               c->rms_norm_eps);
-        if (!(flags & KMED_FWD_NO_HEAD)) kmed_gemma_head(m, pool, xn, rows, flags, logits);
+        if (!(flags & KMED_FWD_NO_HEAD)) kmed_gemma_head(m, lora, pool, xn, rows, flags, logits);
     }
     st->pos = pos0 + n;
     return KMED_OK;
 }
 
-KMED_API void kmed_gemma_head(const kmed_gemma *m, kmed_pool *pool, const float *xn,
-                              size_t rows, int flags, float *logits)
+KMED_API void kmed_gemma_head(const kmed_gemma *m, const kmed_lora *lora, kmed_pool *pool,
+                              const float *xn, size_t rows, int flags, float *logits)
 {
-    size_t V = (size_t)m->cfg.vocab_size;
-    kmed_matmul(pool, logits, xn, m->embed.data, m->embed.type, rows, V,
-                (size_t)m->cfg.hidden_size, (flags & KMED_FWD_FAST) ? KMED_MM_FAST : 0);
+    size_t V = (size_t)m->cfg.vocab_size, C = (size_t)m->cfg.hidden_size, r, j;
+    int k;
+    kmed_matmul(pool, logits, xn, m->embed.data, m->embed.type, rows, V, C,
+                (flags & KMED_FWD_FAST) ? KMED_MM_FAST : 0);
+    for (k = 0; lora && k < lora->n_tokens; k++)   /* the tied head reads the token rows */
+        for (r = 0; r < rows; r++) {
+            const float *e = lora->token_rows + (size_t)k * C, *x = xn + r * C;
+            float s = 0.0f;
+            for (j = 0; j < C; j++) s += x[j] * e[j];
+            logits[r * V + (size_t)lora->token_ids[k]] = s;
+        }
     kmed__softcap_forward(logits, logits, rows * V, m->cfg.final_softcap);
 }
 
@@ -11382,8 +11428,11 @@ typedef struct kmed__cv_model_src {
     kmed_error *err;
 } kmed__cv_model_src;
 
+/* 1 when the adapter changes tensor e: an adapted target, or the embedding whose rows
+   trainable tokens replace. */
 static int kmed__cv_adapted(const kmed_lora *lora, const kmed__cv_entry *e)
 {
+    if (lora && e->is_embed) return lora->n_tokens > 0;
     return lora && e->layer >= 0 && e->layer < lora->n_layers &&
            (lora->targets & (1u << e->target)) && lora->ab[e->layer][e->target].A;
 }
@@ -11393,7 +11442,7 @@ static kmed_result kmed__cv_fill_model(void *ctx, const kmed__cv_entry *e, size_
                                        float *out)
 {
     kmed__cv_model_src *src = (kmed__cv_model_src *)ctx;
-    if (src && kmed__cv_adapted(src->lora, e)) {
+    if (src && !e->is_embed && kmed__cv_adapted(src->lora, e)) {
 #ifdef KMED_NO_TRAIN
         return KMED__ERR(src->err, KMED_ERR_UNSUPPORTED, "merge: built with KMED_NO_TRAIN");
 #else
@@ -11415,6 +11464,9 @@ static kmed_result kmed__cv_fill_model(void *ctx, const kmed__cv_entry *e, size_
     }
     if (e->is_norm) {
         memcpy(out, e->norm, e->cols * sizeof *out);
+    } else if (src && e->is_embed && kmed__lora_token(src->lora, (int)row) >= 0) {
+        memcpy(out, src->lora->token_rows + (size_t)kmed__lora_token(src->lora, (int)row) *
+               e->cols, e->cols * sizeof *out);
     } else {
         size_t rb = kmed_dtype_bytes(e->w->type, e->cols);
         kmed_dequantize_row(e->w->type, (const unsigned char *)e->w->data + row * rb, out,
@@ -12690,7 +12742,8 @@ static const char *const kmed__lora_names[KMED_LORA_NTARGETS] = {
 static const char *const kmed__lora_short[KMED_LORA_NTARGETS] = {
     "q", "k", "v", "o", "gate", "up", "down"};
 
-/* What kmed_lora.impl_ points to: the block holding every A and B, and the shapes. */
+/* What kmed_lora.impl_ points to: the block holding every A and B (then the token rows),
+   and the shapes. */
 typedef struct kmed__lora_impl {
     float *block;
     size_t numel;
@@ -12731,6 +12784,10 @@ static const kmed_weight *kmed__lora_base(const kmed_gemma_layer *L, int t)
 }
 
 /* PEFT tensor name: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight. */
+/* PEFT's tensor of trainable-token rows (its TrainableTokensLayer under the embedding). */
+#define KMED__LORA_TOKENS_TENSOR \
+    "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
 static void kmed__lora_tensor_name(char *out, size_t cap, int layer, int t, char ab,
                                    const char *adapter)
 {
@@ -12774,35 +12831,68 @@ KMED_API kmed_result kmed_lora_targets_parse(const char *s, unsigned *targets,
     return KMED_OK;
 }
 
-/* Allocates lora for the (layer, target) pairs with present[l * NT + t] set; zeroed. */
+static int kmed__lora_id_cmp(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/* Allocates lora for the (layer, target) pairs with present[l * NT + t] set and ids[n_tok]
+   trainable tokens (distinct, in [0, vocab), stored sorted; the caller fills their rows);
+   zeroed. */
 static kmed_result kmed__lora_alloc(kmed_lora *lora, const kmed_gemma_config *cfg, int r,
                                     float alpha, const unsigned char *present,
-                                    kmed_error *err)
+                                    const int *ids, size_t n_tok, kmed_error *err)
 {
     kmed__lora_impl *im;
-    size_t total = 0, off = 0, out, in;
+    size_t total = 0, off = 0, out, in, i, C = (size_t)cfg->hidden_size;
     int l, t, L = cfg->n_layers;
     memset(lora, 0, sizeof *lora);
     if (r <= 0) return KMED__ERR(err, KMED_ERR_ARG, "LoRA rank must be positive, got %d", r);
+    if (n_tok > (size_t)cfg->vocab_size)
+        return KMED__ERR(err, KMED_ERR_ARG, "LoRA: %zu trainable tokens, vocabulary %d",
+                         n_tok, cfg->vocab_size);
+    for (i = 0; i < n_tok; i++)
+        if (ids[i] < 0 || ids[i] >= cfg->vocab_size)
+            return KMED__ERR(err, KMED_ERR_ARG, "LoRA: trainable token id %d outside [0, %d)",
+                             ids[i], cfg->vocab_size);
     for (l = 0; l < L; l++)
         for (t = 0; t < KMED_LORA_NTARGETS; t++)
             if (present[l * KMED_LORA_NTARGETS + t]) {
                 kmed__lora_dims(cfg, t, &out, &in);
                 total += (size_t)r * (in + out);
             }
+    total += n_tok * C;
     im = (kmed__lora_impl *)kmed__calloc(1, sizeof *im);
     lora->ab = (kmed_lora_ab(*)[KMED_LORA_NTARGETS])kmed__calloc((size_t)L, sizeof *lora->ab);
+    lora->token_ids = (int *)kmed__calloc(n_tok ? n_tok : 1, sizeof(int));
     if (im) im->block = (float *)kmed__calloc(total ? total : 1, sizeof(float));
-    if (!im || !lora->ab || !im->block) {
+    if (!im || !lora->ab || !lora->token_ids || !im->block) {
         if (im) KMED_FREE(im->block);
         KMED_FREE(im);
         KMED_FREE(lora->ab);
-        lora->ab = NULL;
+        KMED_FREE(lora->token_ids);
+        memset(lora, 0, sizeof *lora);
         return KMED__ERR(err, KMED_ERR_NOMEM, "LoRA adapter: out of memory (%zu floats)",
                          total);
     }
     im->numel = total;
     im->cfg = *cfg;
+    if (n_tok) memcpy(lora->token_ids, ids, n_tok * sizeof(int));
+    qsort(lora->token_ids, n_tok, sizeof(int), kmed__lora_id_cmp);
+    for (i = 1; i < n_tok; i++)
+        if (lora->token_ids[i] == lora->token_ids[i - 1]) {
+            int dup = lora->token_ids[i];
+            KMED_FREE(im->block);
+            KMED_FREE(im);
+            KMED_FREE(lora->ab);
+            KMED_FREE(lora->token_ids);
+            memset(lora, 0, sizeof *lora);
+            return KMED__ERR(err, KMED_ERR_ARG, "LoRA: trainable token id %d given twice",
+                             dup);
+        }
+    lora->n_tokens = (int)n_tok;
+    lora->token_rows = im->block + total - n_tok * C;
     for (l = 0; l < L; l++)
         for (t = 0; t < KMED_LORA_NTARGETS; t++)
             if (present[l * KMED_LORA_NTARGETS + t]) {
@@ -12845,9 +12935,27 @@ KMED_API kmed_result kmed_lora_create(kmed_lora *lora, const kmed_gemma *m,
             present[l * KMED_LORA_NTARGETS + t] =
                 ((c.targets >> t) & 1) &&
                 (c.layers == 0 || (l < 64 && ((c.layers >> l) & 1)));
-    rc = kmed__lora_alloc(lora, &m->cfg, c.r, c.alpha, present, err);
+    if (c.n_tokens < 0 || (c.n_tokens > 0 && !c.tokens)) {
+        KMED_FREE(present);
+        return KMED__ERR(err, KMED_ERR_ARG, "LoRA: %d trainable tokens without their ids",
+                         c.n_tokens);
+    }
+    rc = kmed__lora_alloc(lora, &m->cfg, c.r, c.alpha, present, c.tokens,
+                          (size_t)c.n_tokens, err);
     KMED_FREE(present);
     if (rc != KMED_OK) return rc;
+    if (c.n_tokens > 0) {   /* PEFT: the trainable rows start as the base rows */
+        size_t C = (size_t)m->cfg.hidden_size, rb = kmed_dtype_bytes(m->embed.type, C), i;
+        if (!m->embed.data || !rb || !kmed_dtype_computable(m->embed.type) ||
+            m->embed.rows != (size_t)m->cfg.vocab_size || m->embed.cols != C) {
+            kmed_lora_free(lora);
+            return KMED__ERR(err, KMED_ERR_UNSUPPORTED, "LoRA trainable tokens: the model's "
+                             "embedding (%s) cannot be read", kmed_dtype_name(m->embed.type));
+        }
+        for (i = 0; i < (size_t)c.n_tokens; i++)
+            kmed_dequantize_row(m->embed.type, (const unsigned char *)m->embed.data +
+                                (size_t)lora->token_ids[i] * rb, lora->token_rows + i * C, C);
+    }
     /* PEFT: kaiming_uniform_(A, a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0 so the
        adapted model starts equal to the base. */
     kmed_rng_seed(&rng, c.seed);
@@ -12872,6 +12980,7 @@ KMED_API void kmed_lora_free(kmed_lora *lora)
     if (im) KMED_FREE(im->block);
     KMED_FREE(im);
     KMED_FREE(lora->ab);
+    KMED_FREE(lora->token_ids);
     memset(lora, 0, sizeof *lora);
 }
 
@@ -12879,6 +12988,13 @@ KMED_API size_t kmed_lora_numel(const kmed_lora *lora)
 {
     const kmed__lora_impl *im = lora ? (const kmed__lora_impl *)lora->impl_ : NULL;
     return im ? im->numel : 0;
+}
+
+KMED_API const float *kmed_lora_token_row(const kmed_lora *lora, int id)
+{
+    const kmed__lora_impl *im = lora ? (const kmed__lora_impl *)lora->impl_ : NULL;
+    long k = kmed__lora_token(lora, id);
+    return k >= 0 && im ? lora->token_rows + (size_t)k * (size_t)im->cfg.hidden_size : NULL;
 }
 
 KMED_API kmed_result kmed_lora_save(const kmed_lora *lora, const char *dir,
@@ -12895,9 +13011,9 @@ KMED_API kmed_result kmed_lora_save(const kmed_lora *lora, const char *dir,
     int l, t, first;
     if (!im) return KMED__ERR(err, KMED_ERR_STATE, "LoRA save: adapter not initialised");
     if ((rc = kmed_mkdir_p(dir, err)) != KMED_OK) return rc;
-    cap = (size_t)lora->n_layers * KMED_LORA_NTARGETS * 2;
-    ti = (kmed_tensor_info *)kmed__calloc(cap ? cap : 1, sizeof *ti);
-    names = (char(*)[128])kmed__calloc(cap ? cap : 1, sizeof *names);
+    cap = (size_t)lora->n_layers * KMED_LORA_NTARGETS * 2 + 1;
+    ti = (kmed_tensor_info *)kmed__calloc(cap, sizeof *ti);
+    names = (char(*)[128])kmed__calloc(cap, sizeof *names);
     if (!ti || !names) {
         KMED_FREE(ti);
         KMED_FREE(names);
@@ -12920,6 +13036,16 @@ KMED_API kmed_result kmed_lora_save(const kmed_lora *lora, const char *dir,
                 n++;
             }
         }
+    if (lora->n_tokens > 0) {
+        ti[n].name = KMED__LORA_TOKENS_TENSOR;
+        ti[n].dtype = KMED_F32;
+        ti[n].ndim = 2;
+        ti[n].shape[0] = (uint64_t)lora->n_tokens;
+        ti[n].shape[1] = (uint64_t)im->cfg.hidden_size;
+        ti[n].data = lora->token_rows;
+        ti[n].nbytes = (size_t)lora->n_tokens * (size_t)im->cfg.hidden_size * sizeof(float);
+        n++;
+    }
     rc = kmed_path_join(path, sizeof path, dir, "adapter_model.safetensors", err);
     if (rc == KMED_OK) rc = kmed_st_write(path, ti, n, mk, mv, 1, err);
     KMED_FREE(ti);
@@ -12968,8 +13094,19 @@ KMED_API kmed_result kmed_lora_save(const kmed_lora *lora, const char *dir,
        scale alpha / r */
     first = lora->scale != lora->alpha / (float)lora->r &&
             lora->scale == (float)(lora->alpha / sqrt((double)lora->r));
-    kmed_buf_printf(&js, "\n  ],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n"
-                         "  \"use_rslora\": %s\n}\n", first ? "true" : "false");
+    kmed_buf_puts(&js, "\n  ],\n  \"task_type\": \"CAUSAL_LM\",\n"
+                       "  \"trainable_token_indices\": ");
+    if (lora->n_tokens <= 0) kmed_buf_puts(&js, "null");
+    else {
+        int i;
+        kmed_buf_puts(&js, "[");
+        for (i = 0; i < lora->n_tokens; i++)
+            kmed_buf_printf(&js, "%s%d", i ? (i % 16 ? ", " : ",\n    ") : "",
+                            lora->token_ids[i]);
+        kmed_buf_puts(&js, "]");
+    }
+    kmed_buf_printf(&js, ",\n  \"use_dora\": false,\n  \"use_rslora\": %s\n}\n",
+                    first ? "true" : "false");
     if (js.failed) {
         kmed_buf_free(&js);
         return KMED__ERR(err, KMED_ERR_NOMEM, "LoRA save: out of memory");
@@ -13008,6 +13145,9 @@ KMED_API kmed_result kmed_lora_load(kmed_lora *lora, const kmed_gemma *m, const 
     const kmed_json *root, *j;
     kmed_st st;
     unsigned char *present = NULL;
+    int *tok = NULL;
+    size_t n_tok = 0;
+    const kmed_tensor_info *tok_t = NULL;
     int l, t, L = m->cfg.n_layers, r = 0, rslora = 0, have_st = 0;
     int64_t iv;
     double alpha;
@@ -13045,10 +13185,48 @@ KMED_API kmed_result kmed_lora_load(kmed_lora *lora, const kmed_gemma *m, const 
         rc = KMED__ERRF(err, KMED_ERR_UNSUPPORTED, path, "use_dora (DoRA adapters)");
         goto done;
     }
+    /* trainable_token_indices: a list of ids, or {"embed_tokens": list} */
+    j = kmed_json_get(root, "trainable_token_indices");
+    if (j && j->type == KMED_JSON_OBJECT) {
+        if (j->len != 1 || !(j = kmed_json_get(j, "embed_tokens"))) {
+            rc = KMED__ERRF(err, KMED_ERR_UNSUPPORTED, path, "trainable_token_indices for "
+                            "a layer other than embed_tokens");
+            goto done;
+        }
+    }
+    if (j && j->type != KMED_JSON_NULL) {
+        if (j->type != KMED_JSON_ARRAY) {
+            rc = KMED__ERRF(err, KMED_ERR_FORMAT, path, "\"trainable_token_indices\" must be "
+                            "a list of token ids");
+            goto done;
+        }
+        tok = (int *)kmed__calloc(j->len ? j->len : 1, sizeof(int));
+        if (!tok) { rc = KMED__ERR(err, KMED_ERR_NOMEM, "LoRA load: out of memory"); goto done; }
+        for (n_tok = 0; n_tok < j->len; n_tok++) {
+            if (!kmed_json_int(&j->kids[n_tok], &iv) || iv < 0 || iv >= m->cfg.vocab_size) {
+                rc = KMED__ERRF(err, KMED_ERR_FORMAT, path, "trainable_token_indices[%zu]: "
+                                "expected a token id in [0, %d)", n_tok, m->cfg.vocab_size);
+                goto done;
+            }
+            tok[n_tok] = (int)iv;
+        }
+    }
     rc = kmed_path_join(path, sizeof path, dir, "adapter_model.safetensors", err);
     if (rc == KMED_OK) rc = kmed_st_open(&st, path, err);
     if (rc != KMED_OK) goto done;
     have_st = 1;
+    tok_t = kmed_st_find(&st, KMED__LORA_TOKENS_TENSOR);
+    if (!tok_t) tok_t = kmed_st_find(&st, KMED__LORA_TOKENS_TENSOR ".default");
+    if (n_tok && !tok_t) {
+        rc = KMED__ERRF(err, KMED_ERR_FORMAT, path, "adapter_config.json lists %zu trainable "
+                        "tokens but there is no %s", n_tok, KMED__LORA_TOKENS_TENSOR);
+        goto done;
+    }
+    if (tok_t && !n_tok) {
+        rc = KMED__ERRF(err, KMED_ERR_FORMAT, path, "%s is there but adapter_config.json "
+                        "lists no trainable_token_indices", KMED__LORA_TOKENS_TENSOR);
+        goto done;
+    }
     present = (unsigned char *)kmed__calloc((size_t)L * KMED_LORA_NTARGETS, 1);
     if (!present) { rc = KMED__ERR(err, KMED_ERR_NOMEM, "LoRA load: out of memory"); goto done; }
     /* The tensors decide which (layer, target) pairs exist; with or without the
@@ -13070,9 +13248,21 @@ KMED_API kmed_result kmed_lora_load(kmed_lora *lora, const kmed_gemma *m, const 
             }
             present[l * KMED_LORA_NTARGETS + t] = (unsigned char)found;
         }
-    rc = kmed__lora_alloc(lora, &m->cfg, r, (float)alpha, present, err);
+    rc = kmed__lora_alloc(lora, &m->cfg, r, (float)alpha, present, tok, n_tok, err);
     if (rc != KMED_OK) goto done;
     if (rslora) lora->scale = (float)((double)lora->alpha / sqrt((double)r)); /* as saved */
+    if (tok_t) {   /* rows in the file's order, stored by ascending id */
+        size_t C = (size_t)m->cfg.hidden_size;
+        float *rows = (float *)kmed__calloc(n_tok * C, sizeof(float));
+        if (!rows) { rc = KMED__ERR(err, KMED_ERR_NOMEM, "LoRA load: out of memory"); goto done; }
+        rc = kmed__lora_read_tensor(tok_t, n_tok, C, rows, path, err);
+        for (i = 0; i < n_tok && rc == KMED_OK; i++)
+            memcpy(lora->token_rows + (size_t)kmed__lora_token(lora, tok[i]) * C,
+                   rows + i * C, C * sizeof(float));
+        KMED_FREE(rows);
+        if (rc != KMED_OK) goto done;
+        used++;
+    }
     for (l = 0; l < L; l++)
         for (t = 0; t < KMED_LORA_NTARGETS; t++) {
             size_t out, in;
@@ -13097,7 +13287,7 @@ KMED_API kmed_result kmed_lora_load(kmed_lora *lora, const kmed_gemma *m, const 
     /* Anything else (embedding adapters, modules_to_save, other layers) would be
        silently dropped: refuse instead. */
     for (i = 0; i < st.n_tensors && used != st.n_tensors; i++) {
-        int ok = 0;
+        int ok = &st.tensors[i] == tok_t;
         for (l = 0; l < L && !ok; l++)
             for (t = 0; t < KMED_LORA_NTARGETS && !ok; t++) {
                 int k;
@@ -13121,6 +13311,7 @@ done:
     kmed_json_free(&doc);
     KMED_FREE(text);
     KMED_FREE(present);
+    KMED_FREE(tok);
     return rc;
 }
 
@@ -13181,6 +13372,19 @@ KMED_API kmed_result kmed_lora_merge(kmed_gemma *m, const kmed_lora *lora, kmed_
                                  "adapter expects [%zu, %zu]", l, kmed__lora_names[t],
                                  w->rows, w->cols, out, in);
         }
+    if (lora->n_tokens > 0 &&
+        (m->embed.type != KMED_F32 || !m->embed.data ||
+         m->embed.cols != (size_t)m->cfg.hidden_size))
+        return KMED__ERR(err, KMED_ERR_UNSUPPORTED, "merge in place needs an F32 embedding "
+                         "for the adapter's trainable tokens; it is %s",
+                         kmed_dtype_name(m->embed.type));
+    for (i = 0; i < (size_t)lora->n_tokens; i++)
+        if ((size_t)lora->token_ids[i] >= m->embed.rows)
+            return KMED__ERR(err, KMED_ERR_SHAPE, "merge: trainable token %d outside the "
+                             "model's %zu embedding rows", lora->token_ids[i], m->embed.rows);
+    for (i = 0; i < (size_t)lora->n_tokens; i++)   /* PEFT: the rows are replaced */
+        memcpy((float *)(uintptr_t)m->embed.data + (size_t)lora->token_ids[i] * m->embed.cols,
+               lora->token_rows + i * m->embed.cols, m->embed.cols * sizeof(float));
     for (l = 0; l < lora->n_layers; l++)
         for (t = 0; t < KMED_LORA_NTARGETS; t++) {
             const kmed_weight *w = kmed__lora_base(&m->layers[l], t);
@@ -13235,7 +13439,10 @@ struct kmed_train {
     float *pall;               /* [total] every parameter: pblock, or the adapter's block
                                   (same order as params) */
     size_t total;
-    float *dembed, *dfinal;    /* full mode */
+    float *dembed, *dfinal;    /* full mode (dembed also with trainable tokens) */
+    float *tembed;             /* LoRA with trainable tokens: the f32 embedding the model
+                                  view reads, the token rows copied in before each forward */
+    size_t *tslot;             /* [lora->n_tokens] each trainable token's row in tembed */
     /* vocabulary compaction (cfg.used_tokens): m->cfg.vocab_size is the compact size n */
     size_t vocab;              /* the model's own vocabulary V */
     int *vmap;                 /* [V] compact row of each token; NULL: no compaction */
@@ -13376,6 +13583,9 @@ KMED_API void kmed_train_free(kmed_train *tr)
 {
     if (!tr) return;
     if (tr->full) KMED_FREE(tr->view.layers);   /* LoRA's view borrows m's layers */
+    else KMED_FREE(tr->dembed);                  /* full mode's lies in gblock */
+    KMED_FREE(tr->tembed);
+    KMED_FREE(tr->tslot);
     KMED_FREE(tr->vmap);
     KMED_FREE(tr->vembed);
     KMED_FREE(tr->rids);
@@ -13597,7 +13807,7 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     } else {
         r = (size_t)lora->r;
         total = kmed_lora_numel(lora);
-        maxp = (size_t)L * KMED_LORA_NTARGETS * 2;
+        maxp = (size_t)L * KMED_LORA_NTARGETS * 2 + 1;
         tr->lowest = L;
         for (l = L - 1; l >= 0; l--)
             for (t = 0; t < KMED_LORA_NTARGETS; t++)
@@ -13683,6 +13893,37 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
                 kmed__train_add_param(tr, name, lora->ab[l][t].B, 2, o_, r, &off);
                 tr->lg[l].dB[t] = tr->params[tr->np - 1].g;
             }
+        if (lora->n_tokens > 0) {
+            /* Trainable tokens: the forward reads an f32 embedding whose token rows are
+               the adapter's; the backward fills its whole gradient (as full mode) and the
+               token rows' part is the parameter's gradient. */
+            size_t k, nt = (size_t)lora->n_tokens;
+            kmed__train_add_param(tr, KMED__LORA_TOKENS_TENSOR, lora->token_rows, 2, nt, C,
+                                  &off);
+            tr->tembed = (float *)kmed__calloc(V * C, sizeof(float));
+            tr->dembed = (float *)kmed__calloc(V * C, sizeof(float));
+            tr->tslot = (size_t *)kmed__calloc(nt, sizeof(size_t));
+            if (!tr->tembed || !tr->dembed || !tr->tslot) goto nomem;
+            for (k = 0; k < nt; k++) {
+                int id = lora->token_ids[k];
+                tr->tslot[k] = tr->vmap ? (size_t)tr->vmap[id] : (size_t)id;
+                if (tr->vmap && tr->tslot[k] == tr->sh) {
+                    kmed_train_free(tr);
+                    return KMED__ERR(err, KMED_ERR_ARG, "train: trainable token %d is not "
+                                     "among cfg.used_tokens", id);
+                }
+            }
+            kmed__train_weight_f32(tr->tembed, &E);
+            if (!tr->vmap) {
+                tr->view = *m;
+                tr->view.impl_ = NULL;
+            }
+            tr->view.embed = E;
+            tr->view.embed.type = KMED_F32;
+            tr->view.embed.data = tr->tembed;
+            tr->m = &tr->view;
+            tr->lowest = 0;
+        }
         tr->pall = ((kmed__lora_impl *)lora->impl_)->block;
         KMED_ASSERT(off == total);
     }
@@ -13777,6 +14018,8 @@ KMED_API size_t kmed_train_count(const int *labels, size_t B, size_t T)
 KMED_API void kmed_train_zero_grad(kmed_train *tr)
 {
     memset(tr->gblock, 0, tr->total * sizeof(float));
+    if (tr->tembed)
+        memset(tr->dembed, 0, tr->view.embed.rows * tr->view.embed.cols * sizeof(float));
 }
 
 /* ---- trainer: forward and backward ---- */
@@ -14392,6 +14635,8 @@ KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
                              "is outside [0, %zu)", ids[i], i / T, i % T, V);
     NC = N * C;
     for (i = 0; i < N; i++) tr->pos[i] = (int)(i % T);
+    for (i = 0; tr->tembed && i < (size_t)tr->lora->n_tokens; i++)   /* after an update */
+        memcpy(tr->tembed + tr->tslot[i] * C, tr->lora->token_rows + i * C, C * sizeof(float));
     kmed__embed_forward(tr->resid, ids, tr->m->embed.data, tr->m->embed.type, N, C);
     for (l = 0; l < L; l++) {
         kmed__train_acts *a = &tr->acts[tr->cfg.checkpointing ? 0 : l];
@@ -14410,9 +14655,14 @@ KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
         if (tr->cfg.checkpointing)
             kmed__train_layer_forward(tr, l, a, tr->resid + (size_t)l * NC, tr->tmp2, B, T);
         kmed__train_layer_backward(tr, l, a, tr->resid + (size_t)l * NC, B, T,
-                                   tr->full || l > tr->lowest);
+                                   tr->dembed || l > tr->lowest);
     }
-    if (tr->full) kmed__embed_backward(tr->dembed, tr->dres, ids, N, C);
+    if (tr->dembed) kmed__embed_backward(tr->dembed, tr->dres, ids, N, C);
+    if (tr->tembed) {   /* dembed sums the step's micro-batches, so copy, not add */
+        float *g = tr->params[tr->np - 1].g;   /* the token rows, the last parameter */
+        for (i = 0; i < (size_t)tr->lora->n_tokens; i++)
+            memcpy(g + i * C, tr->dembed + tr->tslot[i] * C, C * sizeof(float));
+    }
     return KMED_OK;
 }
 
@@ -14447,7 +14697,7 @@ KMED_API double kmed_train_grad_norm(kmed_train *tr)
     double s = 0.0;
     size_t i;
     for (i = 0; i < tr->total; i++) s += (double)tr->gblock[i] * (double)tr->gblock[i];
-    if (tr->vmap && tr->dembed) {   /* the shared row's gradient is every shared token's */
+    if (tr->vmap && tr->full) {   /* the shared row's gradient is every shared token's */
         size_t C = (size_t)tr->m->cfg.hidden_size;
         double r = 0.0;
         const float *g = tr->dembed + tr->sh * C;   /* (C) */
@@ -16105,6 +16355,7 @@ typedef struct kmed__mg_src {
     kmed_lora lora;
     const kmed_tensor_info *t;   /* tensor being read */
     float *adapted;              /* (rows, cols) W + scale B A of t, or NULL */
+    int tokens;                  /* t is the embedding and the adapter replaces rows of it */
     size_t released;             /* bytes of t given back so far */
 } kmed__mg_src;
 
@@ -16212,8 +16463,12 @@ static kmed_result kmed__mg_src_begin(kmed__mg_src *s, const char *name, kmed_er
     int layer = -1, t;
     s->t = kmed_st_find(&s->st, name);
     s->released = 0;
+    s->tokens = 0;
     if (!s->t) return KMED__ERRF(err, KMED_ERR_NOT_FOUND, s->dir, "no tensor %s", name);
 #ifndef KMED_NO_TRAIN
+    s->tokens = s->lora_ok && s->lora.n_tokens > 0 && s->t->ndim == 2 &&
+                s->t->shape[1] == (uint64_t)s->m.cfg.hidden_size &&
+                !strcmp(name, "model.embed_tokens.weight");
     t = s->lora_ok ? kmed__mg_target_of(name, &layer) : -1;
     if (t >= 0 && layer < s->lora.n_layers && (s->lora.targets & (1u << t)) &&
         s->lora.ab[layer][t].A) {
@@ -16253,6 +16508,21 @@ static kmed_result kmed__mg_src_read(void *ctx, size_t off, size_t n, float *dst
     }
     es = kmed_dtype_bytes(s->t->dtype, 1);
     kmed_dequantize_row(s->t->dtype, (const unsigned char *)s->t->data + off * es, dst, n);
+    if (s->tokens) {   /* trainable tokens replace their rows (ids ascending) */
+        size_t C = (size_t)s->t->shape[1], lo = 0, hi = (size_t)s->lora.n_tokens, k;
+        while (lo < hi) {   /* the first token whose row ends after off */
+            size_t mid = lo + (hi - lo) / 2;
+            if (((size_t)s->lora.token_ids[mid] + 1) * C <= off) lo = mid + 1;
+            else hi = mid;
+        }
+        for (k = lo; k < (size_t)s->lora.n_tokens; k++) {
+            size_t a = (size_t)s->lora.token_ids[k] * C, b = a + C;
+            size_t from = a > off ? a : off, to = b < off + n ? b : off + n;
+            if (from >= off + n) break;
+            memcpy(dst + (from - off), s->lora.token_rows + k * C + (from - a),
+                   (to - from) * sizeof *dst);
+        }
+    }
     if (off == 0) s->released = 0; /* a new pass over the tensor */
     end = (off + n) * es;
     if (end - s->released >= ((size_t)8 << 20)) {
@@ -20884,7 +21154,8 @@ static void kmed__mcqa_flush(kmed__mcqa_run *run)
 {
     size_t i;
     if (!run->rows) return;
-    kmed_gemma_head(run->model, run->pool, run->xn, run->rows, run->fwd, run->logits);
+    kmed_gemma_head(run->model, run->lora, run->pool, run->xn, run->rows, run->fwd,
+                    run->logits);
     for (i = 0; i < run->rows; i++)
         run->lp[run->opt[i]] += kmed__mcqa_logprob(run->logits + i * run->V, run->V,
                                                    run->want[i]);

@@ -120,7 +120,7 @@ static void test_fixture(const char *fx)
     kmed_gguf_save_opts go;
     kmed_hf_save_opts ho;
     char hf[1100], ref[1200], tj[1200];
-    int have_tok;
+    int have_tok, k;
 
     snprintf(hf, sizeof hf, "%s/tiny-gemma2", fx);
     snprintf(tj, sizeof tj, "%s/gemma2-tokenizer/tokenizer.json", fx);
@@ -223,8 +223,9 @@ static void test_fixture(const char *fx)
     }
     kmed_gemma_free(&g);
 
-    /* Merging an adapter while writing equals merging in place, then writing. */
-    {
+    /* Merging an adapter while writing equals merging in place, then writing: the golden
+       adapter, then one with trainable tokens (embedding rows replaced). */
+    for (k = 0; k < 2; k++) {
         kmed_gemma mf;
         kmed_gemma_opts lo;
         kmed_lora lora;
@@ -234,7 +235,23 @@ static void test_fixture(const char *fx)
         lo.type = KMED_F32;
         snprintf(ad, sizeof ad, "%s/golden/lora_init", hf);
         CHECK_OK(kmed_gemma_load(&mf, hf, &lo, &e));
-        CHECK_OK(kmed_lora_load(&lora, &mf, ad, &e));
+        if (k == 0) CHECK_OK(kmed_lora_load(&lora, &mf, ad, &e));
+        else {
+            static const int tokens[2] = {300, 7};
+            kmed_lora_config lc;
+            size_t i;
+            memset(&lc, 0, sizeof lc);
+            lc.r = 2;
+            lc.targets = 1u << KMED_LORA_Q;
+            lc.seed = 3;
+            lc.tokens = tokens;
+            lc.n_tokens = 2;
+            CHECK_OK(kmed_lora_create(&lora, &mf, &lc, &e));
+            for (i = 0; i < 2 * (size_t)mf.cfg.hidden_size; i++)
+                lora.token_rows[i] = (float)i * 0.01f - 0.3f;
+            for (i = 0; i < (size_t)mf.cfg.hidden_size * 2; i++)   /* B: q_proj changes */
+                lora.ab[0][KMED_LORA_Q].B[i] = 0.1f;
+        }
         memset(&ho, 0, sizeof ho);
         ho.lora = &lora;
         CHECK_OK(kmed_gemma_save_hf(&mf, TMP "/merged_stream", &ho, &e));
@@ -259,7 +276,17 @@ static void test_fixture(const char *fx)
             CHECK(x && y && x->nbytes == y->nbytes && memcmp(x->data, y->data, x->nbytes));
             x = kmed_st_find(&a, "model.embed_tokens.weight");
             y = kmed_st_find(&b, "model.embed_tokens.weight");
-            CHECK(x && y && x->nbytes == y->nbytes && !memcmp(x->data, y->data, x->nbytes));
+            CHECK(x && y && x->nbytes == y->nbytes);
+            if (x && y && x->nbytes == y->nbytes && k == 0)
+                CHECK(!memcmp(x->data, y->data, x->nbytes));
+            if (x && y && x->nbytes == y->nbytes && k == 1) {   /* rows 7 and 300 only */
+                size_t rb = x->nbytes / (size_t)x->shape[0], r, differ = 0;
+                for (r = 0; r < (size_t)x->shape[0]; r++)
+                    differ += memcmp((const char *)x->data + r * rb,
+                                     (const char *)y->data + r * rb, rb) != 0;
+                CHECK(differ == 2);
+                CHECK(!memcmp((const char *)y->data + 7 * rb, lora.token_rows, rb));
+            }
             kmed_st_close(&a);
             kmed_st_close(&b);
         }

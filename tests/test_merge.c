@@ -586,9 +586,12 @@ static void disk_checks(void)
         int l, t;
         size_t i;
         CHECK_OK(kmed_gemma_load(&m, TMP "/base", NULL, &e));
+        static const int tokens[3] = {9, 1, 5};   /* trainable rows of the embedding too */
         memset(&lc, 0, sizeof lc);
         lc.r = 4;
         lc.seed = 9;
+        lc.tokens = tokens;
+        lc.n_tokens = 3;
         CHECK_OK(kmed_lora_create(&lora, &m, &lc, &e));
         kmed_rng_seed(&rng, 10);
         for (l = 0; l < lora.n_layers; l++)
@@ -598,6 +601,8 @@ static void disk_checks(void)
                     for (i = 0; i < rows * (size_t)lora.r; i++)
                         lora.ab[l][t].B[i] = (float)(0.05 * kmed_rng_normal(&rng));
                 }
+        for (i = 0; i < 3 * (size_t)m.cfg.hidden_size; i++)
+            lora.token_rows[i] += (float)(0.5 * kmed_rng_normal(&rng));
         CHECK_OK(kmed_lora_save(&lora, TMP "/adapter", "base", &e));
         memset(&so, 0, sizeof so);
         so.dtype = KMED_F32;
@@ -638,6 +643,17 @@ static void disk_checks(void)
             q0 = read_tensor(&sb, "model.layers.1.mlp.down_proj.weight", &n1);
             q1 = read_tensor(&a, "model.layers.1.mlp.down_proj.weight", &n2);
             CHECK(q0 && q1 && n1 == n2 && kmed_test_maxdiff(q0, q1, n1) > 1e-4);
+            free(q0);
+            free(q1);
+            /* and the rows of its trainable tokens (5 is one, 4 is not) */
+            q0 = read_tensor(&sb, "model.embed_tokens.weight", &n1);
+            q1 = read_tensor(&a, "model.embed_tokens.weight", &n2);
+            CHECK(q0 && q1 && n1 == n2);
+            if (q0 && q1 && n1 == n2) {
+                size_t C = n1 / (size_t)kmed_st_find(&sb, "model.embed_tokens.weight")->shape[0];
+                CHECK(kmed_test_maxdiff(q0 + 5 * C, q1 + 5 * C, C) > 1e-2);
+                CHECK(kmed_test_maxdiff(q0 + 4 * C, q1 + 4 * C, C) == 0);
+            }
             free(q0);
             free(q1);
             kmed_st_close(&sb);

@@ -1138,6 +1138,188 @@ static void test_compact(kmed_pool *pool)
     tiny_src_free(&s);
 }
 
+/* Trainable tokens (PEFT trainable_token_indices): rows start as the base's; the forward
+   with the adapter equals the merged model (input embedding and tied head); the token
+   rows' gradients pass finite differences and equal full training's embedding gradient
+   rows (B = 0, so both forwards are the base's), with or without vocabulary compaction;
+   the adapter saves and loads in any row order; bad adapters are refused. */
+static void test_tokens(kmed_pool *pool)
+{
+    static const int tokens[4] = {40, 5, 17, 3};   /* any order; stored ascending */
+    tiny_src s;
+    tiny_model tm, mm;
+    kmed_lora lora, back;
+    kmed_lora_config lc;
+    kmed_gemma_state st;
+    kmed_train *tr, *tf, *tc;
+    kmed_param *pt, *pf, *pc;
+    unsigned char used[TV];
+    int ids[TB * TT], labels[TB * TT], k, v;
+    float *l1 = (float *)malloc((size_t)TT * TV * sizeof(float));
+    float *l2 = (float *)malloc((size_t)TT * TV * sizeof(float));
+    size_t np, i, count;
+    double worst = 0;
+    kmed_error e = {0};
+    const char *dir = "build/test_tokens_adapter";
+    char path[256];
+
+    tiny_src_init(&s);
+    tiny_model_init(&tm, &s, KMED_F32, 0);
+    tiny_model_init(&mm, &s, KMED_F32, 0);
+    memset(&lc, 0, sizeof lc);
+    lc.r = 4; lc.alpha = 8; lc.seed = 3; lc.tokens = tokens; lc.n_tokens = 4;
+    CHECK_OK(kmed_lora_create(&lora, &tm.m, &lc, &e));
+    CHECK(lora.n_tokens == 4 && lora.token_ids[0] == 3 && lora.token_ids[3] == 40);
+    CHECK(kmed_lora_token_row(&lora, 17) && !kmed_lora_token_row(&lora, 16));
+    CHECK(!memcmp(kmed_lora_token_row(&lora, 17), s.w[0] + 17 * TC, TC * sizeof(float)));
+    CHECK(kmed_lora_numel(&lora) > 4 * TC);
+
+    /* gradients: token rows vs full training's dE rows, before B moves (B = 0) */
+    tiny_batch(ids, labels);
+    ids[1] = 5; ids[TT + 3] = 40; labels[5] = 17; labels[TT + 6] = 3;
+    count = kmed_train_count(labels, TB, TT);
+    tr = tiny_trainer(&tm.m, &lora, 0, 0, pool);
+    tf = tiny_trainer(&tm.m, NULL, 1, 0, pool);
+    np = kmed_train_params(tr, &pt);
+    kmed_train_params(tf, &pf);
+    CHECK(!strcmp(pt[np - 1].name, "base_model.model.model.embed_tokens.token_adapter."
+                                   "trainable_tokens_delta") && pt[np - 1].shape[0] == 4);
+    kmed_train_zero_grad(tr);
+    kmed_train_zero_grad(tf);
+    CHECK_OK(kmed_train_forward_backward(tr, ids, labels, TB, TT, (double)count, NULL, NULL, &e));
+    CHECK_OK(kmed_train_forward_backward(tf, ids, labels, TB, TT, (double)count, NULL, NULL, &e));
+    for (k = 0; k < 4; k++) {
+        double d = rel_diff(pt[np - 1].g + k * TC, pf[0].g + lora.token_ids[k] * TC, TC);
+        if (d > worst) worst = d;
+        CHECK(dmax(pt[np - 1].g + k * TC, TC) > 0);
+    }
+    CHECKF(worst < 1e-5, "token-row gradients differ from full training's by %.3g", worst);
+    kmed_train_free(tf);
+
+    /* the same through compaction (the tokens among the used ones) */
+    for (v = 0; v < TV; v++) used[v] = 1;
+    for (v = 60; v < TV; v++) used[v] = 0;
+    {
+        kmed_train_config cc;
+        memset(&cc, 0, sizeof cc);
+        cc.max_batch = TB; cc.max_seq = TT; cc.head_rows = 5; cc.used_tokens = used;
+        /* rows 60.. equal so they compact into one */
+        for (v = 61; v < TV; v++) memcpy((float *)tm.buf[0] + v * TC, (float *)tm.buf[0] + 60 * TC,
+                                         TC * sizeof(float));
+        kmed_train_free(tr);
+        tf = tiny_trainer(&tm.m, NULL, 1, 0, pool);   /* full, uncompacted: the reference */
+        kmed_train_params(tf, &pf);
+        tr = tiny_trainer(&tm.m, &lora, 0, 0, pool);
+        CHECK_OK(kmed_train_create(&tc, &tm.m, &lora, &cc, pool, &e));
+        CHECK(kmed_train_model(tc)->cfg.vocab_size == 61);
+        np = kmed_train_params(tc, &pc);
+        for (i = 0; i < (size_t)(TB * TT); i++) {   /* ids and labels among the used */
+            if (ids[i] >= 60) ids[i] = 7;
+            if (labels[i] >= 60) labels[i] = 8;
+        }
+        count = kmed_train_count(labels, TB, TT);
+        kmed_train_zero_grad(tc);
+        kmed_train_zero_grad(tf);
+        CHECK_OK(kmed_train_forward_backward(tc, ids, labels, TB, TT, (double)count, NULL, NULL,
+                                             &e));
+        CHECK_OK(kmed_train_forward_backward(tf, ids, labels, TB, TT, (double)count, NULL, NULL,
+                                             &e));
+        worst = 0;
+        for (k = 0; k < 4; k++) {
+            double d = rel_diff(pc[np - 1].g + k * TC, pf[0].g + lora.token_ids[k] * TC, TC);
+            if (d > worst) worst = d;
+        }
+        CHECKF(worst < 1e-5, "compact: token-row gradients differ by %.3g", worst);
+        kmed_train_free(tc);
+        kmed_train_free(tf);
+        {   /* a trainable token among the shared rows: refused, named */
+            static const int shared[1] = {70};
+            kmed_lora lx;
+            lc.tokens = shared; lc.n_tokens = 1;
+            CHECK_OK(kmed_lora_create(&lx, &tm.m, &lc, &e));
+            CHECK(kmed_train_create(&tc, &tm.m, &lx, &cc, pool, &e) == KMED_ERR_ARG);
+            CHECKF(strstr(e.msg, "trainable token 70"), "%s", e.msg);
+            kmed_lora_free(&lx);
+        }
+    }
+
+    /* finite differences through every parameter, B and the rows moved off the base */
+    lora_randomize_B(&lora);
+    for (i = 0; i < 4 * TC; i++) lora.token_rows[i] += 0.3f * (float)kmed_rng_normal(&trng);
+    fd_params(tr, ids, labels, "lora+tokens");
+    /* a step updates the rows, and the next forward reads them */
+    {
+        double a = 0, b = 0;
+        float r0 = lora.token_rows[0];
+        CHECK_OK(kmed_train_step(tr, ids, labels, 1, TB, TT, &a, &e));
+        CHECK(lora.token_rows[0] != r0);
+        CHECK_OK(kmed_train_loss(tr, ids, labels, TB, TT, &b, &e));
+        CHECK(b < a);
+    }
+    kmed_train_free(tr);
+
+    /* forward with the adapter == the merged model (embedding rows + tied head) */
+    memcpy(mm.buf[0], tm.buf[0], (size_t)TV * TC * sizeof(float));
+    CHECK_OK(kmed_lora_merge(&mm.m, &lora, &e));
+    CHECK(!memcmp((float *)mm.buf[0] + 5 * TC, kmed_lora_token_row(&lora, 5), TC * sizeof(float)));
+    CHECK_OK(kmed_gemma_state_init(&st, &tm.m, TT, &e));
+    CHECK_OK(kmed_gemma_forward(&tm.m, &lora, &st, pool, ids, TT, KMED_FWD_LOGITS_ALL, l1, NULL,
+                                &e));
+    st.pos = 0;
+    CHECK_OK(kmed_gemma_forward(&mm.m, NULL, &st, pool, ids, TT, KMED_FWD_LOGITS_ALL, l2, NULL,
+                                &e));
+    CHECKF(rel_diff(l1, l2, (size_t)TT * TV) < 1e-5, "adapter vs merged logits: %.3g",
+           rel_diff(l1, l2, (size_t)TT * TV));
+
+    /* save / load: same ids and rows, also from a file listing them in another order */
+    CHECK_OK(kmed_lora_save(&lora, dir, "tiny", &e));
+    CHECK_OK(kmed_lora_load(&back, &tm.m, dir, &e));
+    CHECK(back.n_tokens == 4 && !memcmp(back.token_ids, lora.token_ids, sizeof tokens));
+    CHECK(!memcmp(back.token_rows, lora.token_rows, 4 * TC * sizeof(float)));
+    kmed_lora_free(&back);
+    {
+        static const char cfg[] = "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8,"
+                                  " \"trainable_token_indices\": {\"embed_tokens\": [40, 3]}}";
+        kmed_tensor_info ti;
+        float rows[2 * TC];
+        memcpy(rows, kmed_lora_token_row(&lora, 40), TC * sizeof(float));
+        memcpy(rows + TC, kmed_lora_token_row(&lora, 3), TC * sizeof(float));
+        memset(&ti, 0, sizeof ti);
+        ti.name = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+        ti.dtype = KMED_F32; ti.ndim = 2; ti.shape[0] = 2; ti.shape[1] = TC;
+        ti.data = rows; ti.nbytes = sizeof rows;
+        snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+        CHECK_OK(kmed_st_write(path, &ti, 1, NULL, NULL, 0, &e));
+        snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+        CHECK_OK(kmed_file_write_atomic(path, cfg, sizeof cfg - 1, &e));
+        CHECK_OK(kmed_lora_load(&back, &tm.m, dir, &e));
+        CHECK(back.n_tokens == 2 && back.token_ids[0] == 3 && back.token_ids[1] == 40);
+        CHECK(!memcmp(kmed_lora_token_row(&back, 40), rows, TC * sizeof(float)));
+        CHECK(!memcmp(kmed_lora_token_row(&back, 3), rows + TC, TC * sizeof(float)));
+        kmed_lora_free(&back);
+        /* the list without the tensor, a duplicate id, an id outside the vocabulary */
+        snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+        CHECK_OK(kmed_st_write(path, &ti, 0, NULL, NULL, 0, &e));
+        CHECK(kmed_lora_load(&back, &tm.m, dir, &e) == KMED_ERR_FORMAT);
+        CHECKF(strstr(e.msg, "trainable_tokens_delta"), "%s", e.msg);
+    }
+    {
+        static const int dup[2] = {4, 4}, out_of[1] = {TV};
+        lc.tokens = dup; lc.n_tokens = 2;
+        CHECK(kmed_lora_create(&back, &tm.m, &lc, &e) == KMED_ERR_ARG);
+        CHECKF(strstr(e.msg, "twice"), "%s", e.msg);
+        lc.tokens = out_of; lc.n_tokens = 1;
+        CHECK(kmed_lora_create(&back, &tm.m, &lc, &e) == KMED_ERR_ARG);
+    }
+    kmed_gemma_state_free(&st);
+    kmed_lora_free(&lora);
+    tiny_model_free(&tm);
+    tiny_model_free(&mm);
+    tiny_src_free(&s);
+    free(l1);
+    free(l2);
+}
+
 int main(void)
 {
     const char *fx = kmed_test_fixtures();
@@ -1150,6 +1332,7 @@ int main(void)
     test_tiny(pool);
     test_resume_and_guards();
     test_compact(pool);
+    test_tokens(pool);
     if (fx) test_fixture(fx, pool);
     kmed_pool_free(pool);
     return kmed_test_done();

@@ -5,6 +5,7 @@
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "tools/common.h"
+#include <errno.h>
 
 static const char *usage =
     "usage: kmed-train --model PATH --data FILE --out DIR [options]\n"
@@ -31,6 +32,9 @@ static const char *usage =
     "  --targets LIST       q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, attn,\n"
     "                       mlp or all (default: all)\n"
     "  --init-adapter DIR   start from an existing PEFT adapter (default: fresh init)\n"
+    "  --train-tokens T     also train whole embedding rows (PEFT trainable_token_indices,\n"
+    "                       tied to the LM head): 'data' for every token the --data and\n"
+    "                       --val hold, or a comma list of ids (default: none)\n"
     "  --base-type T        f32, bf16, q8_0, q4_0 or stored: dtype of the frozen base\n"
     "                       (default: stored)\n"
     "  --optim adamw|sgd    optimiser (default: adamw)\n"
@@ -289,6 +293,34 @@ static void load_data(const char *path, const kmed_tok *tok, int cpt, size_t seq
 /* Sequence number `pos` of the data stream: epoch e = pos / n visits every sequence
    once in an order fixed by (seed, e), so a run resumes from pos alone. */
 /* Marks every token id of the sequences (inputs and labels). */
+/* --train-tokens: "data" (every id marked in used) or a comma list of ids in [0, V). */
+static int token_list(const char *spec, const unsigned char *used, int V, int **out)
+{
+    int n = 0, v;
+    int *ids = (int *)malloc(((size_t)V + 1) * sizeof *ids);
+    if (!ids) die("out of memory");
+    if (!strcmp(spec, "data")) {
+        for (v = 0; v < V; v++)
+            if (used[v]) ids[n++] = v;
+    } else {
+        const char *p = spec;
+        while (*p) {
+            char *end;
+            long id;
+            errno = 0;
+            id = strtol(p, &end, 10);
+            if (end == p || errno || id < 0 || id >= V || (*end && *end != ',') || n >= V)
+                usage_error(usage, "--train-tokens '%s': expected 'data' or comma-separated "
+                            "token ids in [0, %d)", spec, V);
+            ids[n++] = (int)id;
+            p = *end ? end + 1 : end;
+        }
+    }
+    if (n == 0) usage_error(usage, "--train-tokens '%s': no token", spec);
+    *out = ids;
+    return n;
+}
+
 static void mark_used(const seqs *s, unsigned char *used)
 {
     size_t i, t;
@@ -362,7 +394,8 @@ static void fmt_time(char *out, size_t cap, double s)
 int main(int argc, char **argv)
 {
     const char *model_path = NULL, *tok_path = NULL, *data_path = NULL, *val_path = NULL;
-    const char *out_dir = NULL, *targets_s = "all", *init_adapter = NULL, *base_type = "stored";
+    const char *out_dir = NULL, *targets_s = "all", *init_adapter = NULL,
+               *train_tokens = NULL, *base_type = "stored";
     const char *optim_s = "adamw", *schedule_s = "cosine", *mode_s = "sft", *save_grads = NULL;
     long eval_every = 50, lora_r = 8, warmup = 0, steps = 100, batch = 1, accum = 1;
     long seq_len = 256, ckpt_every = 50, threads = 0;
@@ -383,7 +416,7 @@ int main(int argc, char **argv)
     seqs train = {0}, val = {0};
     size_t n_ex, n_drop, *perm, step_seqs, *idx, tcap, T;
     uint64_t perm_epoch = (uint64_t)-1;
-    int *ids, *labels;
+    int *ids, *labels, *tokens = NULL;
     unsigned char *used;
     char ckpt_path[1100], svg_path[1100];
     float *hist_train, *hist_val;
@@ -409,6 +442,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--lora-alpha")) lora_alpha = arg_double(argc, argv, &i, usage);
         else if (!strcmp(a, "--targets")) targets_s = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--init-adapter")) init_adapter = arg_str(argc, argv, &i, usage);
+        else if (!strcmp(a, "--train-tokens")) train_tokens = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--base-type")) base_type = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--optim")) optim_s = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--lr")) lr = arg_double(argc, argv, &i, usage);
@@ -452,6 +486,9 @@ int main(int argc, char **argv)
         usage_error(usage, "--steps, --batch (<= 256), --accum >= 1, --seq-len >= 2; "
                     "--warmup, --eval-every, --ckpt-every, --threads >= 0");
     if (full && init_adapter) usage_error(usage, "--full and --init-adapter exclude each other");
+    if (train_tokens && (full || init_adapter))
+        usage_error(usage, "--train-tokens is for a fresh adapter (not with --full or "
+                    "--init-adapter, whose adapter_config.json lists its tokens)");
     if (kmed_lora_targets_parse(targets_s, &targets, &err) != KMED_OK)
         usage_error(usage, "--targets: %s", err.msg);
 
@@ -491,6 +528,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "kmed-train: %s: %zu validation sequences\n", val_path, val.n);
     }
 
+    /* tokens the data holds: the rows of the others, when equal, train as one */
+    used = (unsigned char *)calloc((size_t)m.cfg.vocab_size, 1);
+    if (!used) die("out of memory");
+    mark_used(&train, used);
+    mark_used(&val, used);
     if (!full) {
         if (init_adapter) {
             die_if(kmed_lora_load(&lora, &m, init_adapter, &err), &err, "loading adapter");
@@ -500,9 +542,18 @@ int main(int argc, char **argv)
             lc.alpha = (float)lora_alpha;
             lc.targets = targets;
             lc.seed = seed;
+            if (train_tokens) lc.n_tokens = token_list(train_tokens, used, m.cfg.vocab_size,
+                                                       &tokens);
+            lc.tokens = tokens;
             die_if(kmed_lora_create(&lora, &m, &lc, &err), &err, "creating adapter");
+            free(tokens);
+            if (lora.n_tokens)
+                fprintf(stderr, "kmed-train: %d trainable tokens (embedding rows, tied to the "
+                        "LM head)\n", lora.n_tokens);
         }
+        for (i = 0; i < lora.n_tokens; i++) used[lora.token_ids[i]] = 1;
     }
+    used[m.cfg.pad_id] = 1;   /* padding */
     memset(&tc, 0, sizeof tc);
     tc.full = full;
     tc.max_batch = (int)batch;
@@ -520,12 +571,6 @@ int main(int argc, char **argv)
     tc.optim.warmup = warmup;
     tc.optim.total_steps = steps;
     tc.optim.min_lr_ratio = (float)min_lr_ratio;
-    /* tokens the data holds: the rows of the others, when equal, train as one */
-    used = (unsigned char *)calloc((size_t)m.cfg.vocab_size, 1);
-    if (!used) die("out of memory");
-    mark_used(&train, used);
-    mark_used(&val, used);
-    used[m.cfg.pad_id] = 1;   /* padding */
     tc.used_tokens = used;
     die_if(kmed_pool_create(&pool, (int)threads, &err), &err, "creating thread pool");
     die_if(kmed_train_create(&tr, &m, full ? NULL : &lora, &tc, pool, &err), &err,
