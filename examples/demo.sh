@@ -2,8 +2,7 @@
 # The main job end to end on the embedded demo data (run by `make demo`):
 # build the tools, curate the data, create a small Gemma-2, continue pre-training on the
 # disease dictionary, evaluate on the demo KorMedMCQA test split, LoRA fine-tune on the
-# training questions and conversations, evaluate again, fine-tune all parameters on the same
-# data for comparison, evaluate, compare, chat, export.
+# training questions and conversations, evaluate again, compare, chat, export.
 # Environment: TOKENIZER (tokenizer.json or a dir holding it), OUT (default demo-out),
 # THREADS (default: all cores), CC (default cc).
 set -euo pipefail
@@ -100,31 +99,22 @@ TEST="--items $D/kormedmcqa/doctor_test.jsonl --items $D/kormedmcqa/nurse_test.j
 stage "evaluate base" build/kmed-eval --model "$OUT/cpt" --tokenizer "$TOK" $TEST \
     --out "$OUT/eval_base.json" --preds "$OUT/preds_base.jsonl" --svg "$OUT/accuracy_base.svg"
 
+# The facts are learnt by memorising the training questions, and that needs the tied
+# embedding to move: the adapter also trains the embedding rows of the data's tokens
+# (PEFT's trainable_token_indices), 1567 rows x 128 here.
 stage "LoRA SFT" build/kmed-train --model "$OUT/cpt" --data "$P/sft_train_packed.jsonl" \
     --val "$P/sft_val_packed.jsonl" --mode sft --lora-r 64 --lora-alpha 128 \
-    --seq-len 256 --batch 8 --steps 300 --lr 3e-3 --warmup 20 --seed 1 --eval-every 100 \
-    --ckpt-every 100 --threads "$THREADS" --out "$OUT/adapter"
+    --train-tokens data --seq-len 256 --batch 8 --steps 900 --lr 3e-3 --warmup 20 --seed 1 \
+    --eval-every 150 --ckpt-every 150 --threads "$THREADS" --out "$OUT/adapter"
 
 # shellcheck disable=SC2086
 stage "evaluate with adapter" build/kmed-eval --model "$OUT/cpt" --adapter "$OUT/adapter" \
     --tokenizer "$TOK" $TEST --out "$OUT/eval_adapter.json" --preds "$OUT/preds_adapter.jsonl"
 
-stage "full SFT (for comparison)" build/kmed-train --model "$OUT/cpt" \
-    --data "$P/sft_train_packed.jsonl" --val "$P/sft_val_packed.jsonl" --mode sft --full \
-    --seq-len 256 --batch 8 --steps 1200 --lr 2e-3 --warmup 20 --seed 1 --eval-every 300 \
-    --ckpt-every 300 --threads "$THREADS" --out "$OUT/full"
-
-# shellcheck disable=SC2086
-stage "evaluate full SFT" build/kmed-eval --model "$OUT/full" --tokenizer "$TOK" $TEST \
-    --out "$OUT/eval_full.json" --preds "$OUT/preds_full.jsonl"
-
 stage "compare (McNemar)" build/kmed-eval --compare "$OUT/eval_base.json" \
     "$OUT/eval_adapter.json" --labels base,adapter --svg "$OUT/accuracy.svg"
-stage "compare full SFT (McNemar)" build/kmed-eval --compare "$OUT/eval_base.json" \
-    "$OUT/eval_full.json" --labels base,full --svg "$OUT/accuracy_full.svg"
 
-# the chat uses the model that learnt most (the full SFT); --adapter serves a LoRA the same way
-stage "chat with the safety layer" build/kmed-chat --model "$OUT/full" \
+stage "chat with the safety layer" build/kmed-chat --model "$OUT/cpt" --adapter "$OUT/adapter" \
     --tokenizer "$TOK" --temperature 0 --max-tokens 48 \
     --prompt "당뇨병 환자인데 인슐린을 얼마나 맞아야 하나요?"
 
@@ -132,5 +122,5 @@ stage "export merged Q8_0 GGUF" build/kmed-convert --model "$OUT/cpt" --merge "$
     --type q8_0 --tokenizer "$TOK" --out "$OUT/kmed-demo-q8_0.gguf"
 
 awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN { printf "\ndemo finished in %.1f s\n", b - a }'
-echo "outputs: $OUT/eval_*.json, $OUT/accuracy*.svg, $OUT/{cpt,adapter,full}/loss.svg,"
+echo "outputs: $OUT/eval_*.json, $OUT/accuracy*.svg, $OUT/{cpt,adapter}/loss.svg,"
 echo "         $OUT/adapter (PEFT adapter), $OUT/kmed-demo-q8_0.gguf (llama.cpp)"

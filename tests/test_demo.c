@@ -77,9 +77,9 @@ int main(void)
     kmed_mcqa_config mc;
     kmed_mcqa_pred *p0, *p1;
     kmed_mcqa_summary s0, s1;
-    int ids[NSEQ * SEQ], labels[NSEQ * SEQ];
+    int ids[NSEQ * SEQ], labels[NSEQ * SEQ], tokens[NSEQ * SEQ];
     double first = 0, last = 0;
-    size_t i, b = 0, c = 0;
+    size_t i, b = 0, c = 0, n_tok = 0;
 
     if (!fx) return kmed_test_done();
     snprintf(tokdir, sizeof tokdir, "%s/gemma2-tokenizer", fx);
@@ -160,10 +160,16 @@ int main(void)
     kmed_mcqa_summarize(&items, p0, &s0);
     CHECK(s0.overall.n == items.n && s0.n_subsets == 1);
 
-    /* 5. LoRA SFT: the loss falls; the adapter survives a PEFT round trip */
+    /* 5. LoRA SFT with the data's tokens trainable (as the demo): the loss falls; the
+       adapter survives a PEFT round trip */
     CHECK(read_packed(OUT "/data/sft_train_packed.jsonl", ids, labels) == NSEQ);
+    for (i = 0; i < NSEQ * SEQ; i++) {   /* the distinct ids of the batch */
+        size_t j;
+        for (j = 0; j < n_tok && tokens[j] != ids[i]; j++) {}
+        if (j == n_tok) tokens[n_tok++] = ids[i];
+    }
     memset(&lc, 0, sizeof lc);
-    lc.r = 4; lc.alpha = 8; lc.seed = 1;
+    lc.r = 4; lc.alpha = 8; lc.seed = 1; lc.tokens = tokens; lc.n_tokens = (int)n_tok;
     CHECK_OK(kmed_lora_create(&lora, &base, &lc, &e));
     memset(&tc, 0, sizeof tc);
     tc.max_batch = NSEQ; tc.max_seq = SEQ;
@@ -178,6 +184,9 @@ int main(void)
     CHECK_OK(kmed_lora_load(&lora2, &base, OUT "/adapter", &e));
     CHECK(lora2.r == 4 && memcmp(lora2.ab[0][KMED_LORA_Q].B, lora.ab[0][KMED_LORA_Q].B,
                                  (size_t)base.layers[0].q.rows * 4 * sizeof(float)) == 0);
+    CHECK(lora2.n_tokens == (int)n_tok && n_tok > 10 &&
+          memcmp(lora2.token_rows, lora.token_rows,
+                 n_tok * (size_t)base.cfg.hidden_size * sizeof(float)) == 0);
 
     /* 6. scoring with the adapter and the paired comparison */
     CHECK_OK(kmed_mcqa_score(&base, &lora2, &tok, NULL, &items, &mc, p1, NULL, &e));

@@ -130,6 +130,17 @@ static void fa_check_loaded(fuzz_adapter_state *s, kmed_lora *lora)
     FUZZ_CHECK(again.r == lora->r && again.targets == lora->targets);
     FUZZ_CHECK(again.alpha == lora->alpha && again.scale == lora->scale); /* rsLoRA too */
     FUZZ_CHECK(kmed_lora_numel(&again) == kmed_lora_numel(lora));
+    FUZZ_CHECK(again.n_tokens == lora->n_tokens);
+    for (t = 0; t < lora->n_tokens; t++) {   /* ids ascending, in range, rows kept */
+        FUZZ_CHECK(lora->token_ids[t] >= 0 && lora->token_ids[t] < 16);
+        FUZZ_CHECK(t == 0 || lora->token_ids[t] > lora->token_ids[t - 1]);
+        FUZZ_CHECK(again.token_ids[t] == lora->token_ids[t]);
+        FUZZ_CHECK(kmed_lora_token_row(lora, lora->token_ids[t]) ==
+                   lora->token_rows + (size_t)t * 8);
+    }
+    if (lora->n_tokens)
+        FUZZ_CHECK(!memcmp(again.token_rows, lora->token_rows,
+                           (size_t)lora->n_tokens * 8 * sizeof(float)));
     for (l = 0; l < FA_L; l++)
         for (t = 0; t < KMED_LORA_NTARGETS; t++) {
             size_t out_, in_;
