@@ -20,6 +20,7 @@ static const char *usage =
     "  --mixed            with --type q4_0: token_embd in Q8_0 like llama-quantize without\n"
     "                     --pure (default: off, every 2-D tensor in q4_0)\n"
     "  --merge DIR        merge a PEFT LoRA adapter directory into the written weights\n"
+    "                     (its trainable token rows replace theirs in the embedding)\n"
     "                     (default: none)\n"
     "  --tokenizer PATH   tokenizer.json (or a directory holding it) for the GGUF tokenizer\n"
     "                     metadata; HF output: its files are copied to --out (default: the\n"
