@@ -830,7 +830,8 @@ enum {
    and advances st->pos by n. logits: see the flags (final soft-cap applied); NULL with
    neither flag. hidden (L+1, n, C), optional: the residual stream after the scaled
    embedding and after each layer. lora may be NULL; when set, every adapted target adds
-   scale * (x A^T) B^T. Parallel through pool (may be NULL); results do not depend on its
+   scale * (x A^T) B^T and its trainable tokens' rows replace theirs in the embedding and
+   the tied head. Parallel through pool (may be NULL); results do not depend on its
    thread count. KMED_ERR_LIMIT if st->pos + n > st->max_tokens; KMED_ERR_ARG for an id
    outside [0, V); on error st->pos is unchanged. */
 KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lora,
@@ -840,7 +841,8 @@ KMED_API kmed_result kmed_gemma_forward(const kmed_gemma *m, const kmed_lora *lo
 /* Logits (rows, V) of final-normed hidden states xn (rows, C) from KMED_FWD_NO_HEAD: the
    tied LM head and the final soft-cap, exactly as kmed_gemma_forward applies them. Lets a
    caller gather the rows of several forwards (e.g. the options of a question) and read the
-   V x C embedding once for all of them. flags: KMED_FWD_FAST or 0. */
+   V x C embedding once for all of them. flags: KMED_FWD_FAST or 0. lora may be NULL; its
+   trainable tokens' rows replace theirs in the head, as in the forward. */
 KMED_API void kmed_gemma_head(const kmed_gemma *m, const kmed_lora *lora, kmed_pool *pool,
                               const float *xn, size_t rows, int flags, float *logits);
 
