@@ -14405,14 +14405,16 @@ static void kmed__train_head_grad_fn(void *ctx, size_t b, size_t e, int thread)
     float *cur = tr->head_scratch + (size_t)thread * tr->head_floats;
     float *G = kmed__train_take(&cur, nb * KMED__TRAIN_VC);     /* (nb, VC) */
     float *ap = kmed__train_take(&cur, k * KMED__MR);
-    float *bp = kmed__train_take(&cur, (C + KMED__NR) * KMED__TRAIN_VC); /* E panels */
+    float *ef = kmed__train_take(&cur, (C + KMED__NR) * KMED__TRAIN_VC); /* E rows, f32 */
     float *tmp = kmed__train_take(&cur, KMED__NR * big);
+    float *lastp = ef + C * KMED__TRAIN_VC;    /* (VC, NR): the last, partial C panel */
+    size_t clast = C - C % KMED__NR;           /* its first column (C when none) */
     kmed__gsrc Es, Gt, Gn;
     KMED_ASSERT(cur <= tr->head_scratch + (size_t)(thread + 1) * tr->head_floats);
     memset(&Es, 0, sizeof Es);
-    Es.p = E->data; Es.t = E->type; Es.ld = C; Es.alpha = 1.0f;
+    Es.t = KMED_F32; Es.ld = C; Es.alpha = 1.0f;
     Gt = Es;
-    Gt.p = G; Gt.t = KMED_F32; Gt.ld = KMED__TRAIN_VC; Gt.trans = 1; /* A(v, r) = G[r][v] */
+    Gt.p = G; Gt.ld = KMED__TRAIN_VC; Gt.trans = 1;                   /* A(v, r) = G[r][v] */
     Gn = Gt;
     Gn.trans = 0;                                                    /* A(r, v) = G[r][v] */
     for (p = b; p < e; p++) {
@@ -14442,23 +14444,24 @@ static void kmed__train_head_grad_fn(void *ctx, size_t b, size_t e, int thread)
                 }
             if (tr->sh >= v0 && tr->sh < v0 + vc)   /* dx sums over every shared token */
                 for (r = 0; r < nb; r++) G[r * KMED__TRAIN_VC + tr->sh - v0] *= tr->sh_count;
-            /* E's chunk as the B operand: f32 rows in place, other dtypes and a last partial
-               panel packed */
-            for (jc = 0; jc < C; jc += KMED__NR)
-                if (E->type != KMED_F32 || jc + KMED__NR > C)
-                    kmed__pack_b(bp + jc * vc, &Es, v0, vc, jc,
-                                 C - jc < KMED__NR ? C - jc : KMED__NR, tmp);
+            /* E's chunk as the B operand, read in place as f32 rows: the model's own, or
+               dequantized here whole rows at a time; a last partial panel packed */
+            if (E->type == KMED_F32) Es.p = (const float *)E->data + v0 * C;
+            else {
+                size_t rb = kmed_dtype_bytes(E->type, C);
+                for (r = 0; r < vc; r++)
+                    kmed__dequant_span(E->type, (const unsigned char *)E->data + (v0 + r) * rb,
+                                       0, C, ef + r * C);
+                Es.p = ef;
+            }
+            if (clast < C) kmed__pack_b(lastp, &Es, 0, vc, clast, C - clast, tmp);
             for (s = 0; s < nb; s += KMED__MR) {   /* dx[s ..][C] += G E[chunk] */
                 size_t mr = nb - s < KMED__MR ? nb - s : KMED__MR;
                 kmed__pack_a(ap, &Gn, s, mr, 0, vc);
-                for (jc = 0; jc < C; jc += KMED__NR) {
-                    int direct = E->type == KMED_F32 && jc + KMED__NR <= C;
-                    kmed__gemm_ukr_ldb(vc, ap,
-                                       direct ? (const float *)E->data + v0 * C + jc
-                                              : bp + jc * vc,
-                                       direct ? C : KMED__NR, dxp + s * C + jc, C, 1, mr,
+                for (jc = 0; jc < C; jc += KMED__NR)
+                    kmed__gemm_ukr_ldb(vc, ap, jc < clast ? (const float *)Es.p + jc : lastp,
+                                       jc < clast ? C : KMED__NR, dxp + s * C + jc, C, 1, mr,
                                        C - jc < KMED__NR ? C - jc : KMED__NR);
-                }
             }
         }
     }
