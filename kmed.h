@@ -12866,15 +12866,12 @@ static kmed_result kmed__lora_alloc(kmed_lora *lora, const kmed_gemma_config *cf
             }
     total += n_tok * C;
     im = (kmed__lora_impl *)kmed__calloc(1, sizeof *im);
+    lora->impl_ = im;   /* from here on kmed_lora_free undoes whatever was allocated */
     lora->ab = (kmed_lora_ab(*)[KMED_LORA_NTARGETS])kmed__calloc((size_t)L, sizeof *lora->ab);
     lora->token_ids = (int *)kmed__calloc(n_tok ? n_tok : 1, sizeof(int));
     if (im) im->block = (float *)kmed__calloc(total ? total : 1, sizeof(float));
     if (!im || !lora->ab || !lora->token_ids || !im->block) {
-        if (im) KMED_FREE(im->block);
-        KMED_FREE(im);
-        KMED_FREE(lora->ab);
-        KMED_FREE(lora->token_ids);
-        memset(lora, 0, sizeof *lora);
+        kmed_lora_free(lora);
         return KMED__ERR(err, KMED_ERR_NOMEM, "LoRA adapter: out of memory (%zu floats)",
                          total);
     }
@@ -12885,11 +12882,7 @@ static kmed_result kmed__lora_alloc(kmed_lora *lora, const kmed_gemma_config *cf
     for (i = 1; i < n_tok; i++)
         if (lora->token_ids[i] == lora->token_ids[i - 1]) {
             int dup = lora->token_ids[i];
-            KMED_FREE(im->block);
-            KMED_FREE(im);
-            KMED_FREE(lora->ab);
-            KMED_FREE(lora->token_ids);
-            memset(lora, 0, sizeof *lora);
+            kmed_lora_free(lora);
             return KMED__ERR(err, KMED_ERR_ARG, "LoRA: trainable token id %d given twice",
                              dup);
         }
@@ -12909,7 +12902,6 @@ static kmed_result kmed__lora_alloc(kmed_lora *lora, const kmed_gemma_config *cf
     lora->alpha = alpha;
     lora->scale = alpha / (float)r;
     lora->n_layers = L;
-    lora->impl_ = im;
     return KMED_OK;
 }
 
