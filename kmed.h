@@ -6682,89 +6682,196 @@ typedef struct kmed__vq_ctx {
     unsigned char *wbuf;       /* per thread: wbuf_bytes each */
 } kmed__vq_ctx;
 
-/* Dot of one weight row with one x row; zb: the row's decoded pairs, or NULL to decode in
-   registers (M = 1). Same arithmetic either way. */
-static float kmed__vq_dot(const kmed__vq_ctx *c, const unsigned char *row, const __m512i *zb,
-                          const float *dw, const unsigned char *xr, float *sc)
+/* Lane sums of four vectors, each by the same halving tree (quarters 0+2 and 1+3, then
+   their sum, then pairs within the quarter), so a row's result does not depend on which
+   rows share the call. */
+static void kmed__vq_hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float *out)
 {
-    size_t nb = c->K / KMED_QK, np = nb / 2, j, p, g;
-    const float *xd = (const float *)(const void *)(xr + c->K), *cx = xd + nb;
-    /* lane -> block of the pair: Q4_0 lanes alternate by fours, Q8_0 by eights */
-    const __m512i base = c->wt == KMED_Q4_0
-        ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
-        : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i two = _mm512_set1_epi32(2);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, accb = acc0;
-    float r;
+    __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44),
+                             _mm512_shuffle_f32x4(v0, v1, 0xEE));
+    __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44),
+                             _mm512_shuffle_f32x4(v2, v3, 0xEE));
+    __m512 h = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+    float t[16];
+    h = _mm512_add_ps(h, _mm512_permute_ps(h, 0x4E));
+    h = _mm512_add_ps(h, _mm512_permute_ps(h, 0xB1));
+    _mm512_storeu_ps(t, h);
+    out[0] = t[0];
+    out[1] = t[4];
+    out[2] = t[8];
+    out[3] = t[12];
+}
+
+/* Per-row setup of a dot: sc[b] = dw[b] * xd[b] (weight scale times x scale), and the bias
+   term sum_b sc[b] * cx[b] as a vector (whole groups of 16) plus a scalar (the rest). */
+static __m512 kmed__vq_scales(size_t nb, const float *dw, const float *xd, const float *cx,
+                              float *sc, float *rest)
+{
+    __m512 accb = _mm512_setzero_ps();
+    size_t j;
+    float r = 0.0f;
     for (j = 0; j + 16 <= nb; j += 16) {
         __m512 s = _mm512_mul_ps(_mm512_loadu_ps(dw + j), _mm512_loadu_ps(xd + j));
         _mm512_storeu_ps(sc + j, s);
         accb = _mm512_fmadd_ps(s, _mm512_loadu_ps(cx + j), accb);
     }
-    r = 0.0f;
     for (; j < nb; j++) {
         sc[j] = dw[j] * xd[j];
         r += sc[j] * cx[j];
     }
-    r += _mm512_reduce_add_ps(accb);
+    *rest = r;
+    return accb;
+}
+
+/* An odd last block's exact integer dot, minus the bias term already counted through cx. */
+static float kmed__vq_odd(const kmed__vq_ctx *c, const unsigned char *row,
+                          const unsigned char *xr, const float *sc, const float *cx)
+{
+    size_t nb = c->K / KMED_QK, j;
+    const int8_t *xq = (const int8_t *)(xr + (nb - 1) * KMED_QK);
+    int sumi = 0;
+    if (c->wt == KMED_Q4_0) {
+        const kmed_block_q4_0 *k = (const kmed_block_q4_0 *)(const void *)row + nb - 1;
+        for (j = 0; j < 16; j++)
+            sumi += ((k->qs[j] & 15) - 8) * xq[j] + ((k->qs[j] >> 4) - 8) * xq[j + 16];
+    } else {
+        const kmed_block_q8_0 *k = (const kmed_block_q8_0 *)(const void *)row + nb - 1;
+        for (j = 0; j < 32; j++) sumi += k->qs[j] * xq[j];
+    }
+    return (float)sumi * sc[nb - 1] - sc[nb - 1] * cx[nb - 1];
+}
+
+/* lane -> block of the pair: Q4_0 lanes alternate by fours, Q8_0 by eights */
+static __m512i kmed__vq_lanes(kmed_dtype wt)
+{
+    return wt == KMED_Q4_0
+        ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+        : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+
+/* One pair step of a row: acc += float(z . x) * its blocks' scales (picked per lane). */
+#define KMED__VQ_STEP(acc, z, x, sv, idx) \
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), z, x)), \
+                          _mm512_permutexvar_ps(idx, sv), acc)
+
+/* Dot of one weight row, its pairs decoded in zb, with one x row (M > 1: the decode is
+   shared by the M rows of x). */
+static float kmed__vq_dot(const kmed__vq_ctx *c, const unsigned char *row, const __m512i *zb,
+                          const float *dw, const unsigned char *xr, float *sc)
+{
+    size_t nb = c->K / KMED_QK, np = nb / 2, p, g;
+    const float *xd = (const float *)(const void *)(xr + c->K), *cx = xd + nb;
+    const __m512i two = _mm512_set1_epi32(2);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, accb;
+    float r, hs[4];
+    accb = kmed__vq_scales(nb, dw, xd, cx, sc, &r);
     /* 8 pairs per group share one vector of 16 block scales, picked per lane by vpermps */
     for (g = 0; g < np; g += 8) {
         __m512 sv = _mm512_loadu_ps(sc + 2 * g);   /* sc has 16 floats of slack */
-        __m512i idx = base;
+        __m512i idx = kmed__vq_lanes(c->wt);
         size_t pe = np - g < 8 ? np : g + 8;
         for (p = g; p < pe; p += 2) {
             /* two pairs per step on two accumulators hide the FMA latency */
-            __m512i z0 = zb ? zb[p] : kmed__vw_pair(row, c->wt, p);
-            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z0,
-                                             _mm512_loadu_si512((const void *)(xr + p * 64)));
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(idx, sv), acc0);
+            KMED__VQ_STEP(acc0, zb[p], _mm512_loadu_si512((const void *)(xr + p * 64)), sv, idx);
             idx = _mm512_add_epi32(idx, two);
             if (p + 1 < pe) {
-                __m512i z1 = zb ? zb[p + 1] : kmed__vw_pair(row, c->wt, p + 1);
-                __m512i x1 = _mm512_loadu_si512((const void *)(xr + p * 64 + 64));
-                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z1, x1);
-                acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(idx, sv),
-                                       acc1);
+                KMED__VQ_STEP(acc1, zb[p + 1], _mm512_loadu_si512((const void *)(xr + p * 64 + 64)),
+                              sv, idx);
                 idx = _mm512_add_epi32(idx, two);
             }
         }
     }
-    r += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-    if (nb & 1) {   /* odd last block: exact integer dot */
-        const int8_t *xq = (const int8_t *)(xr + (nb - 1) * KMED_QK);
-        int sumi = 0;
-        if (c->wt == KMED_Q4_0) {
-            const kmed_block_q4_0 *k = (const kmed_block_q4_0 *)(const void *)row + nb - 1;
-            for (j = 0; j < 16; j++)
-                sumi += ((k->qs[j] & 15) - 8) * xq[j] + ((k->qs[j] >> 4) - 8) * xq[j + 16];
-        } else {
-            const kmed_block_q8_0 *k = (const kmed_block_q8_0 *)(const void *)row + nb - 1;
-            for (j = 0; j < 32; j++) sumi += k->qs[j] * xq[j];
-        }
-        /* this block's bias term was already added through cx; take it back out */
-        r += (float)sumi * sc[nb - 1] - sc[nb - 1] * cx[nb - 1];
-    }
+    kmed__vq_hsum4(accb, _mm512_add_ps(acc0, acc1), accb, accb, hs);
+    r += hs[0];
+    r += hs[1];
+    if (nb & 1) r += kmed__vq_odd(c, row, xr, sc, cx);
     return r;
 }
+
+/* Four weight rows against one x row (M = 1, decode): each x pair is loaded once for the
+   four and the pairs are decoded in registers. Each row's arithmetic is kmed__vq_dot's. */
+static void kmed__vq_dot4(const kmed__vq_ctx *c, const unsigned char *const *rows,
+                          float *const *dw, const unsigned char *xr, float *const *sc,
+                          float *out)
+{
+    size_t nb = c->K / KMED_QK, np = nb / 2, p, g;
+    const float *xd = (const float *)(const void *)(xr + c->K), *cx = xd + nb;
+    const __m512i two = _mm512_set1_epi32(2);
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
+    __m512 a20 = a00, a21 = a00, a30 = a00, a31 = a00, b0, b1, b2, b3;
+    float r[4], hb[4], hs[4];
+    int i;
+    b0 = kmed__vq_scales(nb, dw[0], xd, cx, sc[0], &r[0]);
+    b1 = kmed__vq_scales(nb, dw[1], xd, cx, sc[1], &r[1]);
+    b2 = kmed__vq_scales(nb, dw[2], xd, cx, sc[2], &r[2]);
+    b3 = kmed__vq_scales(nb, dw[3], xd, cx, sc[3], &r[3]);
+    for (g = 0; g < np; g += 8) {
+        __m512 s0 = _mm512_loadu_ps(sc[0] + 2 * g), s1 = _mm512_loadu_ps(sc[1] + 2 * g);
+        __m512 s2 = _mm512_loadu_ps(sc[2] + 2 * g), s3 = _mm512_loadu_ps(sc[3] + 2 * g);
+        __m512i idx = kmed__vq_lanes(c->wt);
+        size_t pe = np - g < 8 ? np : g + 8;
+        for (p = g; p < pe; p += 2) {
+            __m512i x = _mm512_loadu_si512((const void *)(xr + p * 64));
+            KMED__VQ_STEP(a00, kmed__vw_pair(rows[0], c->wt, p), x, s0, idx);
+            KMED__VQ_STEP(a10, kmed__vw_pair(rows[1], c->wt, p), x, s1, idx);
+            KMED__VQ_STEP(a20, kmed__vw_pair(rows[2], c->wt, p), x, s2, idx);
+            KMED__VQ_STEP(a30, kmed__vw_pair(rows[3], c->wt, p), x, s3, idx);
+            idx = _mm512_add_epi32(idx, two);
+            if (p + 1 < pe) {
+                x = _mm512_loadu_si512((const void *)(xr + p * 64 + 64));
+                KMED__VQ_STEP(a01, kmed__vw_pair(rows[0], c->wt, p + 1), x, s0, idx);
+                KMED__VQ_STEP(a11, kmed__vw_pair(rows[1], c->wt, p + 1), x, s1, idx);
+                KMED__VQ_STEP(a21, kmed__vw_pair(rows[2], c->wt, p + 1), x, s2, idx);
+                KMED__VQ_STEP(a31, kmed__vw_pair(rows[3], c->wt, p + 1), x, s3, idx);
+                idx = _mm512_add_epi32(idx, two);
+            }
+        }
+    }
+    kmed__vq_hsum4(b0, b1, b2, b3, hb);
+    kmed__vq_hsum4(_mm512_add_ps(a00, a01), _mm512_add_ps(a10, a11), _mm512_add_ps(a20, a21),
+                   _mm512_add_ps(a30, a31), hs);
+    for (i = 0; i < 4; i++) {
+        r[i] += hb[i];
+        r[i] += hs[i];
+        if (nb & 1) r[i] += kmed__vq_odd(c, rows[i], xr, sc[i], cx);
+        out[i] = r[i];
+    }
+}
+#undef KMED__VQ_STEP
 
 static void kmed__vq_range(void *vctx, size_t n0, size_t n1, int thread)
 {
     const kmed__vq_ctx *c = (const kmed__vq_ctx *)vctx;
-    size_t nb = c->K / KMED_QK, np = nb / 2, n, m;
+    size_t nb = c->K / KMED_QK, np = nb / 2, n, m, i;
     unsigned char *wb = c->wbuf + (size_t)thread * c->wbuf_bytes;
     __m512i *zb = (__m512i *)(void *)(wb + ((64 - ((uintptr_t)wb & 63)) & 63));
     float *dw = (float *)(void *)(zb + np), *sc = dw + nb + 16;
     size_t bs = c->wt == KMED_Q4_0 ? sizeof(kmed_block_q4_0) : sizeof(kmed_block_q8_0);
+    if (c->M == 1) {   /* four rows a time; a short last group repeats its first row */
+        float *dw4[4], *sc4[4], r[4];
+        for (i = 0; i < 4; i++) {
+            dw4[i] = (float *)(void *)zb + i * (nb + 16);
+            sc4[i] = dw4[i] + 4 * (nb + 16);
+        }
+        for (n = n0; n < n1; n += 4) {
+            const unsigned char *rows[4];
+            size_t k = n1 - n < 4 ? n1 - n : 4;
+            for (i = 0; i < 4; i++) {
+                rows[i] = c->w + (n + (i < k ? i : 0)) * c->wrow;
+                kmed__vw_scales(rows[i], bs, nb, dw4[i]);
+            }
+            kmed__vq_dot4(c, rows, dw4, c->xv, sc4, r);
+            for (i = 0; i < k; i++) c->y[n + i] = c->acc ? c->y[n + i] + r[i] : r[i];
+        }
+        return;
+    }
     for (n = n0; n < n1; n++) {
         const unsigned char *row = c->w + n * c->wrow;
+        size_t p;
         kmed__vw_scales(row, bs, nb, dw);
-        if (c->M > 1) {
-            size_t p;
-            for (p = 0; p < np; p++) zb[p] = kmed__vw_pair(row, c->wt, p);
-        }
+        for (p = 0; p < np; p++) zb[p] = kmed__vw_pair(row, c->wt, p);
         for (m = 0; m < c->M; m++) {
-            float r = kmed__vq_dot(c, row, c->M > 1 ? zb : NULL, dw, c->xv + m * c->xstride,
-                                   sc);
+            float r = kmed__vq_dot(c, row, zb, dw, c->xv + m * c->xstride, sc);
             if (c->acc) c->y[m * c->N + n] += r;
             else c->y[m * c->N + n] = r;
         }
@@ -6777,7 +6884,8 @@ static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w
 {
     kmed__vq_ctx c;
     size_t nb = K / KMED_QK, m, nt = (size_t)kmed_pool_threads(pool);
-    size_t xs = kmed__vx_stride(K), wbb = nb / 2 * 64 + nb * 8 + 64 + 64 + 64;
+    /* per thread: M > 1: the decoded pairs + dw + sc; M = 1: dw and sc of four rows */
+    size_t xs = kmed__vx_stride(K), wbb = nb / 2 * 64 + nb * 8 + 64 + 64 + 64 + 512;
     unsigned char *mem = (unsigned char *)KMED_MALLOC(M * xs + nt * wbb + 64 + nb * 34);
     unsigned char *xv;
     if (!mem) return 0;
