@@ -11552,6 +11552,7 @@ static kmed_result kmed__cv_fill_model(void *ctx, const kmed__cv_entry *e, size_
                                        float *out)
 {
     kmed__cv_model_src *src = (kmed__cv_model_src *)ctx;
+    long tok = src && e->is_embed ? kmed__lora_token(src->lora, (int)row) : -1;
     if (src && !e->is_embed && kmed__cv_adapted(src->lora, e)) {
 #ifdef KMED_NO_TRAIN
         return KMED__ERR(src->err, KMED_ERR_UNSUPPORTED, "merge: built with KMED_NO_TRAIN");
@@ -11574,9 +11575,8 @@ static kmed_result kmed__cv_fill_model(void *ctx, const kmed__cv_entry *e, size_
     }
     if (e->is_norm) {
         memcpy(out, e->norm, e->cols * sizeof *out);
-    } else if (src && e->is_embed && kmed__lora_token(src->lora, (int)row) >= 0) {
-        memcpy(out, src->lora->token_rows + (size_t)kmed__lora_token(src->lora, (int)row) *
-               e->cols, e->cols * sizeof *out);
+    } else if (tok >= 0) {   /* a trainable token's row replaces the embedding's */
+        memcpy(out, src->lora->token_rows + (size_t)tok * e->cols, e->cols * sizeof *out);
     } else {
         size_t rb = kmed_dtype_bytes(e->w->type, e->cols);
         kmed_dequantize_row(e->w->type, (const unsigned char *)e->w->data + row * rb, out,
@@ -12893,11 +12893,11 @@ static const kmed_weight *kmed__lora_base(const kmed_gemma_layer *L, int t)
     }
 }
 
-/* PEFT tensor name: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight. */
 /* PEFT's tensor of trainable-token rows (its TrainableTokensLayer under the embedding). */
 #define KMED__LORA_TOKENS_TENSOR \
     "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 
+/* PEFT tensor name: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight. */
 static void kmed__lora_tensor_name(char *out, size_t cap, int layer, int t, char ab,
                                    const char *adapter)
 {
@@ -16613,19 +16613,14 @@ static kmed_result kmed__mg_src_read(void *ctx, size_t off, size_t n, float *dst
     }
     es = kmed_dtype_bytes(s->t->dtype, 1);
     kmed_dequantize_row(s->t->dtype, (const unsigned char *)s->t->data + off * es, dst, n);
-    if (s->tokens) {   /* trainable tokens replace their rows (ids ascending) */
-        size_t C = (size_t)s->t->shape[1], lo = 0, hi = (size_t)s->lora.n_tokens, k;
-        while (lo < hi) {   /* the first token whose row ends after off */
-            size_t mid = lo + (hi - lo) / 2;
-            if (((size_t)s->lora.token_ids[mid] + 1) * C <= off) lo = mid + 1;
-            else hi = mid;
-        }
-        for (k = lo; k < (size_t)s->lora.n_tokens; k++) {
-            size_t a = (size_t)s->lora.token_ids[k] * C, b = a + C;
-            size_t from = a > off ? a : off, to = b < off + n ? b : off + n;
-            if (from >= off + n) break;
-            memcpy(dst + (from - off), s->lora.token_rows + k * C + (from - a),
-                   (to - from) * sizeof *dst);
+    if (s->tokens) {   /* trainable tokens replace their rows, where [off, off + n) meets them */
+        size_t C = (size_t)s->t->shape[1], row;
+        for (row = off / C; row * C < off + n && row < (size_t)s->m.cfg.vocab_size; row++) {
+            long k = kmed__lora_token(&s->lora, (int)row);
+            size_t a = row * C, from = a > off ? a : off, to = a + C < off + n ? a + C : off + n;
+            if (k >= 0)
+                memcpy(dst + (from - off), s->lora.token_rows + (size_t)k * C + (from - a),
+                       (to - from) * sizeof *dst);
         }
     }
     if (off == 0) s->released = 0; /* a new pass over the tensor */

@@ -290,9 +290,6 @@ static void load_data(const char *path, const kmed_tok *tok, int cpt, size_t seq
     }
 }
 
-/* Sequence number `pos` of the data stream: epoch e = pos / n visits every sequence
-   once in an order fixed by (seed, e), so a run resumes from pos alone. */
-/* Marks every token id of the sequences (inputs and labels). */
 /* --train-tokens: "data" (every id marked in used) or a comma list of ids in [0, V). */
 static int token_list(const char *spec, const unsigned char *used, int V, int **out)
 {
@@ -321,6 +318,7 @@ static int token_list(const char *spec, const unsigned char *used, int V, int **
     return n;
 }
 
+/* Marks every token id of the sequences (inputs and labels). */
 static void mark_used(const seqs *s, unsigned char *used)
 {
     size_t i, t;
@@ -331,6 +329,8 @@ static void mark_used(const seqs *s, unsigned char *used)
         }
 }
 
+/* Sequence number `pos` of the data stream: epoch e = pos / n visits every sequence
+   once in an order fixed by (seed, e), so a run resumes from pos alone. */
 static size_t data_index(const seqs *s, uint64_t seed, uint64_t pos, size_t *perm,
                          uint64_t *perm_epoch)
 {
