@@ -5398,10 +5398,11 @@ struct kmed_pool {
     size_t scratch_bytes;
 #ifndef KMED_NO_THREADS
     pthread_t *threads;          /* n_threads - 1 workers; the caller is thread 0 */
-    pthread_mutex_t mu;
+    pthread_mutex_t mu;          /* only for sleeping: the hand-off itself is atomics */
     pthread_cond_t cv_work, cv_done;
-    unsigned long gen;           /* bumped per job so a worker runs each job once */
-    int pending, stop, started;
+    unsigned long gen;           /* atomic; bumped per job so a worker runs each job once */
+    int pending;                 /* atomic; workers still on the current job */
+    int stop, started;
     kmed_pool_fn fn;
     void *ctx;
     size_t n, grain;
@@ -5420,26 +5421,69 @@ static void kmed__pool_range(size_t n, size_t grain, int t, int nt, size_t *b, s
 
 typedef struct kmed__pool_arg { kmed_pool *pool; int t; } kmed__pool_arg;
 
+/* Polls before sleeping: a decode step hands the pool a job every few microseconds (one per
+   matrix-vector product), and a futex sleep and wake-up per job cost more than the job.
+   About 100 us of polling covers the gaps between the jobs of a forward pass; a pool left
+   idle longer sleeps on its condition variable. */
+#define KMED__POOL_SPIN 20000
+
+static void kmed__pool_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Polls *v until it differs from `old` or the spin runs out; returns its last value. */
+static unsigned long kmed__pool_poll_gen(const unsigned long *v, unsigned long old)
+{
+    unsigned long g = old;
+    int i;
+    for (i = 0; i < KMED__POOL_SPIN && g == old; i++) {
+        kmed__pool_pause();
+        g = __atomic_load_n(v, __ATOMIC_ACQUIRE);
+    }
+    return g;
+}
+
 static void *kmed__pool_worker(void *arg)
 {
     kmed__pool_arg *a = (kmed__pool_arg *)arg;
     kmed_pool *p = a->pool;
     int t = a->t;
-    unsigned long seen = 0;
+    unsigned long seen = 0, g;
     KMED_FREE(a);
     for (;;) {
         size_t b, e;
-        pthread_mutex_lock(&p->mu);
-        while (!p->stop && p->gen == seen) pthread_cond_wait(&p->cv_work, &p->mu);
-        if (p->stop) { pthread_mutex_unlock(&p->mu); return NULL; }
-        seen = p->gen;
-        pthread_mutex_unlock(&p->mu);
+        g = kmed__pool_poll_gen(&p->gen, seen);
+        if (g == seen) {
+            /* the owner bumps gen under mu and then broadcasts, so no wake-up is lost */
+            pthread_mutex_lock(&p->mu);
+            while ((g = __atomic_load_n(&p->gen, __ATOMIC_ACQUIRE)) == seen)
+                pthread_cond_wait(&p->cv_work, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
+        seen = g;
+        if (p->stop) return NULL;   /* written before gen's release store */
         kmed__pool_range(p->n, p->grain, t, p->n_threads, &b, &e);
         if (b < e) p->fn(p->ctx, b, e, t);
-        pthread_mutex_lock(&p->mu);
-        if (--p->pending == 0) pthread_cond_signal(&p->cv_done);
-        pthread_mutex_unlock(&p->mu);
+        if (__atomic_sub_fetch(&p->pending, 1, __ATOMIC_ACQ_REL) == 0) {
+            /* under mu: the owner checks pending under mu before it sleeps */
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->cv_done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
+}
+
+/* Publishes a job (or the stop) to the workers: fields first, then gen's release store. */
+static void kmed__pool_publish(kmed_pool *p)
+{
+    pthread_mutex_lock(&p->mu);
+    __atomic_store_n(&p->pending, p->n_threads - 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->gen, p->gen + 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&p->cv_work);
+    pthread_mutex_unlock(&p->mu);
 }
 #endif
 
@@ -5497,10 +5541,8 @@ KMED_API void kmed_pool_free(kmed_pool *pool)
 #ifndef KMED_NO_THREADS
     if (pool->started) {
         int i;
-        pthread_mutex_lock(&pool->mu);
         pool->stop = 1;
-        pthread_cond_broadcast(&pool->cv_work);
-        pthread_mutex_unlock(&pool->mu);
+        kmed__pool_publish(pool);
         for (i = 1; i < pool->n_threads; i++) pthread_join(pool->threads[i], NULL);
         pthread_mutex_destroy(&pool->mu);
         pthread_cond_destroy(&pool->cv_work);
@@ -5525,19 +5567,21 @@ KMED_API void kmed_pool_for(kmed_pool *pool, size_t n, size_t grain, kmed_pool_f
 #ifndef KMED_NO_THREADS
     if (pool && pool->n_threads > 1 && n > grain) {
         size_t b, e;
-        pthread_mutex_lock(&pool->mu);
+        int i;
         pool->fn = fn;
         pool->ctx = ctx;
         pool->n = n;
         pool->grain = grain;
-        pool->pending = pool->n_threads - 1;
-        pool->gen++;
-        pthread_cond_broadcast(&pool->cv_work);
-        pthread_mutex_unlock(&pool->mu);
+        kmed__pool_publish(pool);
         kmed__pool_range(n, grain, 0, pool->n_threads, &b, &e);
         if (b < e) fn(ctx, b, e, 0);
+        for (i = 0; i < KMED__POOL_SPIN; i++) {
+            if (__atomic_load_n(&pool->pending, __ATOMIC_ACQUIRE) == 0) return;
+            kmed__pool_pause();
+        }
         pthread_mutex_lock(&pool->mu);
-        while (pool->pending > 0) pthread_cond_wait(&pool->cv_done, &pool->mu);
+        while (__atomic_load_n(&pool->pending, __ATOMIC_ACQUIRE) > 0)
+            pthread_cond_wait(&pool->cv_done, &pool->mu);
         pthread_mutex_unlock(&pool->mu);
         return;
     }
