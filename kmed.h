@@ -6622,97 +6622,53 @@ static void kmed__mv_fast_bf16(const kmed__mv_ctx *c, size_t n0, size_t n1)
 }
 
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #define KMED__VNNI512 1
-/* FAST Q8_0/Q4_0 with 512-bit VNNI, two blocks per vpdpbusd. The weights enter unsigned
-   (Q4_0 nibbles as stored, Q8_0 as int8 + 128), so each block's integer sum is the exact
-   dot minus a bias term bias*sum(x), which is added back per block in float from cx[b].
-   x is re-laid per row as [qs: K bytes, each block pair arranged like the decoded weight
-   bytes][xd: nb block scales][cx: nb floats, -8 or -128 times the block's sum of q]. */
+/* FAST Q8_0/Q4_0 with 512-bit VNNI, by quads of four blocks. A quad of weights becomes two
+   vectors of unsigned bytes, lo (bytes 0-15 of each block) and hi (bytes 16-31), gathered
+   straight from the stored blocks with vpermt2b: Q4_0 nibbles as stored (low nibbles are
+   bytes 0-15, high ones 16-31), Q8_0 as int8 + 128. Lane l of both covers block l/4, so
+   two vpdpbusd give each lane an exact integer dot of eight products; starting them from
+   -z0 * (the lane's x sum), z0 = 8 or 128, removes the unsigned offset exactly, so one int
+   to float conversion and one FMA by (weight scale * x scale) per quad finish the lane.
+   x is quantized to Q8_0 and laid out per quad as KMED__VQ_QUAD bytes: lo[64], hi[64],
+   bias[16] int32, xs[16] float (each lane's block scale); a partial last quad has zeros. */
+#define KMED__VQ_QUAD 256
+/* the quad decoder returns three vectors: inlined, they stay in registers */
+#if defined(__GNUC__)
+#define KMED__VQ_INLINE static __inline__ __attribute__((always_inline))
+#else
+#define KMED__VQ_INLINE static
+#endif
+
 static size_t kmed__vx_stride(size_t K)
 {
-    size_t nb = K / KMED_QK;
-    return (K + nb * 8 + 64 + 63) / 64 * 64;
+    return (K / KMED_QK + 3) / 4 * KMED__VQ_QUAD;
 }
 
 static void kmed__vx_build(unsigned char *dst, const float *x, kmed_dtype wt, size_t K,
                            kmed_block_q8_0 *tmp /* K/32 */)
 {
-    size_t nb = K / KMED_QK, b, i;
-    int8_t *qs = (int8_t *)dst;
-    float *xd = (float *)(void *)(dst + K), *cx = xd + nb;
-    int q4 = wt == KMED_Q4_0;
+    size_t nb = K / KMED_QK, q, j, l, i;
+    int z0 = wt == KMED_Q4_0 ? 8 : 128;
     kmed_quantize_row(KMED_Q8_0, x, tmp, K);
-    for (b = 0; b < nb; b++) {
-        int sum = 0;
-        for (i = 0; i < KMED_QK; i++) sum += tmp[b].qs[i];
-        xd[b] = kmed__tensor_h2f(tmp[b].d);
-        cx[b] = (float)(sum * (q4 ? -8 : -128));     /* exact: |sum * 128| < 2^24 */
-    }
-    for (b = 0; b + 2 <= nb; b += 2) {
-        int8_t *o = qs + b * KMED_QK;
-        if (q4) {
-            /* decoded weight bytes of a pair: b0[0:16] b1[0:16] b0[16:32] b1[16:32] */
-            memcpy(o, tmp[b].qs, 16); memcpy(o + 16, tmp[b + 1].qs, 16);
-            memcpy(o + 32, tmp[b].qs + 16, 16); memcpy(o + 48, tmp[b + 1].qs + 16, 16);
-        } else {
-            memcpy(o, tmp[b].qs, 32); memcpy(o + 32, tmp[b + 1].qs, 32);
+    memset(dst, 0, kmed__vx_stride(K));
+    for (q = 0; q * 4 < nb; q++) {
+        unsigned char *o = dst + q * KMED__VQ_QUAD;
+        int8_t *lo = (int8_t *)o, *hi = lo + 64;
+        int32_t *bias = (int32_t *)(void *)(o + 128);
+        float *xs = (float *)(void *)(o + 192);
+        for (j = 0; j < 4 && q * 4 + j < nb; j++) {
+            const kmed_block_q8_0 *b = &tmp[q * 4 + j];
+            memcpy(lo + 16 * j, b->qs, 16);
+            memcpy(hi + 16 * j, b->qs + 16, 16);
+            for (l = 4 * j; l < 4 * j + 4; l++) {
+                int s = 0;
+                for (i = 0; i < 4; i++) s += lo[4 * l + i] + hi[4 * l + i];
+                bias[l] = -z0 * s;
+                xs[l] = kmed__tensor_h2f(b->d);
+            }
         }
-    }
-    if (nb & 1) memcpy(qs + (nb - 1) * KMED_QK, tmp[nb - 1].qs, 32);   /* odd tail: as is */
-}
-
-/* dw[b] = fp16 scale of block b (blocks `bs` = 18 or 34 bytes apart, scale first). Eight
-   at a time: vpermt2w picks the scale words out of two 64-byte windows (Q4_0: words 9i;
-   Q8_0: words 17i, four per 128-byte window), then one vcvtph2ps. */
-static void kmed__vw_scales(const unsigned char *row, size_t bs, size_t nb, float *dw)
-{
-    size_t b = 0;
-    const __m512i i4 = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                        0, 0, 0, 0, 0, 0, 63, 54, 45, 36, 27, 18, 9, 0);
-    const __m512i i8 = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 51, 34, 17, 0);
-    /* 8 blocks span 144 (Q4_0) or 272 (Q8_0) bytes: the windows read stay inside them */
-    for (; b + 8 <= nb; b += 8) {
-        const unsigned char *p = row + b * bs;
-        __m128i h;
-        if (bs == sizeof(kmed_block_q4_0)) {
-            __m512i w0 = _mm512_loadu_si512((const void *)p);
-            __m512i w1 = _mm512_loadu_si512((const void *)(p + 64));
-            h = _mm512_castsi512_si128(_mm512_permutex2var_epi16(w0, i4, w1));
-        } else {
-            __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512((const void *)p), i8,
-                                                   _mm512_loadu_si512((const void *)(p + 64)));
-            __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512((const void *)(p + 136)),
-                                                   i8,
-                                                   _mm512_loadu_si512((const void *)(p + 200)));
-            h = _mm_unpacklo_epi64(_mm512_castsi512_si128(lo), _mm512_castsi512_si128(hi));
-        }
-        _mm256_storeu_ps(dw + b, _mm256_cvtph_ps(h));
-    }
-    for (; b < nb; b++) {
-        uint16_t h;
-        memcpy(&h, row + b * bs, 2);
-        dw[b] = kmed__tensor_h2f(h);
-    }
-}
-
-/* Weight bytes of block pair p, unsigned, in the order kmed__vx_build arranged x. */
-static __m512i kmed__vw_pair(const unsigned char *row, kmed_dtype wt, size_t p)
-{
-    if (wt == KMED_Q4_0) {
-        const kmed_block_q4_0 *w = (const kmed_block_q4_0 *)(const void *)row + 2 * p;
-        __m128i v0 = _mm_loadu_si128((const __m128i *)(const void *)w[0].qs);
-        __m128i v1 = _mm_loadu_si128((const __m128i *)(const void *)w[1].qs);
-        __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(v0), v1, 1);
-        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(u), _mm256_srli_epi16(u, 4), 1);
-        return _mm512_and_si512(z, _mm512_set1_epi8(15));
-    } else {
-        const kmed_block_q8_0 *w = (const kmed_block_q8_0 *)(const void *)row + 2 * p;
-        __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)w[0].qs);
-        __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)w[1].qs);
-        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1),
-                                _mm512_set1_epi8((char)0x80));
     }
 }
 
@@ -6723,8 +6679,72 @@ typedef struct kmed__vq_ctx {
     size_t M, N, K, wrow, xstride, wbuf_bytes;
     int acc;
     const unsigned char *xv;   /* (M, xstride): kmed__vx_build rows */
-    unsigned char *wbuf;       /* per thread: wbuf_bytes each */
+    unsigned char *wbuf;       /* per thread, M > 1: a row's decoded quads */
+    /* vpermt2b/vpermt2w indices: lo bytes, hi bytes (Q8_0), lane scale words */
+    unsigned char glo[64], ghi[64], gsc[64];
 } kmed__vq_ctx;
+
+/* The gather indices of a quad (see kmed__vw_quad for the windows they address). */
+static void kmed__vq_indices(kmed__vq_ctx *c)
+{
+    size_t bs = c->wt == KMED_Q4_0 ? sizeof(kmed_block_q4_0) : sizeof(kmed_block_q8_0);
+    int j;
+    for (j = 0; j < 64; j++) {
+        size_t o = bs * (size_t)(j / 16) + 2 + (size_t)(j % 16);   /* byte in the quad */
+        if (c->wt == KMED_Q4_0) {
+            c->glo[j] = (unsigned char)(o < 64 ? o : o + 56);   /* windows at 0 and 8 */
+            c->ghi[j] = 0;
+        } else {
+            c->glo[j] = (unsigned char)o;                       /* windows at 0 and 64 */
+            c->ghi[j] = (unsigned char)(o + 16 - 8);            /* windows at 8 and 72 */
+        }
+    }
+    for (j = 0; j < 32; j++) {   /* word j -> the fp16 scale of block j/4 (words 0-15 used) */
+        uint16_t wi = (uint16_t)(bs / 2 * (size_t)((j / 4) & 3));
+        memcpy(c->gsc + 2 * j, &wi, 2);
+    }
+}
+
+/* 64 bytes at p + off, zeros past `avail` (the row's end: nothing beyond it is read). */
+KMED__VQ_INLINE __m512i kmed__vq_win(const unsigned char *p, size_t off, size_t avail)
+{
+    if (off + 64 <= avail) return _mm512_loadu_si512((const void *)(p + off));
+    if (off >= avail) return _mm512_setzero_si512();
+    return _mm512_maskz_loadu_epi8((__mmask64)(((uint64_t)1 << (avail - off)) - 1), p + off);
+}
+
+typedef struct kmed__vq_quad { __m512i lo, hi; __m512 s; } kmed__vq_quad;
+
+/* The quad of weight blocks at p (avail bytes left in the row): lo/hi bytes in x's layout
+   and each lane's fp16 block scale as float. */
+KMED__VQ_INLINE kmed__vq_quad kmed__vw_quad(kmed_dtype wt, const unsigned char *p, size_t avail,
+                                   __m512i glo, __m512i ghi, __m512i gsc)
+{
+    kmed__vq_quad r;
+    __m512i w0 = kmed__vq_win(p, 0, avail), q;
+    if (wt == KMED_Q4_0) {
+        const __m512i m = _mm512_set1_epi8(15);
+        q = _mm512_permutex2var_epi8(w0, glo, kmed__vq_win(p, 8, avail));
+        r.lo = _mm512_and_si512(q, m);
+        r.hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m);
+        q = _mm512_permutexvar_epi16(gsc, w0);
+    } else {
+        const __m512i f = _mm512_set1_epi8((char)0x80);
+        __m512i w1 = kmed__vq_win(p, 64, avail);
+        r.lo = _mm512_xor_si512(_mm512_permutex2var_epi8(w0, glo, w1), f);
+        r.hi = _mm512_xor_si512(_mm512_permutex2var_epi8(kmed__vq_win(p, 8, avail), ghi,
+                                                         kmed__vq_win(p, 72, avail)), f);
+        q = _mm512_permutex2var_epi16(w0, gsc, w1);
+    }
+    r.s = _mm512_cvtph_ps(_mm512_castsi512_si256(q));
+    return r;
+}
+
+/* acc += the quad's lane dots (exact integers) times weight scale * x scale */
+#define KMED__VQ_STEP(acc, w, xlo, xhi, xb, xs) \
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32( \
+                              _mm512_dpbusd_epi32(xb, (w).lo, xlo), (w).hi, xhi)), \
+                          _mm512_mul_ps((w).s, xs), acc)
 
 /* Lane sums of four vectors, each by the same halving tree (quarters 0+2 and 1+3, then
    their sum, then pairs within the quarter), so a row's result does not depend on which
@@ -6746,181 +6766,88 @@ static void kmed__vq_hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float *ou
     out[3] = t[12];
 }
 
-/* Per-row setup of a dot: sc[b] = dw[b] * xd[b] (weight scale times x scale), and the bias
-   term sum_b sc[b] * cx[b] as a vector (whole groups of 16) plus a scalar (the rest). */
-static __m512 kmed__vq_scales(size_t nb, const float *dw, const float *xd, const float *cx,
-                              float *sc, float *rest)
+static void kmed__vq_out(const kmed__vq_ctx *c, size_t m, size_t n, float r)
 {
-    __m512 accb = _mm512_setzero_ps();
-    size_t j;
-    float r = 0.0f;
-    for (j = 0; j + 16 <= nb; j += 16) {
-        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(dw + j), _mm512_loadu_ps(xd + j));
-        _mm512_storeu_ps(sc + j, s);
-        accb = _mm512_fmadd_ps(s, _mm512_loadu_ps(cx + j), accb);
-    }
-    for (; j < nb; j++) {
-        sc[j] = dw[j] * xd[j];
-        r += sc[j] * cx[j];
-    }
-    *rest = r;
-    return accb;
+    float *y = c->y + m * c->N + n;
+    *y = c->acc ? *y + r : r;
 }
 
-/* An odd last block's exact integer dot, minus the bias term already counted through cx. */
-static float kmed__vq_odd(const kmed__vq_ctx *c, const unsigned char *row,
-                          const unsigned char *xr, const float *sc, const float *cx)
+/* Lane sums of one weight row against x row 0, decoding as it goes (M = 1). Row by row in
+   memory order: interleaving four rows to share the x loads kept fewer cache misses in
+   flight and read Q8_0 a third slower. */
+KMED__VQ_INLINE __m512 kmed__vq_row(const kmed__vq_ctx *c, kmed_dtype wt,
+                                    const unsigned char *row, __m512i glo, __m512i ghi,
+                                    __m512i gsc)
 {
-    size_t nb = c->K / KMED_QK, j;
-    const int8_t *xq = (const int8_t *)(xr + (nb - 1) * KMED_QK);
-    int sumi = 0;
-    if (c->wt == KMED_Q4_0) {
-        const kmed_block_q4_0 *k = (const kmed_block_q4_0 *)(const void *)row + nb - 1;
-        for (j = 0; j < 16; j++)
-            sumi += ((k->qs[j] & 15) - 8) * xq[j] + ((k->qs[j] >> 4) - 8) * xq[j + 16];
-    } else {
-        const kmed_block_q8_0 *k = (const kmed_block_q8_0 *)(const void *)row + nb - 1;
-        for (j = 0; j < 32; j++) sumi += k->qs[j] * xq[j];
+    size_t nq = (c->K / KMED_QK + 3) / 4, qb = 4 * (c->wrow / (c->K / KMED_QK)), q;
+    __m512 acc = _mm512_setzero_ps();
+    for (q = 0; q < nq; q++) {
+        const unsigned char *xq = c->xv + q * KMED__VQ_QUAD;
+        kmed__vq_quad w = kmed__vw_quad(wt, row + q * qb, c->wrow - q * qb, glo, ghi, gsc);
+        KMED__VQ_STEP(acc, w, _mm512_load_si512((const void *)xq),
+                      _mm512_load_si512((const void *)(xq + 64)),
+                      _mm512_load_si512((const void *)(xq + 128)),
+                      _mm512_load_ps((const void *)(xq + 192)));
     }
-    return (float)sumi * sc[nb - 1] - sc[nb - 1] * cx[nb - 1];
+    return acc;
 }
 
-/* lane -> block of the pair: Q4_0 lanes alternate by fours, Q8_0 by eights */
-static __m512i kmed__vq_lanes(kmed_dtype wt)
+/* Decode: rows by fours, one reduction for the four; a short last group repeats a row. */
+KMED__VQ_INLINE void kmed__vq_rows4(const kmed__vq_ctx *c, size_t n0, size_t n1,
+                                    kmed_dtype wt, __m512i glo, __m512i ghi, __m512i gsc)
 {
-    return wt == KMED_Q4_0
-        ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
-        : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-}
-
-/* One pair step of a row: acc += float(z . x) * its blocks' scales (picked per lane). */
-#define KMED__VQ_STEP(acc, z, x, sv, idx) \
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), z, x)), \
-                          _mm512_permutexvar_ps(idx, sv), acc)
-
-/* Dot of one weight row, its pairs decoded in zb, with one x row (M > 1: the decode is
-   shared by the M rows of x). */
-static float kmed__vq_dot(const kmed__vq_ctx *c, const unsigned char *row, const __m512i *zb,
-                          const float *dw, const unsigned char *xr, float *sc)
-{
-    size_t nb = c->K / KMED_QK, np = nb / 2, p, g;
-    const float *xd = (const float *)(const void *)(xr + c->K), *cx = xd + nb;
-    const __m512i two = _mm512_set1_epi32(2);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, accb;
-    float r, hs[4];
-    accb = kmed__vq_scales(nb, dw, xd, cx, sc, &r);
-    /* 8 pairs per group share one vector of 16 block scales, picked per lane by vpermps */
-    for (g = 0; g < np; g += 8) {
-        __m512 sv = _mm512_loadu_ps(sc + 2 * g);   /* sc has 16 floats of slack */
-        __m512i idx = kmed__vq_lanes(c->wt);
-        size_t pe = np - g < 8 ? np : g + 8;
-        for (p = g; p < pe; p += 2) {
-            /* two pairs per step on two accumulators hide the FMA latency */
-            KMED__VQ_STEP(acc0, zb[p], _mm512_loadu_si512((const void *)(xr + p * 64)), sv, idx);
-            idx = _mm512_add_epi32(idx, two);
-            if (p + 1 < pe) {
-                KMED__VQ_STEP(acc1, zb[p + 1], _mm512_loadu_si512((const void *)(xr + p * 64 + 64)),
-                              sv, idx);
-                idx = _mm512_add_epi32(idx, two);
-            }
-        }
-    }
-    kmed__vq_hsum4(accb, _mm512_add_ps(acc0, acc1), accb, accb, hs);
-    r += hs[0];
-    r += hs[1];
-    if (nb & 1) r += kmed__vq_odd(c, row, xr, sc, cx);
-    return r;
-}
-
-/* Four weight rows against one x row (M = 1, decode): each x pair is loaded once for the
-   four and the pairs are decoded in registers. Each row's arithmetic is kmed__vq_dot's. */
-static void kmed__vq_dot4(const kmed__vq_ctx *c, const unsigned char *const *rows,
-                          float *const *dw, const unsigned char *xr, float *const *sc,
-                          float *out)
-{
-    size_t nb = c->K / KMED_QK, np = nb / 2, p, g;
-    const float *xd = (const float *)(const void *)(xr + c->K), *cx = xd + nb;
-    const __m512i two = _mm512_set1_epi32(2);
-    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
-    __m512 a20 = a00, a21 = a00, a30 = a00, a31 = a00, b0, b1, b2, b3;
-    float r[4], hb[4], hs[4];
-    int i;
-    b0 = kmed__vq_scales(nb, dw[0], xd, cx, sc[0], &r[0]);
-    b1 = kmed__vq_scales(nb, dw[1], xd, cx, sc[1], &r[1]);
-    b2 = kmed__vq_scales(nb, dw[2], xd, cx, sc[2], &r[2]);
-    b3 = kmed__vq_scales(nb, dw[3], xd, cx, sc[3], &r[3]);
-    for (g = 0; g < np; g += 8) {
-        __m512 s0 = _mm512_loadu_ps(sc[0] + 2 * g), s1 = _mm512_loadu_ps(sc[1] + 2 * g);
-        __m512 s2 = _mm512_loadu_ps(sc[2] + 2 * g), s3 = _mm512_loadu_ps(sc[3] + 2 * g);
-        __m512i idx = kmed__vq_lanes(c->wt);
-        size_t pe = np - g < 8 ? np : g + 8;
-        for (p = g; p < pe; p += 2) {
-            __m512i x = _mm512_loadu_si512((const void *)(xr + p * 64));
-            KMED__VQ_STEP(a00, kmed__vw_pair(rows[0], c->wt, p), x, s0, idx);
-            KMED__VQ_STEP(a10, kmed__vw_pair(rows[1], c->wt, p), x, s1, idx);
-            KMED__VQ_STEP(a20, kmed__vw_pair(rows[2], c->wt, p), x, s2, idx);
-            KMED__VQ_STEP(a30, kmed__vw_pair(rows[3], c->wt, p), x, s3, idx);
-            idx = _mm512_add_epi32(idx, two);
-            if (p + 1 < pe) {
-                x = _mm512_loadu_si512((const void *)(xr + p * 64 + 64));
-                KMED__VQ_STEP(a01, kmed__vw_pair(rows[0], c->wt, p + 1), x, s0, idx);
-                KMED__VQ_STEP(a11, kmed__vw_pair(rows[1], c->wt, p + 1), x, s1, idx);
-                KMED__VQ_STEP(a21, kmed__vw_pair(rows[2], c->wt, p + 1), x, s2, idx);
-                KMED__VQ_STEP(a31, kmed__vw_pair(rows[3], c->wt, p + 1), x, s3, idx);
-                idx = _mm512_add_epi32(idx, two);
-            }
-        }
-    }
-    kmed__vq_hsum4(b0, b1, b2, b3, hb);
-    kmed__vq_hsum4(_mm512_add_ps(a00, a01), _mm512_add_ps(a10, a11), _mm512_add_ps(a20, a21),
-                   _mm512_add_ps(a30, a31), hs);
-    for (i = 0; i < 4; i++) {
-        r[i] += hb[i];
-        r[i] += hs[i];
-        if (nb & 1) r[i] += kmed__vq_odd(c, rows[i], xr, sc[i], cx);
-        out[i] = r[i];
+    size_t n, i;
+    for (n = n0; n < n1; n += 4) {
+        const unsigned char *r0 = c->w + n * c->wrow;
+        size_t k = n1 - n < 4 ? n1 - n : 4;
+        float r[4];
+        /* in memory order (as call arguments they may run backwards: 4x slower) */
+        __m512 a0 = kmed__vq_row(c, wt, r0, glo, ghi, gsc);
+        __m512 a1 = kmed__vq_row(c, wt, k > 1 ? r0 + c->wrow : r0, glo, ghi, gsc);
+        __m512 a2 = kmed__vq_row(c, wt, k > 2 ? r0 + 2 * c->wrow : r0, glo, ghi, gsc);
+        __m512 a3 = kmed__vq_row(c, wt, k > 3 ? r0 + 3 * c->wrow : r0, glo, ghi, gsc);
+        kmed__vq_hsum4(a0, a1, a2, a3, r);
+        for (i = 0; i < k; i++) kmed__vq_out(c, 0, n + i, r[i]);
     }
 }
-#undef KMED__VQ_STEP
 
 static void kmed__vq_range(void *vctx, size_t n0, size_t n1, int thread)
 {
     const kmed__vq_ctx *c = (const kmed__vq_ctx *)vctx;
-    size_t nb = c->K / KMED_QK, np = nb / 2, n, m, i;
+    size_t nq = (c->K / KMED_QK + 3) / 4, qb = 4 * (c->wrow / (c->K / KMED_QK)), n, m, q;
+    const __m512i glo = _mm512_loadu_si512((const void *)c->glo);
+    const __m512i ghi = _mm512_loadu_si512((const void *)c->ghi);
+    const __m512i gsc = _mm512_loadu_si512((const void *)c->gsc);
     unsigned char *wb = c->wbuf + (size_t)thread * c->wbuf_bytes;
-    __m512i *zb = (__m512i *)(void *)(wb + ((64 - ((uintptr_t)wb & 63)) & 63));
-    float *dw = (float *)(void *)(zb + np), *sc = dw + nb + 16;
-    size_t bs = c->wt == KMED_Q4_0 ? sizeof(kmed_block_q4_0) : sizeof(kmed_block_q8_0);
-    if (c->M == 1) {   /* four rows a time; a short last group repeats its first row */
-        float *dw4[4], *sc4[4], r[4];
-        for (i = 0; i < 4; i++) {
-            dw4[i] = (float *)(void *)zb + i * (nb + 16);
-            sc4[i] = dw4[i] + 4 * (nb + 16);
-        }
-        for (n = n0; n < n1; n += 4) {
-            const unsigned char *rows[4];
-            size_t k = n1 - n < 4 ? n1 - n : 4;
-            for (i = 0; i < 4; i++) {
-                rows[i] = c->w + (n + (i < k ? i : 0)) * c->wrow;
-                kmed__vw_scales(rows[i], bs, nb, dw4[i]);
-            }
-            kmed__vq_dot4(c, rows, dw4, c->xv, sc4, r);
-            for (i = 0; i < k; i++) c->y[n + i] = c->acc ? c->y[n + i] + r[i] : r[i];
-        }
+    kmed__vq_quad *zq = (kmed__vq_quad *)(void *)(wb + ((64 - ((uintptr_t)wb & 63)) & 63));
+    if (c->M == 1) {
+        /* one copy of the loop per weight type, the type a constant in each */
+        if (c->wt == KMED_Q4_0) kmed__vq_rows4(c, n0, n1, KMED_Q4_0, glo, ghi, gsc);
+        else kmed__vq_rows4(c, n0, n1, KMED_Q8_0, glo, ghi, gsc);
         return;
     }
+    /* prefill: each row's quads are decoded once for the M rows of x */
     for (n = n0; n < n1; n++) {
         const unsigned char *row = c->w + n * c->wrow;
-        size_t p;
-        kmed__vw_scales(row, bs, nb, dw);
-        for (p = 0; p < np; p++) zb[p] = kmed__vw_pair(row, c->wt, p);
+        for (q = 0; q < nq; q++)
+            zq[q] = kmed__vw_quad(c->wt, row + q * qb, c->wrow - q * qb, glo, ghi, gsc);
         for (m = 0; m < c->M; m++) {
-            float r = kmed__vq_dot(c, row, zb, dw, c->xv + m * c->xstride, sc);
-            if (c->acc) c->y[m * c->N + n] += r;
-            else c->y[m * c->N + n] = r;
+            const unsigned char *xr = c->xv + m * c->xstride;
+            __m512 a = _mm512_setzero_ps(), z = a;
+            float r[4];
+            for (q = 0; q < nq; q++) {
+                const unsigned char *xq = xr + q * KMED__VQ_QUAD;
+                KMED__VQ_STEP(a, zq[q], _mm512_load_si512((const void *)xq),
+                              _mm512_load_si512((const void *)(xq + 64)),
+                              _mm512_load_si512((const void *)(xq + 128)),
+                              _mm512_load_ps((const void *)(xq + 192)));
+            }
+            kmed__vq_hsum4(a, z, z, z, r);
+            kmed__vq_out(c, m, n, r[0]);
         }
     }
 }
+#undef KMED__VQ_STEP
 
 /* Runs FAST Q8_0/Q4_0 through the VNNI kernel; 0 when memory is short. */
 static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w,
@@ -6928,8 +6855,8 @@ static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w
 {
     kmed__vq_ctx c;
     size_t nb = K / KMED_QK, m, nt = (size_t)kmed_pool_threads(pool);
-    /* per thread: M > 1: the decoded pairs + dw + sc; M = 1: dw and sc of four rows */
-    size_t xs = kmed__vx_stride(K), wbb = nb / 2 * 64 + nb * 8 + 64 + 64 + 64 + 512;
+    size_t xs = kmed__vx_stride(K);
+    size_t wbb = M > 1 ? (nb + 3) / 4 * sizeof(kmed__vq_quad) + 64 : 0;
     unsigned char *mem = (unsigned char *)KMED_MALLOC(M * xs + nt * wbb + 64 + nb * 34);
     unsigned char *xv;
     if (!mem) return 0;
@@ -6939,6 +6866,7 @@ static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w
     c.wrow = kmed__tensor_row_bytes(wt, K); c.xstride = xs; c.wbuf_bytes = wbb; c.acc = acc;
     c.xv = xv;
     c.wbuf = xv + M * xs;
+    kmed__vq_indices(&c);
     for (m = 0; m < M; m++)
         kmed__vx_build(xv + m * xs, x + m * K, wt, K,
                        (kmed_block_q8_0 *)(void *)(c.wbuf + nt * wbb));

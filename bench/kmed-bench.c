@@ -127,7 +127,7 @@ static void roofline(int nt, double *gflops, double *gbs)
     *gflops = (double)nt * (double)iters * 12 * lanes * 2 / t / 1e9;
     if (!buf) { *gbs = 0; return; }
     for (i = 0; i < n; i++) buf[i] = (float)(i & 7);
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < 5; i++) {
         t = rl_parallel(1, nt, n, buf);
         if (t < best) best = t;
     }
@@ -392,17 +392,21 @@ int main(int argc, char **argv)
                kmed_time_now() - t0);
         a.model = write_dir;
     }
-    for (i = 0; i < a.n_threads && roof; i++) {
-        roofline(a.threads[i], &a.gflops[i], &a.gbs[i]);
-        printf("roofline %d thread%s: FMA peak %.0f GFLOP/s, read bandwidth %.1f GB/s\n",
-               a.threads[i], a.threads[i] > 1 ? "s" : "", a.gflops[i], a.gbs[i]);
-    }
     printf("prefill %zu tokens (last-position logits), decode %zu steps (full logits)%s\n",
            a.prefill, a.decode, a.fast ? ", fast path" : ", f32 activations");
     fflush(stdout);
     for (i = 0; i < n_types; i++) {
-        pid_t pid = fork();
-        int status = 0;
+        pid_t pid;
+        int status = 0, k;
+        /* measured again before each dtype: this machine's bandwidth drifts by 20-30%
+           within minutes, so a roofline taken once at the start misstates later runs */
+        for (k = 0; k < a.n_threads && roof; k++) {
+            roofline(a.threads[k], &a.gflops[k], &a.gbs[k]);
+            printf("roofline %d thread%s: FMA peak %.0f GFLOP/s, read bandwidth %.1f GB/s\n",
+                   a.threads[k], a.threads[k] > 1 ? "s" : "", a.gflops[k], a.gbs[k]);
+        }
+        fflush(stdout);
+        pid = fork();
         if (pid == 0) {
             run_dtype(&a, tvals[types[i]]);
             exit(0);
