@@ -6397,12 +6397,23 @@ static float kmed__hsum8(__m256 v)
 #define KMED__LD_F16(r, k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)KMED__U16P(r, k)))
 #endif
 
-/* Float-like weights (F32, BF16, F16), four weight rows per pass over x. */
+/* Float-like weights (F32, BF16, F16), four weight rows per pass over x; one row at a
+   time in memory order when x is one row (decode: four interleaved row streams kept fewer
+   cache misses in flight). A row's sum is the same either way. */
 #define KMED__MV_FLOATLIKE(NAME, LD, CVT)                                                   \
 static void NAME(const kmed__mv_ctx *c, size_t n0, size_t n1)                             \
 {                                                                                         \
     size_t n, m, k, r, K = c->K, KV = K / KMED__VW * KMED__VW;                             \
-    for (n = n0; n < n1; n += 4) {                                                        \
+    for (n = n0; n < n1 && c->M == 1; n++) {                                              \
+        const unsigned char *wr = c->w + n * c->wrow;                                     \
+        KMED__VT a = KMED__VZERO();                                                       \
+        float s;                                                                          \
+        for (k = 0; k < KV; k += KMED__VW) a = KMED__VFMA(LD(wr, k), KMED__VLOAD(c->x + k), a); \
+        s = KMED__HSUM(a);                                                                \
+        for (k = KV; k < K; k++) s += CVT(wr, k) * c->x[k];                               \
+        kmed__mv_out(c, 0, n, s);                                                         \
+    }                                                                                     \
+    for (n = n0; n < n1 && c->M > 1; n += 4) {                                            \
         size_t R = n1 - n < 4 ? n1 - n : 4;                                               \
         const unsigned char *w0 = c->w + n * c->wrow;                                     \
         const unsigned char *w1 = w0 + (R > 1 ? c->wrow : 0);                             \
