@@ -6462,15 +6462,16 @@ KMED__MV_FLOATLIKE(kmed__mv_f16, KMED__LD_F16, KMED__CVT_F16)
 #endif
 
 /* Q8_0 / Q4_0 weights, exact f32 activations: per block, sum q*x then scale by d (as the
-   scalar reference does); two weight rows per pass. */
+   scalar reference does); two weight rows per pass, or one when x is one row (decode: a
+   single stream in memory order keeps more cache misses in flight). */
 static void kmed__mv_quant(const kmed__mv_ctx *c, size_t n0, size_t n1)
 {
-    size_t n, m, b, nb = c->K / KMED_QK;
+    size_t n, m, b, nb = c->K / KMED_QK, step = c->M == 1 ? 1 : 2;
     const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
     int q4 = c->wt == KMED_Q4_0;
     size_t bsz = q4 ? sizeof(kmed_block_q4_0) : sizeof(kmed_block_q8_0);
-    for (n = n0; n < n1; n += 2) {
-        size_t R = n1 - n < 2 ? 1 : 2;
+    for (n = n0; n < n1; n += step) {
+        size_t R = n1 - n < step ? 1 : step;
         const unsigned char *r0 = c->w + n * c->wrow, *r1 = r0 + (R > 1 ? c->wrow : 0);
         for (m = 0; m < c->M; m++) {
             const float *x = c->x + m * c->K;
@@ -6480,7 +6481,7 @@ static void kmed__mv_quant(const kmed__mv_ctx *c, size_t n0, size_t n1)
                 float d0, d1;
                 /* prefetch the next row pair: a whole pass ahead hides memory latency */
                 _mm_prefetch((const char *)(r0 + 2 * c->wrow + b * bsz), _MM_HINT_T0);
-                _mm_prefetch((const char *)(r1 + 2 * c->wrow + b * bsz), _MM_HINT_T0);
+                if (R > 1) _mm_prefetch((const char *)(r1 + 2 * c->wrow + b * bsz), _MM_HINT_T0);
                 if (q4) {
                     const kmed_block_q4_0 *k0 = (const kmed_block_q4_0 *)(const void *)r0 + b;
                     const kmed_block_q4_0 *k1 = (const kmed_block_q4_0 *)(const void *)r1 + b;
@@ -6504,8 +6505,10 @@ static void kmed__mv_quant(const kmed__mv_ctx *c, size_t n0, size_t n1)
                 }
                 KMED__QDOT(t, p, x + b * KMED_QK);
                 a0 = KMED__VFMA(t, KMED__VSET1(d0), a0);
-                KMED__QDOT(t, s, x + b * KMED_QK);
-                a1 = KMED__VFMA(t, KMED__VSET1(d1), a1);
+                if (R > 1) {
+                    KMED__QDOT(t, s, x + b * KMED_QK);
+                    a1 = KMED__VFMA(t, KMED__VSET1(d1), a1);
+                }
             }
             kmed__mv_out(c, m, n, KMED__HSUM(a0));
             if (R > 1) kmed__mv_out(c, m, n + 1, KMED__HSUM(a1));
