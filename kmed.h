@@ -6693,7 +6693,7 @@ typedef struct kmed__vq_ctx {
     size_t M, N, K, wrow, xstride, wbuf_bytes;
     int acc;
     const unsigned char *xv;   /* (M, xstride): kmed__vx_build rows */
-    unsigned char *wbuf;       /* per thread, M > 1: a row's decoded quads */
+    unsigned char *wbuf;       /* per thread, M > 1: four rows' decoded quads */
     /* vpermt2b/vpermt2w indices: lo bytes, hi bytes (Q8_0), lane scale words */
     unsigned char glo[64], ghi[64], gsc[64];
 } kmed__vq_ctx;
@@ -6829,6 +6829,7 @@ static void kmed__vq_range(void *vctx, size_t n0, size_t n1, int thread)
 {
     const kmed__vq_ctx *c = (const kmed__vq_ctx *)vctx;
     size_t nq = (c->K / KMED_QK + 3) / 4, qb = 4 * (c->wrow / (c->K / KMED_QK)), n, m, q;
+    size_t m0, mb;
     const __m512i glo = _mm512_loadu_si512((const void *)c->glo);
     const __m512i ghi = _mm512_loadu_si512((const void *)c->ghi);
     const __m512i gsc = _mm512_loadu_si512((const void *)c->gsc);
@@ -6840,24 +6841,39 @@ static void kmed__vq_range(void *vctx, size_t n0, size_t n1, int thread)
         else kmed__vq_rows4(c, n0, n1, KMED_Q8_0, glo, ghi, gsc);
         return;
     }
-    /* prefill: each row's quads are decoded once for the M rows of x */
-    for (n = n0; n < n1; n++) {
-        const unsigned char *row = c->w + n * c->wrow;
-        for (q = 0; q < nq; q++)
-            zq[q] = kmed__vw_quad(c->wt, row + q * qb, c->wrow - q * qb, glo, ghi, gsc);
-        for (m = 0; m < c->M; m++) {
-            const unsigned char *xr = c->xv + m * c->xstride;
-            __m512 a = _mm512_setzero_ps(), z = a;
-            float r[4];
-            for (q = 0; q < nq; q++) {
-                const unsigned char *xq = xr + q * KMED__VQ_QUAD;
-                KMED__VQ_STEP(a, zq[q], _mm512_load_si512((const void *)xq),
-                              _mm512_load_si512((const void *)(xq + 64)),
-                              _mm512_load_si512((const void *)(xq + 128)),
-                              _mm512_load_ps((const void *)(xq + 192)));
+    /* prefill: x rows in blocks of at most 256 KB (they stay in L2); per block, four weight
+       rows are decoded once and each x row meets the four with its loads shared. The same
+       step and reduction as decode, so a row's result does not depend on M. */
+    mb = (size_t)262144 / c->xstride;
+    if (mb == 0) mb = 1;
+    for (m0 = 0; m0 < c->M; m0 += mb) {
+        size_t m1 = c->M - m0 < mb ? c->M : m0 + mb;
+        for (n = n0; n < n1; n += 4) {
+            size_t k = n1 - n < 4 ? n1 - n : 4, i;
+            for (i = 0; i < 4; i++) {
+                const unsigned char *row = c->w + (n + (i < k ? i : 0)) * c->wrow;
+                for (q = 0; q < nq; q++)
+                    zq[i * nq + q] = kmed__vw_quad(c->wt, row + q * qb, c->wrow - q * qb, glo,
+                                                   ghi, gsc);
             }
-            kmed__vq_hsum4(a, z, z, z, r);
-            kmed__vq_out(c, m, n, r[0]);
+            for (m = m0; m < m1; m++) {
+                const unsigned char *xr = c->xv + m * c->xstride;
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                float r[4];
+                for (q = 0; q < nq; q++) {
+                    const unsigned char *xq = xr + q * KMED__VQ_QUAD;
+                    __m512i xlo = _mm512_load_si512((const void *)xq);
+                    __m512i xhi = _mm512_load_si512((const void *)(xq + 64));
+                    __m512i xb = _mm512_load_si512((const void *)(xq + 128));
+                    __m512 xs = _mm512_load_ps((const void *)(xq + 192));
+                    KMED__VQ_STEP(a0, zq[q], xlo, xhi, xb, xs);
+                    KMED__VQ_STEP(a1, zq[nq + q], xlo, xhi, xb, xs);
+                    KMED__VQ_STEP(a2, zq[2 * nq + q], xlo, xhi, xb, xs);
+                    KMED__VQ_STEP(a3, zq[3 * nq + q], xlo, xhi, xb, xs);
+                }
+                kmed__vq_hsum4(a0, a1, a2, a3, r);
+                for (i = 0; i < k; i++) kmed__vq_out(c, m, n + i, r[i]);
+            }
         }
     }
 }
@@ -6870,7 +6886,7 @@ static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w
     kmed__vq_ctx c;
     size_t nb = K / KMED_QK, m, nt = (size_t)kmed_pool_threads(pool);
     size_t xs = kmed__vx_stride(K);
-    size_t wbb = M > 1 ? (nb + 3) / 4 * sizeof(kmed__vq_quad) + 64 : 0;
+    size_t wbb = M > 1 ? 4 * ((nb + 3) / 4) * sizeof(kmed__vq_quad) + 64 : 0;
     unsigned char *mem = (unsigned char *)KMED_MALLOC(M * xs + nt * wbb + 64 + nb * 34);
     unsigned char *xv;
     if (!mem) return 0;
