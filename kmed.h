@@ -6399,18 +6399,25 @@ static float kmed__hsum8(__m256 v)
 
 /* Float-like weights (F32, BF16, F16), four weight rows per pass over x; one row at a
    time in memory order when x is one row (decode: four interleaved row streams kept fewer
-   cache misses in flight). A row's sum is the same either way. */
+   cache misses in flight), with four accumulators for the FMA latency. */
 #define KMED__MV_FLOATLIKE(NAME, LD, CVT)                                                   \
 static void NAME(const kmed__mv_ctx *c, size_t n0, size_t n1)                             \
 {                                                                                         \
     size_t n, m, k, r, K = c->K, KV = K / KMED__VW * KMED__VW;                             \
     for (n = n0; n < n1 && c->M == 1; n++) {                                              \
         const unsigned char *wr = c->w + n * c->wrow;                                     \
-        KMED__VT a = KMED__VZERO();                                                       \
+        const float *x = c->x;                                                            \
+        KMED__VT a0 = KMED__VZERO(), a1 = a0, a2 = a0, a3 = a0;                           \
         float s;                                                                          \
-        for (k = 0; k < KV; k += KMED__VW) a = KMED__VFMA(LD(wr, k), KMED__VLOAD(c->x + k), a); \
-        s = KMED__HSUM(a);                                                                \
-        for (k = KV; k < K; k++) s += CVT(wr, k) * c->x[k];                               \
+        for (k = 0; k + 4 * KMED__VW <= KV; k += 4 * KMED__VW) {                          \
+            a0 = KMED__VFMA(LD(wr, k), KMED__VLOAD(x + k), a0);                           \
+            a1 = KMED__VFMA(LD(wr, k + KMED__VW), KMED__VLOAD(x + k + KMED__VW), a1);     \
+            a2 = KMED__VFMA(LD(wr, k + 2 * KMED__VW), KMED__VLOAD(x + k + 2 * KMED__VW), a2); \
+            a3 = KMED__VFMA(LD(wr, k + 3 * KMED__VW), KMED__VLOAD(x + k + 3 * KMED__VW), a3); \
+        }                                                                                 \
+        for (; k < KV; k += KMED__VW) a0 = KMED__VFMA(LD(wr, k), KMED__VLOAD(x + k), a0);  \
+        s = KMED__HSUM(KMED__VADD(KMED__VADD(a0, a1), KMED__VADD(a2, a3)));               \
+        for (k = KV; k < K; k++) s += CVT(wr, k) * x[k];                                  \
         kmed__mv_out(c, 0, n, s);                                                         \
     }                                                                                     \
     for (n = n0; n < n1 && c->M > 1; n += 4) {                                            \
