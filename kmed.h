@@ -5901,6 +5901,34 @@ static float kmed__tensor_h2f(uint16_t h)
 #endif
 }
 
+/* Small helpers of the hot loops: inlined, their vector results stay in registers (a call
+   returns them through memory) */
+#if defined(__GNUC__)
+#define KMED__INLINE static __inline__ __attribute__((always_inline))
+#else
+#define KMED__INLINE static
+#endif
+
+/* Block b of a Q8_0 / Q4_0 row as signed bytes (lo: elements 0-15, hi: 16-31); returns
+   its scale. Shared by the SIMD dequantizer and the exact matrix-vector kernel. */
+KMED__INLINE float kmed__qblock(const unsigned char *row, size_t b, int q4, __m128i *lo,
+                                __m128i *hi)
+{
+    if (q4) {
+        const kmed_block_q4_0 *k = (const kmed_block_q4_0 *)(const void *)row + b;
+        const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
+        __m128i v = _mm_loadu_si128((const __m128i *)(const void *)k->qs);
+        *lo = _mm_sub_epi8(_mm_and_si128(v, m4), e8);
+        *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), e8);
+        return kmed__tensor_h2f(k->d);
+    } else {
+        const kmed_block_q8_0 *k = (const kmed_block_q8_0 *)(const void *)row + b;
+        *lo = _mm_loadu_si128((const __m128i *)(const void *)k->qs);
+        *hi = _mm_loadu_si128((const __m128i *)(const void *)(k->qs + 16));
+        return kmed__tensor_h2f(k->d);
+    }
+}
+
 /* Dequantizes n elements (a multiple of 32 for block types) exactly, like
    kmed_dequantize_row. */
 static void kmed__dequant_simd(kmed_dtype t, const void *src, float *y, size_t n)
@@ -5924,34 +5952,17 @@ static void kmed__dequant_simd(kmed_dtype t, const void *src, float *y, size_t n
         for (; i < n; i++) y[i] = kmed_f16_to_f32(s[i]);
         return;
     }
-    case KMED_Q8_0: {
-        const kmed_block_q8_0 *b = (const kmed_block_q8_0 *)src;
+    case KMED_Q8_0: case KMED_Q4_0:
         for (; i < n / KMED_QK; i++) {
-            __m512 d = _mm512_set1_ps(kmed__tensor_h2f(b[i].d));
-            __m128i q0 = _mm_loadu_si128((const __m128i *)b[i].qs);
-            __m128i q1 = _mm_loadu_si128((const __m128i *)(b[i].qs + 16));
-            _mm512_storeu_ps(y + i * 32,
-                             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))));
-            _mm512_storeu_ps(y + i * 32 + 16,
-                             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))));
-        }
-        return;
-    }
-    case KMED_Q4_0: {
-        const kmed_block_q4_0 *b = (const kmed_block_q4_0 *)src;
-        const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
-        for (; i < n / KMED_QK; i++) {
-            __m512 d = _mm512_set1_ps(kmed__tensor_h2f(b[i].d));
-            __m128i v = _mm_loadu_si128((const __m128i *)b[i].qs);
-            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, m4), e8);
-            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), e8);
+            __m128i lo, hi;
+            __m512 d = _mm512_set1_ps(kmed__qblock((const unsigned char *)src, i,
+                                                      t == KMED_Q4_0, &lo, &hi));
             _mm512_storeu_ps(y + i * 32,
                              _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
             _mm512_storeu_ps(y + i * 32 + 16,
                              _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
         }
         return;
-    }
     default: break;
     }
 #else
@@ -5965,38 +5976,19 @@ static void kmed__dequant_simd(kmed_dtype t, const void *src, float *y, size_t n
         for (; i < n; i++) y[i] = kmed_bf16_to_f32(s[i]);
         return;
     }
-    case KMED_Q8_0: {
-        const kmed_block_q8_0 *b = (const kmed_block_q8_0 *)src;
+    case KMED_Q8_0: case KMED_Q4_0:
         for (; i < n / KMED_QK; i++) {
-            __m256 d = _mm256_set1_ps(kmed__tensor_h2f(b[i].d));
-            int j;
-            for (j = 0; j < 4; j++) {
-                __m128i q = _mm_loadl_epi64((const __m128i *)(b[i].qs + 8 * j));
-                _mm256_storeu_ps(y + i * 32 + 8 * j,
-                                 _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
-            }
-        }
-        return;
-    }
-    case KMED_Q4_0: {
-        const kmed_block_q4_0 *b = (const kmed_block_q4_0 *)src;
-        const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
-        for (; i < n / KMED_QK; i++) {
-            __m256 d = _mm256_set1_ps(kmed__tensor_h2f(b[i].d));
-            __m128i v = _mm_loadu_si128((const __m128i *)b[i].qs);
-            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, m4), e8);
-            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), e8);
-            float *o = y + i * 32;
-            __m128i parts[4];
+            __m128i lo, hi, parts[4];
+            __m256 d = _mm256_set1_ps(kmed__qblock((const unsigned char *)src, i,
+                                                      t == KMED_Q4_0, &lo, &hi));
             int j;
             parts[0] = lo; parts[1] = _mm_srli_si128(lo, 8);
             parts[2] = hi; parts[3] = _mm_srli_si128(hi, 8);
             for (j = 0; j < 4; j++)
-                _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
+                _mm256_storeu_ps(y + i * 32 + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
                                                                  _mm256_cvtepi8_epi32(parts[j]))));
         }
         return;
-    }
     default: break;
     }
 #endif
@@ -6404,7 +6396,7 @@ static float kmed__hsum8(__m256 v)
 static void NAME(const kmed__mv_ctx *c, size_t n0, size_t n1)                             \
 {                                                                                         \
     size_t n, m, k, r, K = c->K, KV = K / KMED__VW * KMED__VW;                             \
-    for (n = n0; n < n1 && c->M == 1; n++) {                                              \
+    for (n = n0; n < n1 && c->M == 1; n++) {   /* x is one row */                         \
         const unsigned char *wr = c->w + n * c->wrow;                                     \
         const float *x = c->x;                                                            \
         KMED__VT a0 = KMED__VZERO(), a1 = a0, a2 = a0, a3 = a0;                           \
@@ -6420,7 +6412,7 @@ static void NAME(const kmed__mv_ctx *c, size_t n0, size_t n1)                   
         for (k = KV; k < K; k++) s += CVT(wr, k) * x[k];                                  \
         kmed__mv_out(c, 0, n, s);                                                         \
     }                                                                                     \
-    for (n = n0; n < n1 && c->M > 1; n += 4) {                                            \
+    for (n = n0; n < n1 && c->M > 1; n += 4) {   /* several x rows */                     \
         size_t R = n1 - n < 4 ? n1 - n : 4;                                               \
         const unsigned char *w0 = c->w + n * c->wrow;                                     \
         const unsigned char *w1 = w0 + (R > 1 ? c->wrow : 0);                             \
@@ -6474,47 +6466,27 @@ KMED__MV_FLOATLIKE(kmed__mv_f16, KMED__LD_F16, KMED__CVT_F16)
 static void kmed__mv_quant(const kmed__mv_ctx *c, size_t n0, size_t n1)
 {
     size_t n, m, b, nb = c->K / KMED_QK, step = c->M == 1 ? 1 : 2;
-    const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
     int q4 = c->wt == KMED_Q4_0;
     size_t bsz = q4 ? sizeof(kmed_block_q4_0) : sizeof(kmed_block_q8_0);
     for (n = n0; n < n1; n += step) {
         size_t R = n1 - n < step ? 1 : step;
-        const unsigned char *r0 = c->w + n * c->wrow, *r1 = r0 + (R > 1 ? c->wrow : 0);
+        const unsigned char *r0 = c->w + n * c->wrow, *r1 = r0 + c->wrow;
         for (m = 0; m < c->M; m++) {
             const float *x = c->x + m * c->K;
             KMED__VT a0 = KMED__VZERO(), a1 = a0, t;
             for (b = 0; b < nb; b++) {
-                __m128i p0, p1, s0, s1;
-                float d0, d1;
-                /* prefetch the next row pair: a whole pass ahead hides memory latency */
+                __m128i p0, p1;
+                float d;
+                /* prefetch two rows ahead (a pass or two): that hides the memory latency */
                 _mm_prefetch((const char *)(r0 + 2 * c->wrow + b * bsz), _MM_HINT_T0);
-                if (R > 1) _mm_prefetch((const char *)(r1 + 2 * c->wrow + b * bsz), _MM_HINT_T0);
-                if (q4) {
-                    const kmed_block_q4_0 *k0 = (const kmed_block_q4_0 *)(const void *)r0 + b;
-                    const kmed_block_q4_0 *k1 = (const kmed_block_q4_0 *)(const void *)r1 + b;
-                    __m128i v0 = _mm_loadu_si128((const __m128i *)(const void *)k0->qs);
-                    __m128i v1 = _mm_loadu_si128((const __m128i *)(const void *)k1->qs);
-                    p0 = _mm_sub_epi8(_mm_and_si128(v0, m4), e8);
-                    p1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v0, 4), m4), e8);
-                    s0 = _mm_sub_epi8(_mm_and_si128(v1, m4), e8);
-                    s1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v1, 4), m4), e8);
-                    d0 = kmed__tensor_h2f(k0->d);
-                    d1 = kmed__tensor_h2f(k1->d);
-                } else {
-                    const kmed_block_q8_0 *k0 = (const kmed_block_q8_0 *)(const void *)r0 + b;
-                    const kmed_block_q8_0 *k1 = (const kmed_block_q8_0 *)(const void *)r1 + b;
-                    p0 = _mm_loadu_si128((const __m128i *)(const void *)k0->qs);
-                    p1 = _mm_loadu_si128((const __m128i *)(const void *)(k0->qs + 16));
-                    s0 = _mm_loadu_si128((const __m128i *)(const void *)k1->qs);
-                    s1 = _mm_loadu_si128((const __m128i *)(const void *)(k1->qs + 16));
-                    d0 = kmed__tensor_h2f(k0->d);
-                    d1 = kmed__tensor_h2f(k1->d);
-                }
+                d = kmed__qblock(r0, b, q4, &p0, &p1);
                 KMED__QDOT(t, p, x + b * KMED_QK);
-                a0 = KMED__VFMA(t, KMED__VSET1(d0), a0);
+                a0 = KMED__VFMA(t, KMED__VSET1(d), a0);
                 if (R > 1) {
-                    KMED__QDOT(t, s, x + b * KMED_QK);
-                    a1 = KMED__VFMA(t, KMED__VSET1(d1), a1);
+                    _mm_prefetch((const char *)(r1 + 2 * c->wrow + b * bsz), _MM_HINT_T0);
+                    d = kmed__qblock(r1, b, q4, &p0, &p1);
+                    KMED__QDOT(t, p, x + b * KMED_QK);
+                    a1 = KMED__VFMA(t, KMED__VSET1(d), a1);
                 }
             }
             kmed__mv_out(c, m, n, KMED__HSUM(a0));
@@ -6655,12 +6627,6 @@ static void kmed__mv_fast_bf16(const kmed__mv_ctx *c, size_t n0, size_t n1)
    x is quantized to Q8_0 and laid out per quad as KMED__VQ_QUAD bytes: lo[64], hi[64],
    bias[16] int32, xs[16] float (each lane's block scale); a partial last quad has zeros. */
 #define KMED__VQ_QUAD 256
-/* the quad decoder returns three vectors: inlined, they stay in registers */
-#if defined(__GNUC__)
-#define KMED__VQ_INLINE static __inline__ __attribute__((always_inline))
-#else
-#define KMED__VQ_INLINE static
-#endif
 
 static size_t kmed__vx_stride(size_t K)
 {
@@ -6698,6 +6664,7 @@ typedef struct kmed__vq_ctx {
     const unsigned char *w;    /* (N, K) Q8_0 or Q4_0 */
     kmed_dtype wt;
     size_t M, N, K, wrow, xstride, wbuf_bytes;
+    size_t nq, qb;             /* quads per row (the last may be partial), bytes per quad */
     int acc;
     const unsigned char *xv;   /* (M, xstride): kmed__vx_build rows */
     unsigned char *wbuf;       /* per thread, M > 1: four rows' decoded quads */
@@ -6727,7 +6694,7 @@ static void kmed__vq_indices(kmed__vq_ctx *c)
 }
 
 /* 64 bytes at p + off, zeros past `avail` (the row's end: nothing beyond it is read). */
-KMED__VQ_INLINE __m512i kmed__vq_win(const unsigned char *p, size_t off, size_t avail)
+KMED__INLINE __m512i kmed__vq_win(const unsigned char *p, size_t off, size_t avail)
 {
     if (off + 64 <= avail) return _mm512_loadu_si512((const void *)(p + off));
     if (off >= avail) return _mm512_setzero_si512();
@@ -6738,8 +6705,8 @@ typedef struct kmed__vq_quad { __m512i lo, hi; __m512 s; } kmed__vq_quad;
 
 /* The quad of weight blocks at p (avail bytes left in the row): lo/hi bytes in x's layout
    and each lane's fp16 block scale as float. */
-KMED__VQ_INLINE kmed__vq_quad kmed__vw_quad(kmed_dtype wt, const unsigned char *p, size_t avail,
-                                   __m512i glo, __m512i ghi, __m512i gsc)
+KMED__INLINE kmed__vq_quad kmed__vw_quad(kmed_dtype wt, const unsigned char *p, size_t avail,
+                                         __m512i glo, __m512i ghi, __m512i gsc)
 {
     kmed__vq_quad r;
     __m512i w0 = kmed__vq_win(p, 0, avail), q;
@@ -6796,15 +6763,16 @@ static void kmed__vq_out(const kmed__vq_ctx *c, size_t m, size_t n, float r)
 /* Lane sums of one weight row against x row 0, decoding as it goes (M = 1). Row by row in
    memory order: interleaving four rows to share the x loads kept fewer cache misses in
    flight and read Q8_0 a third slower. */
-KMED__VQ_INLINE __m512 kmed__vq_row(const kmed__vq_ctx *c, kmed_dtype wt,
-                                    const unsigned char *row, __m512i glo, __m512i ghi,
-                                    __m512i gsc)
+KMED__INLINE __m512 kmed__vq_row(const kmed__vq_ctx *c, kmed_dtype wt,
+                                 const unsigned char *row, __m512i glo, __m512i ghi,
+                                 __m512i gsc)
 {
-    size_t nq = (c->K / KMED_QK + 3) / 4, qb = 4 * (c->wrow / (c->K / KMED_QK)), q;
+    size_t q;
     __m512 acc = _mm512_setzero_ps();
-    for (q = 0; q < nq; q++) {
+    for (q = 0; q < c->nq; q++) {
         const unsigned char *xq = c->xv + q * KMED__VQ_QUAD;
-        kmed__vq_quad w = kmed__vw_quad(wt, row + q * qb, c->wrow - q * qb, glo, ghi, gsc);
+        kmed__vq_quad w = kmed__vw_quad(wt, row + q * c->qb, c->wrow - q * c->qb, glo, ghi,
+                                        gsc);
         KMED__VQ_STEP(acc, w, _mm512_load_si512((const void *)xq),
                       _mm512_load_si512((const void *)(xq + 64)),
                       _mm512_load_si512((const void *)(xq + 128)),
@@ -6814,8 +6782,8 @@ KMED__VQ_INLINE __m512 kmed__vq_row(const kmed__vq_ctx *c, kmed_dtype wt,
 }
 
 /* Decode: rows by fours, one reduction for the four; a short last group repeats a row. */
-KMED__VQ_INLINE void kmed__vq_rows4(const kmed__vq_ctx *c, size_t n0, size_t n1,
-                                    kmed_dtype wt, __m512i glo, __m512i ghi, __m512i gsc)
+KMED__INLINE void kmed__vq_rows4(const kmed__vq_ctx *c, size_t n0, size_t n1,
+                                 kmed_dtype wt, __m512i glo, __m512i ghi, __m512i gsc)
 {
     size_t n, i;
     for (n = n0; n < n1; n += 4) {
@@ -6835,8 +6803,7 @@ KMED__VQ_INLINE void kmed__vq_rows4(const kmed__vq_ctx *c, size_t n0, size_t n1,
 static void kmed__vq_range(void *vctx, size_t n0, size_t n1, int thread)
 {
     const kmed__vq_ctx *c = (const kmed__vq_ctx *)vctx;
-    size_t nq = (c->K / KMED_QK + 3) / 4, qb = 4 * (c->wrow / (c->K / KMED_QK)), n, m, q;
-    size_t m0, mb;
+    size_t nq = c->nq, qb = c->qb, n, m, q, m0, mb;
     const __m512i glo = _mm512_loadu_si512((const void *)c->glo);
     const __m512i ghi = _mm512_loadu_si512((const void *)c->ghi);
     const __m512i gsc = _mm512_loadu_si512((const void *)c->gsc);
@@ -6893,7 +6860,7 @@ static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w
     kmed__vq_ctx c;
     size_t nb = K / KMED_QK, m, nt = (size_t)kmed_pool_threads(pool);
     size_t xs = kmed__vx_stride(K);
-    size_t wbb = M > 1 ? 4 * ((nb + 3) / 4) * sizeof(kmed__vq_quad) + 64 : 0;
+    size_t wbb = M > 1 ? 4 * ((nb + 3) / 4) * sizeof(kmed__vq_quad) + 64 : 0;   /* 4 rows */
     unsigned char *mem = (unsigned char *)KMED_MALLOC(M * xs + nt * wbb + 64 + nb * 34);
     unsigned char *xv;
     if (!mem) return 0;
@@ -6901,6 +6868,7 @@ static int kmed__vq_run(kmed_pool *pool, float *y, const float *x, const void *w
     memset(&c, 0, sizeof c);
     c.y = y; c.w = (const unsigned char *)w; c.wt = wt; c.M = M; c.N = N; c.K = K;
     c.wrow = kmed__tensor_row_bytes(wt, K); c.xstride = xs; c.wbuf_bytes = wbb; c.acc = acc;
+    c.nq = (nb + 3) / 4; c.qb = 4 * (c.wrow / nb);
     c.xv = xv;
     c.wbuf = xv + M * xs;
     kmed__vq_indices(&c);

@@ -402,8 +402,8 @@ int main(int argc, char **argv)
     for (i = 0; i < n_types; i++) {
         pid_t pid;
         int status = 0, k;
-        /* measured again before each dtype: this machine's bandwidth drifts by 20-30%
-           within minutes, so a roofline taken once at the start misstates later runs */
+        /* measured again before each dtype: this machine's bandwidth drifts by a third
+           or more within minutes, so a roofline taken once at the start misstates later runs */
         for (k = 0; k < a.n_threads && roof; k++) {
             roofline(a.threads[k], &a.gflops[k], &a.gbs[k]);
             printf("roofline %d thread%s: FMA peak %.0f GFLOP/s, read bandwidth %.1f GB/s\n",
