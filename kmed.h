@@ -5160,6 +5160,19 @@ KMED_API void kmed_gguf_writer_abort(kmed_gguf_writer *w)
 #include <immintrin.h>
 #endif
 
+/* SIMD kernels are chosen at compile time; the scalar code is the reference for each. */
+/* AVX-512 code also uses AVX2/FMA/F16C forms (every AVX-512 CPU has them; -march=native
+   turns them all on) */
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KMED__SIMD 512
+#define KMED__MR 12          /* micro-tile rows: 12 x 2 zmm accumulators of 16 floats */
+#define KMED__NR 32
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KMED__SIMD 256
+#define KMED__MR 6           /* 6 x 2 ymm accumulators of 8 floats */
+#define KMED__NR 16
+#endif
+
 /* GGUF block layouts: 2-byte fp16 scale then the quants, no padding. */
 typedef char kmed__tensor_q8_0_is_34_bytes[sizeof(kmed_block_q8_0) == 34 ? 1 : -1];
 typedef char kmed__tensor_q4_0_is_18_bytes[sizeof(kmed_block_q4_0) == 18 ? 1 : -1];
@@ -5199,7 +5212,8 @@ KMED_API float kmed_f16_to_f32(uint16_t h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0x1f) return kmed__tensor_bits_f32(sign | 0x7f800000u | (m << 13));
+    if (e == 0x1f)   /* inf, or a NaN made quiet with its payload, as F16C converts it */
+        return kmed__tensor_bits_f32(sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0));
     if (e == 0) {
         /* subnormal: m * 2^-24, exact in f32 */
         float v = (float)m * (1.0f / 16777216.0f);
@@ -5230,6 +5244,82 @@ KMED_API uint16_t kmed_f32_to_f16(float f)
         half = 1u << (sh - 1u);
         h += (rem > half) || (rem == half && (h & 1u));
         return (uint16_t)(sign | h);
+    }
+}
+
+/* Rows of f16/bf16 <-> f32: the scalar conversions above, lane for lane, vectorised because
+   loading, converting and merging checkpoints spend their time here. The half side may sit
+   at any byte offset (safetensors data does), so it is read and written unaligned. */
+static void kmed__half_to_f32_row(kmed_dtype t, const void *src, float *y, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)src;
+    size_t i = 0;
+#if KMED__SIMD == 512
+    for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(const void *)(s + 2 * i));
+        _mm512_storeu_ps(y + i, t == KMED_F16 ? _mm512_cvtph_ps(h)
+                                : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+#elif KMED__SIMD == 256
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)(s + 2 * i));
+        _mm256_storeu_ps(y + i, t == KMED_F16 ? _mm256_cvtph_ps(h)
+                                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+#endif
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, s + 2 * i, 2);
+        y[i] = t == KMED_F16 ? kmed_f16_to_f32(h) : kmed_bf16_to_f32(h);
+    }
+}
+
+static void kmed__f32_to_half_row(kmed_dtype t, const float *x, void *dst, size_t n)
+{
+    unsigned char *d = (unsigned char *)dst;
+    size_t i = 0;
+#if KMED__SIMD == 512
+    const __m512i mag = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+    const __m512i quiet = _mm512_set1_epi32(0x40);
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __m256i h;
+        if (t == KMED_F16) {
+            h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        } else {
+            __m512i u = _mm512_castps_si512(v), top = _mm512_srli_epi32(u, 16);
+            __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, mag), inf);
+            __m512i r = _mm512_srli_epi32(
+                _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(top, one))), 16);
+            h = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(top, quiet)));
+        }
+        _mm256_storeu_si256((__m256i *)(void *)(d + 2 * i), h);
+    }
+#elif KMED__SIMD == 256
+    const __m256i mag = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+    const __m256i quiet = _mm256_set1_epi32(0x40);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m128i h;
+        if (t == KMED_F16) {
+            h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        } else {
+            __m256i u = _mm256_castps_si256(v), top = _mm256_srli_epi32(u, 16);
+            __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, mag), inf);
+            __m256i r = _mm256_srli_epi32(
+                _mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(top, one))), 16);
+            r = _mm256_blendv_epi8(r, _mm256_or_si256(top, quiet), nan);
+            /* packus packs within 128-bit lanes; the permute brings lanes 0..3, 4..7 together */
+            h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8));
+        }
+        _mm_storeu_si128((__m128i *)(void *)(d + 2 * i), h);
+    }
+#endif
+    for (; i < n; i++) {
+        uint16_t h = t == KMED_F16 ? kmed_f32_to_f16(x[i]) : kmed_f32_to_bf16(x[i]);
+        memcpy(d + 2 * i, &h, 2);
     }
 }
 
@@ -5312,15 +5402,9 @@ static void kmed__tensor_quant_q4_0(const float *x, kmed_block_q4_0 *y, size_t n
 
 KMED_API void kmed_quantize_row(kmed_dtype t, const float *x, void *y, size_t n)
 {
-    size_t i;
     switch (t) {
     case KMED_F32: memcpy(y, x, n * sizeof(float)); break;
-    case KMED_F16:
-        for (i = 0; i < n; i++) ((uint16_t *)y)[i] = kmed_f32_to_f16(x[i]);
-        break;
-    case KMED_BF16:
-        for (i = 0; i < n; i++) ((uint16_t *)y)[i] = kmed_f32_to_bf16(x[i]);
-        break;
+    case KMED_F16: case KMED_BF16: kmed__f32_to_half_row(t, x, y, n); break;
     case KMED_Q8_0:
         KMED_ASSERT(n % KMED_QK == 0);
         kmed__tensor_quant_q8_0(x, (kmed_block_q8_0 *)y, n);
@@ -5338,14 +5422,7 @@ KMED_API void kmed_dequantize_row(kmed_dtype t, const void *x, float *y, size_t 
     size_t i, j;
     switch (t) {
     case KMED_F32: memcpy(y, x, n * sizeof(float)); break;
-    case KMED_F16: case KMED_BF16:
-        /* safetensors data may sit at an odd offset: memcpy loads, never a misaligned read */
-        for (i = 0; i < n; i++) {
-            uint16_t h;
-            memcpy(&h, (const unsigned char *)x + 2 * i, 2);
-            y[i] = t == KMED_F16 ? kmed_f16_to_f32(h) : kmed_bf16_to_f32(h);
-        }
-        break;
+    case KMED_F16: case KMED_BF16: kmed__half_to_f32_row(t, x, y, n); break;
     case KMED_Q8_0: {
         const kmed_block_q8_0 *b = (const kmed_block_q8_0 *)x;
         KMED_ASSERT(n % KMED_QK == 0);
@@ -5852,17 +5929,6 @@ static void kmed__sgemm_ref(kmed_pool *pool, int ta, int tb, size_t M, size_t N,
 
 /* ---- SIMD kernels, chosen at compile time (the scalar code above is the reference) ---- */
 
-/* AVX-512 code also uses AVX2/FMA/F16C forms (every AVX-512 CPU has them; -march=native
-   turns them all on) */
-#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define KMED__SIMD 512
-#define KMED__MR 12          /* micro-tile rows: 12 x 2 zmm accumulators of 16 floats */
-#define KMED__NR 32
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define KMED__SIMD 256
-#define KMED__MR 6           /* 6 x 2 ymm accumulators of 8 floats */
-#define KMED__NR 16
-#endif
 
 #ifdef KMED__SIMD
 #define KMED__KC 256         /* k-depth of packed panels: a B panel (KC x NR) stays in L1 */
@@ -5934,65 +6000,33 @@ KMED__INLINE float kmed__qblock(const unsigned char *row, size_t b, int q4, __m1
 static void kmed__dequant_simd(kmed_dtype t, const void *src, float *y, size_t n)
 {
     size_t i = 0;
+    if (t != KMED_Q8_0 && t != KMED_Q4_0) {
+        kmed_dequantize_row(t, src, y, n);
+        return;
+    }
 #if KMED__SIMD == 512
-    switch (t) {
-    case KMED_BF16: {
-        const uint16_t *s = (const uint16_t *)src;
-        for (; i + 16 <= n; i += 16) {
-            __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i)));
-            _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-        }
-        for (; i < n; i++) y[i] = kmed_bf16_to_f32(s[i]);
-        return;
-    }
-    case KMED_F16: {
-        const uint16_t *s = (const uint16_t *)src;
-        for (; i + 16 <= n; i += 16)
-            _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
-        for (; i < n; i++) y[i] = kmed_f16_to_f32(s[i]);
-        return;
-    }
-    case KMED_Q8_0: case KMED_Q4_0:
-        for (; i < n / KMED_QK; i++) {
-            __m128i lo, hi;
-            __m512 d = _mm512_set1_ps(kmed__qblock((const unsigned char *)src, i,
-                                                      t == KMED_Q4_0, &lo, &hi));
-            _mm512_storeu_ps(y + i * 32,
-                             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
-            _mm512_storeu_ps(y + i * 32 + 16,
-                             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
-        }
-        return;
-    default: break;
+    for (; i < n / KMED_QK; i++) {
+        __m128i lo, hi;
+        __m512 d = _mm512_set1_ps(kmed__qblock((const unsigned char *)src, i,
+                                                  t == KMED_Q4_0, &lo, &hi));
+        _mm512_storeu_ps(y + i * 32,
+                         _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
+        _mm512_storeu_ps(y + i * 32 + 16,
+                         _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
     }
 #else
-    switch (t) {
-    case KMED_BF16: {
-        const uint16_t *s = (const uint16_t *)src;
-        for (; i + 8 <= n; i += 8) {
-            __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
-            _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-        }
-        for (; i < n; i++) y[i] = kmed_bf16_to_f32(s[i]);
-        return;
-    }
-    case KMED_Q8_0: case KMED_Q4_0:
-        for (; i < n / KMED_QK; i++) {
-            __m128i lo, hi, parts[4];
-            __m256 d = _mm256_set1_ps(kmed__qblock((const unsigned char *)src, i,
-                                                      t == KMED_Q4_0, &lo, &hi));
-            int j;
-            parts[0] = lo; parts[1] = _mm_srli_si128(lo, 8);
-            parts[2] = hi; parts[3] = _mm_srli_si128(hi, 8);
-            for (j = 0; j < 4; j++)
-                _mm256_storeu_ps(y + i * 32 + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
-                                                                 _mm256_cvtepi8_epi32(parts[j]))));
-        }
-        return;
-    default: break;
+    for (; i < n / KMED_QK; i++) {
+        __m128i lo, hi, parts[4];
+        __m256 d = _mm256_set1_ps(kmed__qblock((const unsigned char *)src, i,
+                                                  t == KMED_Q4_0, &lo, &hi));
+        int j;
+        parts[0] = lo; parts[1] = _mm_srli_si128(lo, 8);
+        parts[2] = hi; parts[3] = _mm_srli_si128(hi, 8);
+        for (j = 0; j < 4; j++)
+            _mm256_storeu_ps(y + i * 32 + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
+                                                             _mm256_cvtepi8_epi32(parts[j]))));
     }
 #endif
-    kmed_dequantize_row(t, src, y, n);
 }
 
 /* Dequantizes elements [n0, n0 + n) of a row (any n0; block types go through a block). */
@@ -6001,7 +6035,7 @@ static void kmed__dequant_span(kmed_dtype t, const unsigned char *row, size_t n0
 {
     if (t == KMED_F32) { memcpy(y, (const float *)row + n0, n * sizeof(float)); return; }
     if (t == KMED_F16 || t == KMED_BF16) {
-        kmed__dequant_simd(t, row + 2 * n0, y, n);
+        kmed__half_to_f32_row(t, row + 2 * n0, y, n);
         return;
     }
     if (n0 % KMED_QK == 0 && n % KMED_QK == 0) {   /* whole blocks: straight through */

@@ -4,6 +4,8 @@
    child process so their memory stays out of this one's peak), merged into a bf16 HF
    directory, then deleted. The inputs were just written, so they sit in the page cache:
    the figure is memory bandwidth, not disk. Target: peak RSS < 3 x largest tensor + 200 MB.
+   For scale it also times the I/O alone: reading the three inputs once and writing as many
+   bytes as the merge wrote through the same atomic writer (fsync included).
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. bench/bench_merge.c -o build/bench_merge \
       -lm -lpthread
    ./build/bench_merge [--method dare_ties] [--type bf16] [--layers 8] [--vocab 256000]
@@ -34,6 +36,35 @@ static double dir_bytes(const char *dir, const char *const *names, size_t n)
     return total;
 }
 
+/* Seconds to read every input file once and write out_bytes through kmed_afile. */
+static double io_baseline(const char *const *dirs, size_t n, const char *out, double out_bytes)
+{
+    size_t cap = (size_t)16 << 20, i, got;
+    unsigned char *buf = (unsigned char *)malloc(cap);
+    double t0 = kmed_time_now(), left = out_bytes;
+    kmed_error err = {0};
+    kmed_afile a;
+    if (!buf) die("out of memory");
+    for (i = 0; i < n; i++) {
+        char p[1200];
+        FILE *f;
+        snprintf(p, sizeof p, "%s/model.safetensors", dirs[i]);
+        if (!(f = fopen(p, "rb"))) die("cannot open %s", p);
+        while ((got = fread(buf, 1, cap, f)) > 0) buf[0] ^= buf[got - 1];
+        fclose(f);
+    }
+    die_if(kmed_afile_open(&a, out, &err), &err, "I/O baseline");
+    while (left > 0) {
+        size_t k = left < (double)cap ? (size_t)left : cap;
+        die_if(kmed_afile_write(&a, buf, k, &err), &err, "I/O baseline");
+        left -= (double)k;
+    }
+    die_if(kmed_afile_commit(&a, &err), &err, "I/O baseline");
+    remove(out);
+    free(buf);
+    return kmed_time_now() - t0;
+}
+
 static void rm_model(const char *dir)
 {
     static const char *const names[] = {"model.safetensors", "config.json",
@@ -60,7 +91,7 @@ int main(int argc, char **argv)
     kmed_merge_out mo;
     char base[1100], m1[1100], m2[1100], out[1100];
     struct rusage ru;
-    double t0, secs, cpu, in_bytes, out_bytes, largest, peak_mb, target_mb;
+    double t0, secs, cpu, in_bytes, out_bytes, largest, peak_mb, target_mb, io_secs;
     pid_t pid;
 
     kmed_tool_name = "bench_merge";
@@ -137,6 +168,17 @@ int main(int argc, char **argv)
            in_bytes / 1e6, out_bytes / 1e6, (in_bytes + out_bytes) / secs / 1e9,
            (in_bytes + out_bytes) / cpu / 1e9, peak_mb, target_mb, largest / 1048576.0,
            peak_mb < target_mb ? "ok" : "OVER");
+    {
+        const char *dirs[3];
+        char p[1200];
+        dirs[0] = base; dirs[1] = m1; dirs[2] = m2;
+        snprintf(p, sizeof p, "%s/io_baseline.bin", dir);
+        io_secs = io_baseline(dirs, 3, p, out_bytes);
+        printf("bench_merge: I/O alone (read the inputs once, write %.0f MB through the same "
+               "writer): %.2fs = %.2f GB/s; the merge ran at %.0f%% of that rate\n",
+               out_bytes / 1e6, io_secs, (in_bytes + out_bytes) / io_secs / 1e9,
+               100 * io_secs / secs);
+    }
     if (!keep) {
         char p[1200];
         rm_model(base);
