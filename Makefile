@@ -10,7 +10,9 @@ TOOLS   = build/kmed-inspect build/kmed-tokenize build/kmed-forward build/kmed-i
 TESTS   = build/test_core build/test_io_text build/test_io_bin build/test_tensor build/test_tok \
           build/test_gemma build/test_generate build/test_convert build/test_safety \
           build/test_train build/test_data build/test_mcqa build/test_merge build/test_demo build/test_reliability build/test_head \
-          build/test_tensor_nothreads build/test_core_static build/quickstart_check
+          build/test_tensor_nothreads build/test_core_static build/quickstart_check \
+          build/eval_check \
+          build/tokenize_check build/merge_cli_check
 BENCHES = build/bench_kernels build/bench_tok build/bench_train build/bench_data \
           build/bench_merge build/kmed-bench
 EXAMPLES = build/quickstart build/trainer build/chat
@@ -39,6 +41,10 @@ build/test_%: tests/test_%.c tests/test.h $(SRC)
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
+# test_data also runs kmed-data's own flag handling (it includes the tool)
+build/test_data: tests/test_data.c tests/test.h tools/kmed-data.c tools/common.h $(SRC)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
 # the same tests built the other ways STYLE.md asks for
 build/test_tensor_nothreads: tests/test_tensor.c tests/test.h $(SRC)
 	$(CC) $(CFLAGS) -DKMED_NO_THREADS $< -o $@ $(LDLIBS)
@@ -53,6 +59,18 @@ build/%: examples/%.c $(SRC)
 # the README's quick start, built and run on the fixture model
 build/quickstart_check: build/quickstart tests/quickstart_check.sh
 	cp tests/quickstart_check.sh $@ && chmod +x $@
+
+# kmed-eval's command-line behaviour (README's 5-shot command, --compare pairing)
+build/eval_check: build/kmed-eval tests/eval_check.sh
+	cp tests/eval_check.sh $@ && chmod +x $@
+
+# kmed-tokenize run as a user runs it (modes, --jsonl batches, misuse)
+build/tokenize_check: build/kmed-tokenize tests/tokenize_check.sh
+	cp tests/tokenize_check.sh $@ && chmod +x $@
+
+# kmed-merge's flags and config handling, run as a user runs them
+build/merge_cli_check: build/kmed-init build/kmed-merge tests/merge_cli.sh
+	cp tests/merge_cli.sh $@ && chmod +x $@
 
 test: $(TESTS)
 	sh tests/run.sh $(TESTS)

@@ -613,7 +613,8 @@ typedef struct kmed_tok {
     int sot_id, eot_id;   /* <start_of_turn>, <end_of_turn> (Gemma chat), -1 if absent */
     int add_bos, add_eos; /* what no_bos = 0 adds */
     char *chat_template;  /* tokenizer_config.json's chat_template or NULL (informational:
-                             kmed_chat_render always renders Gemma's template) */
+                             kmed_chat_render always renders Gemma's template; see
+                             kmed_chat_template_is_gemma) */
     void *impl_;          /* private */
 } kmed_tok;
 
@@ -630,7 +631,8 @@ KMED_API void kmed_tok_free(kmed_tok *tok);
    small, returns KMED_ERR_SPACE and sets *n to the count needed (ids[0..cap) then hold the
    first cap ids), so cap 0 with ids NULL just counts. tokenizer.json models reject invalid
    UTF-8 with KMED_ERR_FORMAT (the reference takes only valid strings); SentencePiece models
-   replace each invalid byte by U+FFFD as SentencePiece does. */
+   replace each invalid byte by U+FFFD as SentencePiece does, and, as spm_encode, read the
+   text of a CONTROL piece (<bos>) as plain text: encode chat prompts with kmed_chat_encode. */
 KMED_API kmed_result kmed_tok_encode(const kmed_tok *tok, const kmed_tok_config *cfg,
                                      const char *text, size_t len, int *ids, size_t cap,
                                      size_t *n, kmed_error *err);
@@ -655,7 +657,8 @@ KMED_API int kmed_tok_vocab_size(const kmed_tok *tok);
 /* 1 if id is a special token (dropped by skip_special), else 0. */
 KMED_API int kmed_tok_is_special(const kmed_tok *tok, int id);
 
-/* One chat turn; borrows both strings (UTF-8, NUL-terminated). */
+/* One chat turn; borrows both strings (UTF-8, NUL-terminated, so content cannot hold U+0000:
+   callers refuse such content rather than pass it cut short). */
 typedef struct kmed_chat_msg {
     const char *role;    /* "user", "assistant" (rendered as "model") */
     const char *content;
@@ -664,12 +667,28 @@ typedef struct kmed_chat_msg {
 /* Appends google/gemma-2-9b-it's chat template rendered over messages[0..n) to out:
    "<bos>" then per turn "<start_of_turn>" role "\n" trim(content) "<end_of_turn>\n", and
    "<start_of_turn>model\n" if add_generation_prompt. trim is Python's str.strip().
-   The prompt already holds <bos>: encode it with cfg->no_bos = 1. Errors (KMED_ERR_ARG),
+   Encode the prompt (or a piece of it) with kmed_chat_encode. Errors (KMED_ERR_ARG),
    as the template raises them: a first message with role "system", roles that do not
    alternate user/assistant/user/..., no messages. */
 KMED_API kmed_result kmed_chat_render(const kmed_tok *tok, const kmed_chat_msg *messages,
                                       size_t n, int add_generation_prompt, kmed_buf *out,
                                       kmed_error *err);
+
+/* Encodes a prompt from kmed_chat_render, or a piece of one, into ids[0..cap) as the HF
+   tokenizer of the model does: nothing is added (the prompt holds its <bos>) and the text
+   of a marker (<bos>, <start_of_turn>, <end_of_turn>, ...) becomes its id. For tokenizer.json
+   this is kmed_tok_encode with no_bos = 1. A SentencePiece model, whose spm_encode would
+   spell out a CONTROL piece such as <bos> as bytes, instead cuts the text at every CONTROL,
+   USER_DEFINED and <unk> piece (the added tokens of the HF conversion) and encodes the text
+   between them with no dummy prefix (a rendered chat never starts with text). Sizes and
+   errors as kmed_tok_encode; the arguments after tok are kmed_data_encode_fn's, so a data
+   pipeline callback can forward to it. */
+KMED_API kmed_result kmed_chat_encode(const kmed_tok *tok, const char *prompt, size_t len,
+                                      int *ids, size_t cap, size_t *n, kmed_error *err);
+
+/* 1 if tok has no chat_template or has Gemma-2's (the one kmed_chat_render renders), else
+   0: the model expects another format, which callers should warn about. */
+KMED_API int kmed_chat_template_is_gemma(const kmed_tok *tok);
 
 /* ---- gemma: Gemma-2 config, weights, forward pass, sampling, generation, export ---- */
 
@@ -1273,6 +1292,12 @@ KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
                                                  const int *labels, size_t B, size_t T,
                                                  double norm, double *loss_sum,
                                                  size_t *count, kmed_error *err);
+/* Packed batches: position ids laid out like the ids of the calls that follow ((accum,)
+   B, T for a step), HF's convention: each packed document restarts at 0. RoPE takes these
+   positions and a token attends only within its document (from the last 0 at or before
+   it). Borrowed until the next call; NULL (the default) = every sequence is one document
+   at 0..T-1. */
+KMED_API void kmed_train_set_positions(kmed_train *tr, const int *pos);
 /* Mean loss over the counted tokens (forward only); 0 when none is counted. */
 KMED_API kmed_result kmed_train_loss(kmed_train *tr, const int *ids, const int *labels,
                                      size_t B, size_t T, double *loss, kmed_error *err);
@@ -1386,23 +1411,30 @@ typedef struct kmed_merge_config {
                                 task vector is unchanged (mergekit's l1 rescale) */
     int int8_mask;           /* mergekit's memory option for the sign masks: the masks are
                                 exact 0/1 here, so it does not change any value */
-    float lambda;            /* scales the mixed task vector; 0: 1 */
+    float lambda;            /* scales the mixed task vector; 0 means the default 1 unless
+                                has_lambda is set */
+    int has_lambda;          /* 1: lambda as given, 0 included (a config's lambda sets it) */
     int consensus_count;     /* 1: elect the sign by the count of signs (mergekit "count")
                                 instead of the summed weighted values ("sum") */
-    uint64_t seed;           /* DARE masks; deterministic per (seed, tensor name, model) */
+    uint64_t seed;           /* DARE masks; deterministic per (seed, tensor name, position
+                                of the model among the mixed ones): the base listed among
+                                the models does not count, so listing it changes nothing */
     int has_dtype;           /* a config file named dtype/out_dtype: */
     kmed_dtype dtype;        /* F32, BF16 or F16 */
     void *impl_;             /* private: storage of a loaded config */
 } kmed_merge_config;
 
 /* Parses a merge config in mergekit's field names, JSON or the YAML mergekit users write
-   (block mappings and sequences, scalars, comments; no anchors or flow collections):
-   merge_method, base_model, models[].model, models[].parameters.{weight,density},
+   (block mappings and sequences, scalars, flow collections that end on their line,
+   comments, a leading BOM, YAML 1.1 booleans such as yes/no as PyYAML reads them; no
+   anchors or multi-line scalars): merge_method, base_model, models[].model,
+   models[].parameters.{weight,density},
    parameters.{normalize,rescale,int8_mask,lambda,weight,density,consensus_method}, dtype,
    out_dtype, random_seed, tokenizer_source ("base" only). Top-level weight/density in
-   parameters are defaults for every model; weight is required for each model (not for
-   the base model when it is listed). Unknown keys are KMED_ERR_UNSUPPORTED (nothing is
-   ignored silently). `name` labels errors. Free with kmed_merge_config_free. */
+   parameters are defaults for every model (density checked as each model's is); weight is
+   required for each model (not for the base model when it is listed). Unknown keys are
+   KMED_ERR_UNSUPPORTED (nothing is ignored silently). `name` labels errors. Free with
+   kmed_merge_config_free. */
 KMED_API kmed_result kmed_merge_config_parse(kmed_merge_config *cfg, const char *text,
                                              size_t len, const char *name, kmed_error *err);
 /* Reads and parses a config file (.json or .yaml/.yml; by content when unsure). */
@@ -1414,6 +1446,9 @@ KMED_API void kmed_merge_config_free(kmed_merge_config *cfg);
    densities in (0, 1], lambda finite, base_model present where needed. */
 KMED_API kmed_result kmed_merge_config_validate(const kmed_merge_config *cfg,
                                                 kmed_error *err);
+/* Models whose task vectors are mixed: cfg->models less the base_model listed among them
+   (every model for linear). */
+KMED_API size_t kmed_merge_n_mixed(const kmed_merge_config *cfg);
 
 /* Merges one tensor of n elements held in memory: out = method(base, xs[0..n_models)),
    with cfg->models[i] giving the weight and density of xs[i] (every model is a task
@@ -1439,15 +1474,19 @@ typedef struct kmed_merge_out {
 
 /* Runs a merge from disk to disk. Every input is checked before anything is written:
    same tensor names and shapes as the reference (the base, or the first model for a
-   linear merge without one), float dtypes; an lm_head.weight is left out (Gemma-2 ties
-   it). Tensors are merged one at a time across all inputs (ties needs two extra reading
-   passes for its exact per-tensor magnitude threshold, done with histograms, no copy):
-   peak memory is about one output tensor plus one adapter target per adapter input plus
-   small buffers; consumed input pages are given back as it goes. Files are written
-   atomically; config.json is written last, so an HF directory holding one is complete.
-   GGUF output goes through a temporary HF directory beside the file (F32, or the target
-   dtype for BF16/F16: the same numbers as a direct write), converted by
-   kmed_gemma_save_gguf with the base's tokenizer, then removed. */
+   linear merge without one), float dtypes, a Gemma-2 config.json; an lm_head.weight is
+   left out (Gemma-2 ties it). Tensors are merged one at a time across all inputs (ties
+   needs two extra reading passes for its exact per-tensor magnitude threshold, done with
+   histograms, no copy): peak memory is about one output tensor plus one adapter target
+   per adapter input plus small buffers; consumed input pages are given back as it goes.
+   HF output is built in "OUT.merge-tmp.PID" beside OUT and renamed into place when
+   complete (config.json last); an existing OUT is replaced whole, and only if it is a
+   directory of regular files holding a model (or nothing). On an error the temporary
+   directory is removed and OUT is left as it was; one left by a killed run is removed by
+   the next run into the same OUT. GGUF output is streamed the same way through the
+   kmed_gemma_save_gguf writer (llama.cpp names, norms as 1 + w, quantization, the base's
+   tokenizer), with the values an HF merge stores (F32, or the target dtype for BF16/F16),
+   so the file is byte-identical to converting the HF merge. */
 KMED_API kmed_result kmed_merge_run(const kmed_merge_config *cfg, const char *out_path,
                                     const kmed_merge_out *out, kmed_error *err);
 
@@ -1503,7 +1542,8 @@ typedef enum kmed_data_format {
 typedef struct kmed_data_source {
     char name[64];          /* label in ids and reports; "" = file name without extension */
     kmed_data_kind kind;
-    char path[1024];        /* .jsonl, .json (array, or object holding one array) or .csv */
+    char path[1024];        /* .jsonl, .csv, or .json: an array of records, one record, or
+                               an object holding the array ("data", ...); read whole */
     double weight;          /* mixing weight: copies per kept record (0 = 1; 0.5 keeps half;
                                negative: none kept) */
     kmed_data_format format;
@@ -1528,6 +1568,24 @@ KMED_API kmed_result kmed_data_source_map(kmed_data_source *src, const char *dst
    (key = section name). */
 typedef struct kmed_data_pair { char *key; char *text; } kmed_data_pair;
 
+/* Turns a conversation reader cannot place in a user/assistant alternation, counted in
+   kmed_data_record.left_out so that nothing is lost unseen. A system turn is merged into
+   the next user turn, or into the user turn that the next reply answers; only one at the
+   end is left out. */
+enum {
+    KMED_DATA_LEFT_LEADING,   /* assistant turns before the first user turn */
+    KMED_DATA_LEFT_TRAILING,  /* a last user turn without a reply */
+    KMED_DATA_LEFT_SYSTEM,    /* a system turn with no user turn after it */
+    KMED_DATA_LEFT_N
+};
+/* What cleaning changed in a record (kmed_data_record.cleaned). */
+enum {
+    KMED_DATA_CLEANED_HTML = 1,      /* tags stripped */
+    KMED_DATA_CLEANED_ENTITIES = 2,  /* HTML entities decoded */
+    KMED_DATA_CLEANED_CONTROLS = 4,  /* control, zero-width or U+FFFD characters removed */
+    KMED_DATA_CLEANED_NFC = 8        /* text changed by NFC */
+};
+
 /* One record in canonical form. All strings are owned (NULL = absent); free with
    kmed_data_record_free. */
 typedef struct kmed_data_record {
@@ -1548,6 +1606,8 @@ typedef struct kmed_data_record {
     char *explanation;  /* cot / explanation / reasoning */
     kmed_data_pair *turns;    size_t n_turns;     /* conv, cod dialogue: user/assistant */
     kmed_data_pair *sections; size_t n_sections;  /* dict */
+    int left_out[KMED_DATA_LEFT_N]; /* turns the reader left out, by KMED_DATA_LEFT_* */
+    int cleaned;        /* KMED_DATA_CLEANED_* bits: what kmed_data_record_clean changed */
     int flagged;        /* set by the pipeline when the safety filter only flags */
     int cloze;          /* mcqa/expqa: format in the cloze form (kmed_data_source.cloze) */
 } kmed_data_record;
@@ -1598,7 +1658,8 @@ KMED_API void kmed_data_close(kmed_data_reader *r);
 KMED_API void kmed_data_nfc(kmed_buf *out, const char *s, size_t n);
 
 enum {
-    KMED_DATA_CLEAN_HTML = 1,    /* strip tags (<br>, </p>, <li> become line breaks) */
+    KMED_DATA_CLEAN_HTML = 1,    /* strip tags (<br>, </p>, <li> become line breaks, <td>
+                                    and <th> a space; <script>, <style> bodies go) */
     KMED_DATA_CLEAN_ONELINE = 2  /* line breaks become spaces (options, titles) */
 };
 /* Appends the cleaned form of s[0..n) to out: optional tag stripping, HTML entity
@@ -1607,7 +1668,7 @@ enum {
    spaces collapsed, spaces around line breaks trimmed, at most one blank line, ends
    trimmed. */
 KMED_API void kmed_data_clean_text(kmed_buf *out, const char *s, size_t n, int flags);
-/* Cleans every text field of rec in place; empty fields become NULL. */
+/* Cleans every text field of rec in place; empty fields become NULL. Sets rec->cleaned. */
 KMED_API kmed_result kmed_data_record_clean(kmed_data_record *rec, int strip_html,
                                             kmed_error *err);
 /* Hangul syllables and jamo over all letters (Hangul, Latin, Greek, Cyrillic, Han, kana);
@@ -1667,13 +1728,27 @@ typedef struct kmed_data_decontam_config {
                           (spaces, punctuation, digits and Latin skipped), for Korean where
                           words are long and spaces few (0 = 50, about 13 words) */
     double threshold;  /* near-duplicate question: estimated Jaccard (0 = 0.8) */
+    int min_words;     /* an eval question with fewer than word_n words but at least this
+                          many is matched whole: a text containing it leaks it (0 = 8) */
+    int min_chars;     /* the same for the Hangul/Han stream of a question shorter than
+                          char_n (0 = 12; most exam questions are 15-40 characters) */
 } kmed_data_decontam_config;
+
+/* A question shorter than the n-grams, matched whole: the hash of all its units (words or
+   Hangul/Han characters) and the next entry sharing its anchor (first min_* units). */
+typedef struct kmed_data_decontam_short {
+    uint64_t hash;
+    uint32_t item, next, len;
+    int words;                                       /* 1: word units, 0: characters */
+} kmed_data_decontam_short;
 
 typedef struct kmed_data_decontam {
     kmed_data_decontam_config cfg;
     uint64_t *keys; uint32_t *vals; size_t cap, n;  /* n-gram hash -> eval item */
     kmed_data_dedup near;                            /* eval questions, MinHash LSH */
     char **ids; size_t n_items, cap_items;           /* eval item ids */
+    uint64_t *sh_keys; uint32_t *sh_vals; size_t sh_cap, sh_n;  /* anchor -> first entry */
+    kmed_data_decontam_short *shorts; size_t n_shorts, cap_shorts;
     size_t hit_item_;                                /* private */
 } kmed_data_decontam;
 
@@ -1681,12 +1756,15 @@ KMED_API kmed_result kmed_data_decontam_init(kmed_data_decontam *d,
                                              const kmed_data_decontam_config *cfg,
                                              kmed_error *err);
 KMED_API void kmed_data_decontam_free(kmed_data_decontam *d);
-/* Adds an evaluation item: its full text (n-grams) and its question (near dup). */
+/* Adds an evaluation item: its full text (n-grams) and its question (near dup, and matched
+   whole when shorter than the n-grams). */
 KMED_API kmed_result kmed_data_decontam_add(kmed_data_decontam *d, const char *id,
                                             const char *text, size_t n, const char *question,
                                             size_t qn, kmed_error *err);
-/* Returns 0 (clean) or 1 word n-gram, 2 character n-gram, 3 near-duplicate question;
-   *item: the eval item hit; *sim: the estimated Jaccard for 3. */
+/* Returns 0 (clean) or 1 word n-gram, 2 character n-gram, 3 near-duplicate question, 4 a
+   whole short eval question inside text; *item: the eval item hit; *sim: the estimated
+   Jaccard for 3 (1 otherwise). text may be NULL (n 0) and question NULL (qn 0) to check
+   only the other. */
 KMED_API int kmed_data_decontam_check(kmed_data_decontam *d, const char *text, size_t n,
                                       const char *question, size_t qn, size_t *item,
                                       double *sim);
@@ -1694,7 +1772,10 @@ KMED_API int kmed_data_decontam_check(kmed_data_decontam *d, const char *text, s
 /* ---- harmful-content filter ---- */
 
 /* Phrase lists by category. Matching ignores whitespace and ASCII case, so "자살 방법"
-   also matches "자살방법". */
+   also matches "자살방법". A '*' in a phrase stands for up to 6 characters ("자살 방법*
+   알려" matches "자살 방법을 자세히 알려"). A match followed by a quoting ending (라고,
+   라며, 하고 묻) is reported speech in a vignette ("...죽나요?'라고 묻는 환자") and does
+   not count. */
 typedef struct kmed_data_safety {
     size_t n;
     char **category;   /* [n] */
@@ -1703,7 +1784,9 @@ typedef struct kmed_data_safety {
 } kmed_data_safety;
 
 /* with_defaults: 1 loads the built-in Korean and English lists for self_harm, drugs
-   (illegal synthesis), dosing (dangerous dosing) and abuse (abusive language). */
+   (illegal synthesis), dosing (dangerous dosing) and abuse (abusive language). The first
+   three hold requests and instructions only ("자살 방법 알려줘", "필로폰 만드는 법",
+   "치사량만큼 드세요"), so exam vignettes about overdoses and suicide attempts stay. */
 KMED_API kmed_result kmed_data_safety_init(kmed_data_safety *s, int with_defaults,
                                            kmed_error *err);
 KMED_API kmed_result kmed_data_safety_add(kmed_data_safety *s, const char *category,
@@ -1719,15 +1802,17 @@ KMED_API const char *kmed_data_disclaimer(int korean);
 
 /* ---- formatting ---- */
 
-/* Appends one JSON line (with '\n') for an SFT chat example: {"id","source","messages":
-   [{"role":"user","content":...},{"role":"assistant","content":...},...]}. mcqa/expqa:
+/* Appends one JSON line (with '\n') for an SFT chat example: {"id","source",("subset",)
+   "messages":[{"role":"user","content":...},{"role":"assistant","content":...},...]}
+   ("subset" for KorMedMCQA records that have one). mcqa/expqa:
    user = question + "A. ..." option lines, assistant = "C. <option>" + explanation;
-   cod: case -> diagnosis (or its dialogue); conv: its turns (a system turn is merged into
-   the first user turn). disclaimer (NULL = none) is appended to assistant turns of conv
+   cod: case -> diagnosis (or its dialogue); conv: its turns (system turns are merged into
+   user turns by the reader). disclaimer (NULL = none) is appended to assistant turns of conv
    and cod records. KMED_ERR_ARG if the record cannot form a chat (e.g. dict). */
 KMED_API kmed_result kmed_data_format_sft(const kmed_data_record *rec, const char *disclaimer,
                                           kmed_buf *out, kmed_error *err);
-/* Appends one JSON line for a continued pre-training document: {"id","source","text"}.
+/* Appends one JSON line for a continued pre-training document: {"id","source",("subset",)
+   "text"}.
    dict: title + "\n\n" + "name\ntext" sections; mcqa/expqa: question, options, answer and
    explanation; conv/cod: the turns as plain text. */
 KMED_API kmed_result kmed_data_format_cpt(const kmed_data_record *rec, kmed_buf *out,
@@ -1754,8 +1839,12 @@ typedef struct kmed_data_pack_config {
    for documents), examples follow one another and the last sequence is padded. labels
    equal input_ids where trained and -100 elsewhere: the <bos> of every example (so no
    example is trained to follow the previous one), padding, and for chat examples
-   everything but the assistant replies and their <end_of_turn>. A chat example longer
-   than seq_len is truncated; a document continues in the next sequence. */
+   everything but the assistant replies and their <end_of_turn>. position_ids restart at 0
+   at each example and at each sequence start (HF's packing convention, as
+   DataCollatorWithFlattening gives them), so a trainer can keep attention within an
+   example; the padding counts as one more example. A chat example longer than seq_len is
+   truncated (n_truncated), and skipped if no trained token is left (n_no_target); a
+   document continues in the next sequence. */
 typedef struct kmed_data_packer {
     kmed_data_pack_config cfg;
     int *ids, *labels;       /* [seq_len] the sequence being filled */
@@ -1765,14 +1854,15 @@ typedef struct kmed_data_packer {
     int *model_prefix; size_t n_model_prefix;   /* ids of "model\n" */
     int *user_prefix; size_t n_user_prefix;     /* ids of "user\n" */
     int *nl; size_t n_nl;                       /* ids of "\n" */
-    size_t n_seqs, n_examples, n_tokens, n_trained, n_pad, n_truncated;
+    int *pos;                /* [seq_len] position_ids of the sequence being filled */
+    size_t n_seqs, n_examples, n_tokens, n_trained, n_pad, n_truncated, n_no_target;
 } kmed_data_packer;
 
 KMED_API kmed_result kmed_data_pack_init(kmed_data_packer *p, const kmed_data_pack_config *cfg,
                                          kmed_error *err);
 KMED_API void kmed_data_pack_free(kmed_data_packer *p);
 /* Adds one example (a JSON object with "text" or "messages") and appends every sequence it
-   completes to out as {"input_ids":[...],"labels":[...]}\n lines. */
+   completes to out as {"input_ids":[...],"labels":[...],"position_ids":[...]}\n lines. */
 KMED_API kmed_result kmed_data_pack_add(kmed_data_packer *p, const kmed_json *example,
                                         kmed_buf *out, kmed_error *err);
 /* Pads and appends the last partial sequence, if any. */
@@ -1805,8 +1895,8 @@ typedef struct kmed_data_config {
     kmed_data_source *sources; size_t n_sources;
     kmed_data_source *evals; size_t n_evals;   /* eval sets to decontaminate against */
     char out_dir[1024];
-    size_t min_chars;        /* 0 = 8 */
-    size_t max_chars;        /* 0 = 20000 */
+    size_t min_chars;        /* 0 = 8 (cleaned records are never empty, so 1 keeps all) */
+    size_t max_chars;        /* 0 = 20000; must not be below min_chars */
     kmed_data_dedup_config dedup;
     kmed_data_decontam_config decontam;
     int safety_action;       /* 0 drop, 1 flag (keep, counted), 2 off */
@@ -1815,13 +1905,15 @@ typedef struct kmed_data_config {
     int disclaimer;          /* 1: append disclaimer_text (or kmed_data_disclaimer) */
     char disclaimer_text[512];
     uint64_t seed;           /* shuffle and weight sampling */
-    double val_fraction;     /* 0 = 0.05; negative = no validation set */
+    double val_fraction;     /* 0 = 0.05; negative = no validation set; must be < 1 */
     kmed_data_pack_config pack;  /* packing runs when pack.encode is set */
     int no_drop_log;         /* 1: do not write drops.jsonl */
 } kmed_data_config;
 
 /* Reads a JSON config (format in the kmed-data --help text). Relative paths in it are
-   taken from the config file's directory. Free with kmed_data_config_free. */
+   taken from the config file's directory. An unknown key, a value of the wrong JSON type
+   or out of range is KMED_ERR_FORMAT naming the file and the key. Free with
+   kmed_data_config_free. */
 KMED_API kmed_result kmed_data_config_load(kmed_data_config *cfg, const char *path,
                                            kmed_error *err);
 /* Frees sources, evals and safety_extra allocated by kmed_data_config_load or
@@ -1831,6 +1923,9 @@ KMED_API void kmed_data_config_free(kmed_data_config *cfg);
 KMED_API kmed_result kmed_data_config_add_source(kmed_data_config *cfg, int eval,
                                                  kmed_data_source **out, kmed_error *err);
 
+#define KMED_DATA_MAX_SUBSETS 8
+typedef struct kmed_data_subset_count { char name[16]; size_t n_kept; } kmed_data_subset_count;
+
 typedef struct kmed_data_source_report {
     char name[64];
     kmed_data_kind kind;
@@ -1838,6 +1933,13 @@ typedef struct kmed_data_source_report {
     size_t n_drop[KMED_DATA_DROP_N];
     size_t n_flagged;                  /* kept but matched the safety lists */
     size_t n_examples_train, n_examples_val;  /* lines written (weights > 1 copy) */
+    size_t n_cleaned[4];               /* records cleaning changed: tags stripped, entities
+                                          decoded, controls removed, NFC (the CLEANED bits) */
+    size_t n_left_out[KMED_DATA_LEFT_N];  /* turns left out of kept records, by KMED_DATA_LEFT */
+    size_t n_truncated, n_no_target;   /* packed examples cut to seq_len; of those, skipped
+                                          for having no trained token left */
+    kmed_data_subset_count subsets[KMED_DATA_MAX_SUBSETS]; /* kept kormedmcqa records per */
+    size_t n_subsets;                  /* subset; a last "other" slot takes any overflow */
 } kmed_data_source_report;
 
 typedef struct kmed_data_report {
@@ -1854,10 +1956,11 @@ typedef struct kmed_data_report {
 /* Runs the pipeline and writes into cfg->out_dir: sft_train.jsonl, sft_val.jsonl,
    cpt_train.jsonl, cpt_val.jsonl (shuffled; the split is by a hash of the id so a record
    stays on its side across runs), train.jsonl / val.jsonl (both kinds together),
-   *_packed.jsonl when cfg->pack.encode is set, drops.jsonl (one line per dropped or
-   flagged record: id, source, stage, reason, detail), report.json and report.txt.
-   Malformed inputs are logged as warnings with file:line and counted. Free the report
-   with kmed_data_report_free. */
+   *_packed.jsonl when cfg->pack.encode is set, drops.jsonl (one line per dropped,
+   flagged or trimmed record, and per packed example skipped: id, source, stage, reason,
+   detail), report.json and report.txt. Malformed inputs are logged as warnings with
+   file:line and counted. KMED_ERR_ARG when max_chars < min_chars or val_fraction >= 1.
+   Free the report with kmed_data_report_free. */
 KMED_API kmed_result kmed_data_run(const kmed_data_config *cfg, kmed_data_report *rep,
                                    const kmed_callbacks *cb, kmed_error *err);
 KMED_API void kmed_data_report_json(const kmed_data_report *rep, kmed_buf *out);
@@ -1869,7 +1972,8 @@ KMED_API void kmed_data_report_free(kmed_data_report *rep);
 /* ---- mcqa: KorMedMCQA items, lm-evaluation-harness prompts, scoring, statistics ---- */
 
 #define KMED_MCQA_NOPT 5            /* options A..E */
-#define KMED_MCQA_MAX_SUBSETS 8
+#define KMED_MCQA_MAX_SUBSETS 8     /* distinct subsets a set may hold (a report's slots) */
+#define KMED_MCQA_NAME_MAX 63       /* bytes of a subset name */
 
 /* One exam item with the HF dataset's fields. answer is 1..5. Strings are owned by the
    set that holds the item; cot may be NULL. */
@@ -1883,11 +1987,18 @@ typedef struct kmed_mcqa_item {
 
 typedef struct kmed_mcqa_set { kmed_mcqa_item *items; size_t n, cap; } kmed_mcqa_set;
 
-/* Appends the items of a JSONL, JSON-array or CSV export (by extension; CSV needs a
-   header). The subset is `subset` when non-NULL, else the item's "subset" field, else a
-   subset name found in the file name, else "other". An item with a missing option or an
-   answer outside 1..5 (digits or a letter A-E) fails the load naming file:line; other
-   content (\r, fullwidth punctuation, tables) is kept as it is. Free with kmed_mcqa_free. */
+/* Appends the items of a JSONL, JSON-array or CSV export, by extension in any case (CSV
+   needs a header; a .json file that does not start with '[' is JSON Lines, as HF's
+   to_json writes it). An item's subset is its "subset" field, else its "subject" field
+   when that names doctor, nurse, pharm or dentist (the HF column), else such a name in the
+   file name or in its directory's name (any case: NURSE.csv, doctor/test.jsonl), else
+   `subset` (may be NULL), else "other"; the four names are stored in lower case. Ids
+   repeated in the set get "#2", "#3", ... appended, so every id is unique. Errors name
+   file:line (file: item N, 0-based, in a JSON array): a missing option, an answer outside
+   1..5 (digits or a letter A-E), a file without items, a subset name longer than
+   KMED_MCQA_NAME_MAX bytes or more than KMED_MCQA_MAX_SUBSETS subsets in the set
+   (KMED_ERR_LIMIT). Other content (\r, fullwidth punctuation, tables) is kept as it is.
+   A failed load adds nothing. Free with kmed_mcqa_free. */
 KMED_API kmed_result kmed_mcqa_load(kmed_mcqa_set *set, const char *path, const char *subset,
                                     kmed_error *err);
 KMED_API void kmed_mcqa_free(kmed_mcqa_set *set);
@@ -1910,7 +2021,9 @@ KMED_API kmed_result kmed_mcqa_prompt(const kmed_mcqa_item *item, const kmed_mcq
 
 /* lm-eval's kormedmcqa answer extraction: the first pattern that matches wins, and within
    it the last match: 정답[:\s]*([A-E]), 정답은\s*([A-E])\s*입니다, \b([A-E])\., \b([A-E])\b,
-   all case-insensitive, \s and \b Unicode-aware. Returns 0..4 for A..E, or -1. */
+   all case-insensitive, \s, \w and \b as Python's re has them for str patterns (\w: '_'
+   and the Unicode letters and numbers, categories L* and N*; combining marks are not word
+   characters there). Returns 0..4 for A..E, or -1. */
 KMED_API int kmed_mcqa_extract(const char *text, size_t len);
 
 /* Statistics. Wilson score interval for k of n at normal quantile z (1.96 for 95%). */
@@ -1922,7 +2035,8 @@ KMED_API double kmed_mcqa_mcnemar(size_t b, size_t c);
 typedef enum kmed_mcqa_method {
     KMED_MCQA_LETTER,    /* log-likelihood of each answer letter after the prompt */
     KMED_MCQA_GENERATE,  /* greedy generation + answer extraction */
-    KMED_MCQA_OPTION,    /* log-likelihood of " {option text}" per byte (acc_norm) */
+    KMED_MCQA_OPTION,    /* log-likelihood of " {option text}" divided by the option text's
+                            length in characters (lm-eval's acc_norm: len(choice)) */
     KMED_MCQA_CLOZE      /* the cloze form: the question alone ("{question}\n정답："), no
                             options listed, scored like OPTION. Small models answer it
                             above chance long before they learn to bind answers to letters
@@ -1966,32 +2080,44 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
 
 /* Accuracy of one subset, or of all items. */
 typedef struct kmed_mcqa_acc {
-    char subset[16];
+    char subset[KMED_MCQA_NAME_MAX + 1];
     size_t n, correct, unparsed;
     double acc, lo, hi;             /* 95% Wilson interval */
 } kmed_mcqa_acc;
 typedef struct kmed_mcqa_summary {
     size_t n_subsets;
-    kmed_mcqa_acc sub[KMED_MCQA_MAX_SUBSETS]; /* in order doctor, nurse, pharm, dentist, other */
+    kmed_mcqa_acc sub[KMED_MCQA_MAX_SUBSETS]; /* doctor, nurse, pharm, dentist, then others */
     kmed_mcqa_acc overall;          /* weighted by subset size (as lm-eval reports) */
     double macro;                   /* plain mean of the subset accuracies */
 } kmed_mcqa_summary;
-KMED_API void kmed_mcqa_summarize(const kmed_mcqa_set *set, const kmed_mcqa_pred *preds,
-                                  kmed_mcqa_summary *s);
+/* Per-subset and overall accuracy: the subsets present, the four standard ones first in
+   that order, then the others as they first appear. KMED_ERR_LIMIT (s left empty) when
+   the set has more than KMED_MCQA_MAX_SUBSETS subsets or a name longer than
+   KMED_MCQA_NAME_MAX, which only a set not made by kmed_mcqa_load can have. */
+KMED_API kmed_result kmed_mcqa_summarize(const kmed_mcqa_set *set, const kmed_mcqa_pred *preds,
+                                         kmed_mcqa_summary *s);
 
 /* One prediction as a JSONL line (no newline): id, subset, answer, pred, correct, scores,
    generation. */
 KMED_API void kmed_mcqa_pred_json(const kmed_mcqa_item *item, const kmed_mcqa_pred *p,
                                   kmed_buf *out);
-/* Summary JSON shaped like lm-evaluation-harness results ("results" per task
-   kormedmcqa_<subset> and the group "kormedmcqa", "n-samples", "config"), plus a "kmed"
-   block: method, shots, chat, macro average, Wilson intervals, unparsed counts, and the
-   predictions file name. */
+/* Summary JSON in lm-evaluation-harness's results layout, so its tooling reads it
+   (lm_eval.utils.make_table): "results" and "groups" hold per task kormedmcqa_<subset>
+   and for the group "kormedmcqa" only "alias", "<metric>,<filter>" and
+   "<metric>_stderr,<filter>" (acc,none; acc_norm,none for option and cloze;
+   exact_match,extract-choice for generate; stderr "N/A" below 2 items), the group's
+   stderr pooled as lm-eval's pooled_sample_stderr; then "group_subtasks", "configs",
+   "versions", "n-shot", "higher_is_better", "n-samples", "config". The group holds every
+   subset present, dentist included (lm-eval's _kormedmcqa.yaml groups doctor, nurse and
+   pharm). A "kmed" block adds method, shots, chat, macro accuracy, counts, unparsed
+   counts and Wilson intervals overall and per subset, and "predictions": preds_path as
+   given (kmed-eval writes it relative to the summary's directory). Names are escaped. */
 KMED_API void kmed_mcqa_report_json(const kmed_mcqa_summary *s, const kmed_mcqa_config *cfg,
                                     const char *model_name, const char *preds_path,
                                     kmed_buf *out);
 /* SVG bar chart: accuracy per subset and overall with Wilson whiskers, one bar per run
-   (e.g. base and adapter) and a dashed chance line at 20%. */
+   (e.g. base and adapter) and a dashed chance line at 20%. Labels and subset names are
+   XML-escaped. */
 KMED_API void kmed_mcqa_chart_svg(const kmed_mcqa_summary *runs, const char *const *labels,
                                   size_t n_runs, kmed_buf *out);
 
@@ -7187,6 +7313,7 @@ typedef struct kmed__tok_impl {
     int prefix[8], n_prefix, suffix[8], n_suffix; /* post-processor template */
     /* SentencePiece */
     kmed__tok_trie user;                   /* USER_DEFINED pieces */
+    kmed__tok_trie marks;                  /* CONTROL, USER_DEFINED, <unk>: kmed_chat_encode */
     int spm_dummy, spm_rm_ws, spm_escape, spm_suffix;
     unsigned char *charsmap; size_t charsmap_len; /* precompiled_charsmap copy */
     const uint32_t *darts; size_t n_darts; /* into charsmap */
@@ -7812,12 +7939,177 @@ static long kmed__tok_cp_before(const char *s, size_t end)
     return (long)cp;
 }
 
+/* Non-ASCII word characters of HF's single_word test, the regex \w of Rust's regex crate
+   (Unicode 16: Alphabetic, Mark, Nd, Pc, Join_Control), as inclusive ranges. Collected by
+   asking HF tokenizers 0.22.2 about a single_word token next to every code point. */
+static const uint32_t kmed__tok_word[][2] = {
+    {0xAA,0xAA}, {0xB5,0xB5}, {0xBA,0xBA}, {0xC0,0xD6}, {0xD8,0xF6}, {0xF8,0x2C1}, {0x2C6,0x2D1},
+    {0x2E0,0x2E4}, {0x2EC,0x2EC}, {0x2EE,0x2EE}, {0x300,0x374}, {0x376,0x377}, {0x37A,0x37D},
+    {0x37F,0x37F}, {0x386,0x386}, {0x388,0x38A}, {0x38C,0x38C}, {0x38E,0x3A1}, {0x3A3,0x3F5},
+    {0x3F7,0x481}, {0x483,0x52F}, {0x531,0x556}, {0x559,0x559}, {0x560,0x588}, {0x591,0x5BD},
+    {0x5BF,0x5BF}, {0x5C1,0x5C2}, {0x5C4,0x5C5}, {0x5C7,0x5C7}, {0x5D0,0x5EA}, {0x5EF,0x5F2},
+    {0x610,0x61A}, {0x620,0x669}, {0x66E,0x6D3}, {0x6D5,0x6DC}, {0x6DF,0x6E8}, {0x6EA,0x6FC},
+    {0x6FF,0x6FF}, {0x710,0x74A}, {0x74D,0x7B1}, {0x7C0,0x7F5}, {0x7FA,0x7FA}, {0x7FD,0x7FD},
+    {0x800,0x82D}, {0x840,0x85B}, {0x860,0x86A}, {0x870,0x887}, {0x889,0x88E}, {0x897,0x8E1},
+    {0x8E3,0x963}, {0x966,0x96F}, {0x971,0x983}, {0x985,0x98C}, {0x98F,0x990}, {0x993,0x9A8},
+    {0x9AA,0x9B0}, {0x9B2,0x9B2}, {0x9B6,0x9B9}, {0x9BC,0x9C4}, {0x9C7,0x9C8}, {0x9CB,0x9CE},
+    {0x9D7,0x9D7}, {0x9DC,0x9DD}, {0x9DF,0x9E3}, {0x9E6,0x9F1}, {0x9FC,0x9FC}, {0x9FE,0x9FE},
+    {0xA01,0xA03}, {0xA05,0xA0A}, {0xA0F,0xA10}, {0xA13,0xA28}, {0xA2A,0xA30}, {0xA32,0xA33},
+    {0xA35,0xA36}, {0xA38,0xA39}, {0xA3C,0xA3C}, {0xA3E,0xA42}, {0xA47,0xA48}, {0xA4B,0xA4D},
+    {0xA51,0xA51}, {0xA59,0xA5C}, {0xA5E,0xA5E}, {0xA66,0xA75}, {0xA81,0xA83}, {0xA85,0xA8D},
+    {0xA8F,0xA91}, {0xA93,0xAA8}, {0xAAA,0xAB0}, {0xAB2,0xAB3}, {0xAB5,0xAB9}, {0xABC,0xAC5},
+    {0xAC7,0xAC9}, {0xACB,0xACD}, {0xAD0,0xAD0}, {0xAE0,0xAE3}, {0xAE6,0xAEF}, {0xAF9,0xAFF},
+    {0xB01,0xB03}, {0xB05,0xB0C}, {0xB0F,0xB10}, {0xB13,0xB28}, {0xB2A,0xB30}, {0xB32,0xB33},
+    {0xB35,0xB39}, {0xB3C,0xB44}, {0xB47,0xB48}, {0xB4B,0xB4D}, {0xB55,0xB57}, {0xB5C,0xB5D},
+    {0xB5F,0xB63}, {0xB66,0xB6F}, {0xB71,0xB71}, {0xB82,0xB83}, {0xB85,0xB8A}, {0xB8E,0xB90},
+    {0xB92,0xB95}, {0xB99,0xB9A}, {0xB9C,0xB9C}, {0xB9E,0xB9F}, {0xBA3,0xBA4}, {0xBA8,0xBAA},
+    {0xBAE,0xBB9}, {0xBBE,0xBC2}, {0xBC6,0xBC8}, {0xBCA,0xBCD}, {0xBD0,0xBD0}, {0xBD7,0xBD7},
+    {0xBE6,0xBEF}, {0xC00,0xC0C}, {0xC0E,0xC10}, {0xC12,0xC28}, {0xC2A,0xC39}, {0xC3C,0xC44},
+    {0xC46,0xC48}, {0xC4A,0xC4D}, {0xC55,0xC56}, {0xC58,0xC5A}, {0xC5D,0xC5D}, {0xC60,0xC63},
+    {0xC66,0xC6F}, {0xC80,0xC83}, {0xC85,0xC8C}, {0xC8E,0xC90}, {0xC92,0xCA8}, {0xCAA,0xCB3},
+    {0xCB5,0xCB9}, {0xCBC,0xCC4}, {0xCC6,0xCC8}, {0xCCA,0xCCD}, {0xCD5,0xCD6}, {0xCDD,0xCDE},
+    {0xCE0,0xCE3}, {0xCE6,0xCEF}, {0xCF1,0xCF3}, {0xD00,0xD0C}, {0xD0E,0xD10}, {0xD12,0xD44},
+    {0xD46,0xD48}, {0xD4A,0xD4E}, {0xD54,0xD57}, {0xD5F,0xD63}, {0xD66,0xD6F}, {0xD7A,0xD7F},
+    {0xD81,0xD83}, {0xD85,0xD96}, {0xD9A,0xDB1}, {0xDB3,0xDBB}, {0xDBD,0xDBD}, {0xDC0,0xDC6},
+    {0xDCA,0xDCA}, {0xDCF,0xDD4}, {0xDD6,0xDD6}, {0xDD8,0xDDF}, {0xDE6,0xDEF}, {0xDF2,0xDF3},
+    {0xE01,0xE3A}, {0xE40,0xE4E}, {0xE50,0xE59}, {0xE81,0xE82}, {0xE84,0xE84}, {0xE86,0xE8A},
+    {0xE8C,0xEA3}, {0xEA5,0xEA5}, {0xEA7,0xEBD}, {0xEC0,0xEC4}, {0xEC6,0xEC6}, {0xEC8,0xECE},
+    {0xED0,0xED9}, {0xEDC,0xEDF}, {0xF00,0xF00}, {0xF18,0xF19}, {0xF20,0xF29}, {0xF35,0xF35},
+    {0xF37,0xF37}, {0xF39,0xF39}, {0xF3E,0xF47}, {0xF49,0xF6C}, {0xF71,0xF84}, {0xF86,0xF97},
+    {0xF99,0xFBC}, {0xFC6,0xFC6}, {0x1000,0x1049}, {0x1050,0x109D}, {0x10A0,0x10C5},
+    {0x10C7,0x10C7}, {0x10CD,0x10CD}, {0x10D0,0x10FA}, {0x10FC,0x1248}, {0x124A,0x124D},
+    {0x1250,0x1256}, {0x1258,0x1258}, {0x125A,0x125D}, {0x1260,0x1288}, {0x128A,0x128D},
+    {0x1290,0x12B0}, {0x12B2,0x12B5}, {0x12B8,0x12BE}, {0x12C0,0x12C0}, {0x12C2,0x12C5},
+    {0x12C8,0x12D6}, {0x12D8,0x1310}, {0x1312,0x1315}, {0x1318,0x135A}, {0x135D,0x135F},
+    {0x1380,0x138F}, {0x13A0,0x13F5}, {0x13F8,0x13FD}, {0x1401,0x166C}, {0x166F,0x167F},
+    {0x1681,0x169A}, {0x16A0,0x16EA}, {0x16EE,0x16F8}, {0x1700,0x1715}, {0x171F,0x1734},
+    {0x1740,0x1753}, {0x1760,0x176C}, {0x176E,0x1770}, {0x1772,0x1773}, {0x1780,0x17D3},
+    {0x17D7,0x17D7}, {0x17DC,0x17DD}, {0x17E0,0x17E9}, {0x180B,0x180D}, {0x180F,0x1819},
+    {0x1820,0x1878}, {0x1880,0x18AA}, {0x18B0,0x18F5}, {0x1900,0x191E}, {0x1920,0x192B},
+    {0x1930,0x193B}, {0x1946,0x196D}, {0x1970,0x1974}, {0x1980,0x19AB}, {0x19B0,0x19C9},
+    {0x19D0,0x19D9}, {0x1A00,0x1A1B}, {0x1A20,0x1A5E}, {0x1A60,0x1A7C}, {0x1A7F,0x1A89},
+    {0x1A90,0x1A99}, {0x1AA7,0x1AA7}, {0x1AB0,0x1ACE}, {0x1B00,0x1B4C}, {0x1B50,0x1B59},
+    {0x1B6B,0x1B73}, {0x1B80,0x1BF3}, {0x1C00,0x1C37}, {0x1C40,0x1C49}, {0x1C4D,0x1C7D},
+    {0x1C80,0x1C8A}, {0x1C90,0x1CBA}, {0x1CBD,0x1CBF}, {0x1CD0,0x1CD2}, {0x1CD4,0x1CFA},
+    {0x1D00,0x1F15}, {0x1F18,0x1F1D}, {0x1F20,0x1F45}, {0x1F48,0x1F4D}, {0x1F50,0x1F57},
+    {0x1F59,0x1F59}, {0x1F5B,0x1F5B}, {0x1F5D,0x1F5D}, {0x1F5F,0x1F7D}, {0x1F80,0x1FB4},
+    {0x1FB6,0x1FBC}, {0x1FBE,0x1FBE}, {0x1FC2,0x1FC4}, {0x1FC6,0x1FCC}, {0x1FD0,0x1FD3},
+    {0x1FD6,0x1FDB}, {0x1FE0,0x1FEC}, {0x1FF2,0x1FF4}, {0x1FF6,0x1FFC}, {0x200C,0x200D},
+    {0x203F,0x2040}, {0x2054,0x2054}, {0x2071,0x2071}, {0x207F,0x207F}, {0x2090,0x209C},
+    {0x20D0,0x20F0}, {0x2102,0x2102}, {0x2107,0x2107}, {0x210A,0x2113}, {0x2115,0x2115},
+    {0x2119,0x211D}, {0x2124,0x2124}, {0x2126,0x2126}, {0x2128,0x2128}, {0x212A,0x212D},
+    {0x212F,0x2139}, {0x213C,0x213F}, {0x2145,0x2149}, {0x214E,0x214E}, {0x2160,0x2188},
+    {0x24B6,0x24E9}, {0x2C00,0x2CE4}, {0x2CEB,0x2CF3}, {0x2D00,0x2D25}, {0x2D27,0x2D27},
+    {0x2D2D,0x2D2D}, {0x2D30,0x2D67}, {0x2D6F,0x2D6F}, {0x2D7F,0x2D96}, {0x2DA0,0x2DA6},
+    {0x2DA8,0x2DAE}, {0x2DB0,0x2DB6}, {0x2DB8,0x2DBE}, {0x2DC0,0x2DC6}, {0x2DC8,0x2DCE},
+    {0x2DD0,0x2DD6}, {0x2DD8,0x2DDE}, {0x2DE0,0x2DFF}, {0x2E2F,0x2E2F}, {0x3005,0x3007},
+    {0x3021,0x302F}, {0x3031,0x3035}, {0x3038,0x303C}, {0x3041,0x3096}, {0x3099,0x309A},
+    {0x309D,0x309F}, {0x30A1,0x30FA}, {0x30FC,0x30FF}, {0x3105,0x312F}, {0x3131,0x318E},
+    {0x31A0,0x31BF}, {0x31F0,0x31FF}, {0x3400,0x4DBF}, {0x4E00,0xA48C}, {0xA4D0,0xA4FD},
+    {0xA500,0xA60C}, {0xA610,0xA62B}, {0xA640,0xA672}, {0xA674,0xA67D}, {0xA67F,0xA6F1},
+    {0xA717,0xA71F}, {0xA722,0xA788}, {0xA78B,0xA7CD}, {0xA7D0,0xA7D1}, {0xA7D3,0xA7D3},
+    {0xA7D5,0xA7DC}, {0xA7F2,0xA827}, {0xA82C,0xA82C}, {0xA840,0xA873}, {0xA880,0xA8C5},
+    {0xA8D0,0xA8D9}, {0xA8E0,0xA8F7}, {0xA8FB,0xA8FB}, {0xA8FD,0xA92D}, {0xA930,0xA953},
+    {0xA960,0xA97C}, {0xA980,0xA9C0}, {0xA9CF,0xA9D9}, {0xA9E0,0xA9FE}, {0xAA00,0xAA36},
+    {0xAA40,0xAA4D}, {0xAA50,0xAA59}, {0xAA60,0xAA76}, {0xAA7A,0xAAC2}, {0xAADB,0xAADD},
+    {0xAAE0,0xAAEF}, {0xAAF2,0xAAF6}, {0xAB01,0xAB06}, {0xAB09,0xAB0E}, {0xAB11,0xAB16},
+    {0xAB20,0xAB26}, {0xAB28,0xAB2E}, {0xAB30,0xAB5A}, {0xAB5C,0xAB69}, {0xAB70,0xABEA},
+    {0xABEC,0xABED}, {0xABF0,0xABF9}, {0xAC00,0xD7A3}, {0xD7B0,0xD7C6}, {0xD7CB,0xD7FB},
+    {0xF900,0xFA6D}, {0xFA70,0xFAD9}, {0xFB00,0xFB06}, {0xFB13,0xFB17}, {0xFB1D,0xFB28},
+    {0xFB2A,0xFB36}, {0xFB38,0xFB3C}, {0xFB3E,0xFB3E}, {0xFB40,0xFB41}, {0xFB43,0xFB44},
+    {0xFB46,0xFBB1}, {0xFBD3,0xFD3D}, {0xFD50,0xFD8F}, {0xFD92,0xFDC7}, {0xFDF0,0xFDFB},
+    {0xFE00,0xFE0F}, {0xFE20,0xFE2F}, {0xFE33,0xFE34}, {0xFE4D,0xFE4F}, {0xFE70,0xFE74},
+    {0xFE76,0xFEFC}, {0xFF10,0xFF19}, {0xFF21,0xFF3A}, {0xFF3F,0xFF3F}, {0xFF41,0xFF5A},
+    {0xFF66,0xFFBE}, {0xFFC2,0xFFC7}, {0xFFCA,0xFFCF}, {0xFFD2,0xFFD7}, {0xFFDA,0xFFDC},
+    {0x10000,0x1000B}, {0x1000D,0x10026}, {0x10028,0x1003A}, {0x1003C,0x1003D}, {0x1003F,0x1004D},
+    {0x10050,0x1005D}, {0x10080,0x100FA}, {0x10140,0x10174}, {0x101FD,0x101FD}, {0x10280,0x1029C},
+    {0x102A0,0x102D0}, {0x102E0,0x102E0}, {0x10300,0x1031F}, {0x1032D,0x1034A}, {0x10350,0x1037A},
+    {0x10380,0x1039D}, {0x103A0,0x103C3}, {0x103C8,0x103CF}, {0x103D1,0x103D5}, {0x10400,0x1049D},
+    {0x104A0,0x104A9}, {0x104B0,0x104D3}, {0x104D8,0x104FB}, {0x10500,0x10527}, {0x10530,0x10563},
+    {0x10570,0x1057A}, {0x1057C,0x1058A}, {0x1058C,0x10592}, {0x10594,0x10595}, {0x10597,0x105A1},
+    {0x105A3,0x105B1}, {0x105B3,0x105B9}, {0x105BB,0x105BC}, {0x105C0,0x105F3}, {0x10600,0x10736},
+    {0x10740,0x10755}, {0x10760,0x10767}, {0x10780,0x10785}, {0x10787,0x107B0}, {0x107B2,0x107BA},
+    {0x10800,0x10805}, {0x10808,0x10808}, {0x1080A,0x10835}, {0x10837,0x10838}, {0x1083C,0x1083C},
+    {0x1083F,0x10855}, {0x10860,0x10876}, {0x10880,0x1089E}, {0x108E0,0x108F2}, {0x108F4,0x108F5},
+    {0x10900,0x10915}, {0x10920,0x10939}, {0x10980,0x109B7}, {0x109BE,0x109BF}, {0x10A00,0x10A03},
+    {0x10A05,0x10A06}, {0x10A0C,0x10A13}, {0x10A15,0x10A17}, {0x10A19,0x10A35}, {0x10A38,0x10A3A},
+    {0x10A3F,0x10A3F}, {0x10A60,0x10A7C}, {0x10A80,0x10A9C}, {0x10AC0,0x10AC7}, {0x10AC9,0x10AE6},
+    {0x10B00,0x10B35}, {0x10B40,0x10B55}, {0x10B60,0x10B72}, {0x10B80,0x10B91}, {0x10C00,0x10C48},
+    {0x10C80,0x10CB2}, {0x10CC0,0x10CF2}, {0x10D00,0x10D27}, {0x10D30,0x10D39}, {0x10D40,0x10D65},
+    {0x10D69,0x10D6D}, {0x10D6F,0x10D85}, {0x10E80,0x10EA9}, {0x10EAB,0x10EAC}, {0x10EB0,0x10EB1},
+    {0x10EC2,0x10EC4}, {0x10EFC,0x10F1C}, {0x10F27,0x10F27}, {0x10F30,0x10F50}, {0x10F70,0x10F85},
+    {0x10FB0,0x10FC4}, {0x10FE0,0x10FF6}, {0x11000,0x11046}, {0x11066,0x11075}, {0x1107F,0x110BA},
+    {0x110C2,0x110C2}, {0x110D0,0x110E8}, {0x110F0,0x110F9}, {0x11100,0x11134}, {0x11136,0x1113F},
+    {0x11144,0x11147}, {0x11150,0x11173}, {0x11176,0x11176}, {0x11180,0x111C4}, {0x111C9,0x111CC},
+    {0x111CE,0x111DA}, {0x111DC,0x111DC}, {0x11200,0x11211}, {0x11213,0x11237}, {0x1123E,0x11241},
+    {0x11280,0x11286}, {0x11288,0x11288}, {0x1128A,0x1128D}, {0x1128F,0x1129D}, {0x1129F,0x112A8},
+    {0x112B0,0x112EA}, {0x112F0,0x112F9}, {0x11300,0x11303}, {0x11305,0x1130C}, {0x1130F,0x11310},
+    {0x11313,0x11328}, {0x1132A,0x11330}, {0x11332,0x11333}, {0x11335,0x11339}, {0x1133B,0x11344},
+    {0x11347,0x11348}, {0x1134B,0x1134D}, {0x11350,0x11350}, {0x11357,0x11357}, {0x1135D,0x11363},
+    {0x11366,0x1136C}, {0x11370,0x11374}, {0x11380,0x11389}, {0x1138B,0x1138B}, {0x1138E,0x1138E},
+    {0x11390,0x113B5}, {0x113B7,0x113C0}, {0x113C2,0x113C2}, {0x113C5,0x113C5}, {0x113C7,0x113CA},
+    {0x113CC,0x113D3}, {0x113E1,0x113E2}, {0x11400,0x1144A}, {0x11450,0x11459}, {0x1145E,0x11461},
+    {0x11480,0x114C5}, {0x114C7,0x114C7}, {0x114D0,0x114D9}, {0x11580,0x115B5}, {0x115B8,0x115C0},
+    {0x115D8,0x115DD}, {0x11600,0x11640}, {0x11644,0x11644}, {0x11650,0x11659}, {0x11680,0x116B8},
+    {0x116C0,0x116C9}, {0x116D0,0x116E3}, {0x11700,0x1171A}, {0x1171D,0x1172B}, {0x11730,0x11739},
+    {0x11740,0x11746}, {0x11800,0x1183A}, {0x118A0,0x118E9}, {0x118FF,0x11906}, {0x11909,0x11909},
+    {0x1190C,0x11913}, {0x11915,0x11916}, {0x11918,0x11935}, {0x11937,0x11938}, {0x1193B,0x11943},
+    {0x11950,0x11959}, {0x119A0,0x119A7}, {0x119AA,0x119D7}, {0x119DA,0x119E1}, {0x119E3,0x119E4},
+    {0x11A00,0x11A3E}, {0x11A47,0x11A47}, {0x11A50,0x11A99}, {0x11A9D,0x11A9D}, {0x11AB0,0x11AF8},
+    {0x11BC0,0x11BE0}, {0x11BF0,0x11BF9}, {0x11C00,0x11C08}, {0x11C0A,0x11C36}, {0x11C38,0x11C40},
+    {0x11C50,0x11C59}, {0x11C72,0x11C8F}, {0x11C92,0x11CA7}, {0x11CA9,0x11CB6}, {0x11D00,0x11D06},
+    {0x11D08,0x11D09}, {0x11D0B,0x11D36}, {0x11D3A,0x11D3A}, {0x11D3C,0x11D3D}, {0x11D3F,0x11D47},
+    {0x11D50,0x11D59}, {0x11D60,0x11D65}, {0x11D67,0x11D68}, {0x11D6A,0x11D8E}, {0x11D90,0x11D91},
+    {0x11D93,0x11D98}, {0x11DA0,0x11DA9}, {0x11EE0,0x11EF6}, {0x11F00,0x11F10}, {0x11F12,0x11F3A},
+    {0x11F3E,0x11F42}, {0x11F50,0x11F5A}, {0x11FB0,0x11FB0}, {0x12000,0x12399}, {0x12400,0x1246E},
+    {0x12480,0x12543}, {0x12F90,0x12FF0}, {0x13000,0x1342F}, {0x13440,0x13455}, {0x13460,0x143FA},
+    {0x14400,0x14646}, {0x16100,0x16139}, {0x16800,0x16A38}, {0x16A40,0x16A5E}, {0x16A60,0x16A69},
+    {0x16A70,0x16ABE}, {0x16AC0,0x16AC9}, {0x16AD0,0x16AED}, {0x16AF0,0x16AF4}, {0x16B00,0x16B36},
+    {0x16B40,0x16B43}, {0x16B50,0x16B59}, {0x16B63,0x16B77}, {0x16B7D,0x16B8F}, {0x16D40,0x16D6C},
+    {0x16D70,0x16D79}, {0x16E40,0x16E7F}, {0x16F00,0x16F4A}, {0x16F4F,0x16F87}, {0x16F8F,0x16F9F},
+    {0x16FE0,0x16FE1}, {0x16FE3,0x16FE4}, {0x16FF0,0x16FF1}, {0x17000,0x187F7}, {0x18800,0x18CD5},
+    {0x18CFF,0x18D08}, {0x1AFF0,0x1AFF3}, {0x1AFF5,0x1AFFB}, {0x1AFFD,0x1AFFE}, {0x1B000,0x1B122},
+    {0x1B132,0x1B132}, {0x1B150,0x1B152}, {0x1B155,0x1B155}, {0x1B164,0x1B167}, {0x1B170,0x1B2FB},
+    {0x1BC00,0x1BC6A}, {0x1BC70,0x1BC7C}, {0x1BC80,0x1BC88}, {0x1BC90,0x1BC99}, {0x1BC9D,0x1BC9E},
+    {0x1CCF0,0x1CCF9}, {0x1CF00,0x1CF2D}, {0x1CF30,0x1CF46}, {0x1D165,0x1D169}, {0x1D16D,0x1D172},
+    {0x1D17B,0x1D182}, {0x1D185,0x1D18B}, {0x1D1AA,0x1D1AD}, {0x1D242,0x1D244}, {0x1D400,0x1D454},
+    {0x1D456,0x1D49C}, {0x1D49E,0x1D49F}, {0x1D4A2,0x1D4A2}, {0x1D4A5,0x1D4A6}, {0x1D4A9,0x1D4AC},
+    {0x1D4AE,0x1D4B9}, {0x1D4BB,0x1D4BB}, {0x1D4BD,0x1D4C3}, {0x1D4C5,0x1D505}, {0x1D507,0x1D50A},
+    {0x1D50D,0x1D514}, {0x1D516,0x1D51C}, {0x1D51E,0x1D539}, {0x1D53B,0x1D53E}, {0x1D540,0x1D544},
+    {0x1D546,0x1D546}, {0x1D54A,0x1D550}, {0x1D552,0x1D6A5}, {0x1D6A8,0x1D6C0}, {0x1D6C2,0x1D6DA},
+    {0x1D6DC,0x1D6FA}, {0x1D6FC,0x1D714}, {0x1D716,0x1D734}, {0x1D736,0x1D74E}, {0x1D750,0x1D76E},
+    {0x1D770,0x1D788}, {0x1D78A,0x1D7A8}, {0x1D7AA,0x1D7C2}, {0x1D7C4,0x1D7CB}, {0x1D7CE,0x1D7FF},
+    {0x1DA00,0x1DA36}, {0x1DA3B,0x1DA6C}, {0x1DA75,0x1DA75}, {0x1DA84,0x1DA84}, {0x1DA9B,0x1DA9F},
+    {0x1DAA1,0x1DAAF}, {0x1DF00,0x1DF1E}, {0x1DF25,0x1DF2A}, {0x1E000,0x1E006}, {0x1E008,0x1E018},
+    {0x1E01B,0x1E021}, {0x1E023,0x1E024}, {0x1E026,0x1E02A}, {0x1E030,0x1E06D}, {0x1E08F,0x1E08F},
+    {0x1E100,0x1E12C}, {0x1E130,0x1E13D}, {0x1E140,0x1E149}, {0x1E14E,0x1E14E}, {0x1E290,0x1E2AE},
+    {0x1E2C0,0x1E2F9}, {0x1E4D0,0x1E4F9}, {0x1E5D0,0x1E5FA}, {0x1E7E0,0x1E7E6}, {0x1E7E8,0x1E7EB},
+    {0x1E7ED,0x1E7EE}, {0x1E7F0,0x1E7FE}, {0x1E800,0x1E8C4}, {0x1E8D0,0x1E8D6}, {0x1E900,0x1E94B},
+    {0x1E950,0x1E959}, {0x1EE00,0x1EE03}, {0x1EE05,0x1EE1F}, {0x1EE21,0x1EE22}, {0x1EE24,0x1EE24},
+    {0x1EE27,0x1EE27}, {0x1EE29,0x1EE32}, {0x1EE34,0x1EE37}, {0x1EE39,0x1EE39}, {0x1EE3B,0x1EE3B},
+    {0x1EE42,0x1EE42}, {0x1EE47,0x1EE47}, {0x1EE49,0x1EE49}, {0x1EE4B,0x1EE4B}, {0x1EE4D,0x1EE4F},
+    {0x1EE51,0x1EE52}, {0x1EE54,0x1EE54}, {0x1EE57,0x1EE57}, {0x1EE59,0x1EE59}, {0x1EE5B,0x1EE5B},
+    {0x1EE5D,0x1EE5D}, {0x1EE5F,0x1EE5F}, {0x1EE61,0x1EE62}, {0x1EE64,0x1EE64}, {0x1EE67,0x1EE6A},
+    {0x1EE6C,0x1EE72}, {0x1EE74,0x1EE77}, {0x1EE79,0x1EE7C}, {0x1EE7E,0x1EE7E}, {0x1EE80,0x1EE89},
+    {0x1EE8B,0x1EE9B}, {0x1EEA1,0x1EEA3}, {0x1EEA5,0x1EEA9}, {0x1EEAB,0x1EEBB}, {0x1F130,0x1F149},
+    {0x1F150,0x1F169}, {0x1F170,0x1F189}, {0x1FBF0,0x1FBF9}, {0x20000,0x2A6DF}, {0x2A700,0x2B739},
+    {0x2B740,0x2B81D}, {0x2B820,0x2CEA1}, {0x2CEB0,0x2EBE0}, {0x2EBF0,0x2EE5D}, {0x2F800,0x2FA1D},
+    {0x30000,0x3134A}, {0x31350,0x323AF}, {0xE0100,0xE01EF}
+};
+
 static int kmed__tok_wordchar(long cp)
 {
-    /* HF tests char::is_alphanumeric; beyond ASCII, any non-space character counts. */
+    size_t lo = 0, hi = sizeof kmed__tok_word / sizeof kmed__tok_word[0];
     if (cp < 0) return 0;
-    if (cp < 0x80) return (cp >= '0' && cp <= '9') || ((cp | 32) >= 'a' && (cp | 32) <= 'z');
-    return !kmed__tok_rust_space((uint32_t)cp);
+    if (cp < 0x80)
+        return (cp >= '0' && cp <= '9') || ((cp | 32) >= 'a' && (cp | 32) <= 'z') || cp == '_';
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if ((uint32_t)cp < kmed__tok_word[mid][0]) hi = mid;
+        else if ((uint32_t)cp > kmed__tok_word[mid][1]) lo = mid + 1;
+        else return 1;
+    }
+    return 0;
 }
 
 /* Next added-token match in s[from..n), leftmost-longest with HF's lstrip / rstrip /
@@ -7954,9 +8246,9 @@ static size_t kmed__tok_spm_prefix(const kmed__tok_impl *im, const char *s, size
     return k;
 }
 
-/* SentencePiece's Normalizer::Normalize into w->norm. */
+/* SentencePiece's Normalizer::Normalize into w->norm; dummy: add the model's dummy prefix. */
 static int kmed__tok_spm_normalize(const kmed__tok_impl *im, kmed__tok_work *w, const char *s,
-                                   size_t n, size_t *out_len)
+                                   size_t n, int dummy, size_t *out_len)
 {
     const char *sp;
     size_t splen, pos = 0, o = 0, need;
@@ -7975,7 +8267,7 @@ static int kmed__tok_spm_normalize(const kmed__tok_impl *im, kmed__tok_work *w, 
     if (pos == n) return 1;
     if (!kmed__mul_ok(n, 3, &need) || !kmed__tok_grow(&w->norm, &w->norm_cap, need + 16, 1))
         return 0;
-    if (im->spm_dummy && !im->spm_suffix) { memcpy(w->norm, ws, wslen); o = wslen; }
+    if (dummy && im->spm_dummy && !im->spm_suffix) { memcpy(w->norm, ws, wslen); o = wslen; }
     prev_space = im->spm_rm_ws;
     while (pos < n) {
         size_t k = kmed__tok_spm_prefix(im, s + pos, n - pos, &sp, &splen), j;
@@ -7997,7 +8289,7 @@ static int kmed__tok_spm_normalize(const kmed__tok_impl *im, kmed__tok_work *w, 
     }
     if (im->spm_rm_ws)
         while (o >= wslen && !memcmp(w->norm + o - wslen, ws, wslen)) o -= wslen;
-    if (im->spm_dummy && im->spm_suffix) {
+    if (dummy && im->spm_dummy && im->spm_suffix) {
         if (!kmed__tok_grow(&w->norm, &w->norm_cap, o + 4, 1)) return 0;
         memcpy(w->norm + o, ws, wslen);
         o += wslen;
@@ -8077,7 +8369,7 @@ static void kmed__tok_spm_out(const kmed_tok *tok, const kmed__tok_impl *im, kme
 }
 
 static int kmed__tok_spm_encode(const kmed_tok *tok, kmed__tok_work *w, const char *text,
-                                size_t len)
+                                size_t len, int dummy)
 {
     static const unsigned char one_char_len[16] = {1, 1, 1, 1, 1, 1, 1, 1,
                                                    1, 1, 1, 1, 2, 2, 3, 4};
@@ -8085,7 +8377,7 @@ static int kmed__tok_spm_encode(const kmed_tok *tok, kmed__tok_work *w, const ch
     kmed__tok_sym *s;
     size_t n, pos = 0, ns = 0;
     int k;
-    if (!kmed__tok_spm_normalize(im, w, text, len, &n)) return 0;
+    if (!kmed__tok_spm_normalize(im, w, text, len, dummy, &n)) return 0;
     if (n == 0) return 1;
     if (n >= KMED__TOK_FREEZE) return 0;
     if (!kmed__tok_grow(&w->sym, &w->sym_cap, n, sizeof *w->sym)) return 0;
@@ -8124,11 +8416,33 @@ static int kmed__tok_spm_encode(const kmed_tok *tok, kmed__tok_work *w, const ch
     return 1;
 }
 
+/* A rendered chat through SentencePiece (see kmed_chat_encode): each CONTROL, USER_DEFINED
+   or <unk> piece in the text, leftmost-longest, becomes its id as an HF added token would;
+   the text between goes through SentencePiece with no dummy prefix. */
+static int kmed__tok_spm_chat(const kmed_tok *tok, kmed__tok_work *w, const char *text,
+                              size_t len)
+{
+    const kmed__tok_impl *im = (const kmed__tok_impl *)tok->impl_;
+    size_t start = 0, i = 0;
+    while (i < len && !w->full) {
+        int id = -1;
+        size_t k = im->marks.first[(unsigned char)text[i]]
+                       ? kmed__tok_trie_longest(&im->marks, text + i, len - i, &id) : 0;
+        if (!k) { i++; continue; }
+        if (!kmed__tok_spm_encode(tok, w, text + start, i - start, 0)) return 0;
+        kmed__tok_emit(w, id);
+        w->prev_unk = 0; /* SentencePiece's <unk> run merging stops at a cut */
+        i = start = i + k;
+    }
+    return w->full || kmed__tok_spm_encode(tok, w, text + start, len - start, 0);
+}
+
 /* ---- encode ---- */
 
-KMED_API kmed_result kmed_tok_encode(const kmed_tok *tok, const kmed_tok_config *cfg,
-                                     const char *text, size_t len, int *ids, size_t cap,
-                                     size_t *n, kmed_error *err)
+/* kmed_tok_encode, or with chat set kmed_chat_encode's handling of markers. */
+static kmed_result kmed__tok_encode(const kmed_tok *tok, const kmed_tok_config *cfg, int chat,
+                                    const char *text, size_t len, int *ids, size_t cap,
+                                    size_t *n, kmed_error *err)
 {
     static const kmed_tok_config defaults = {0, 0, 0};
     const kmed__tok_impl *im;
@@ -8137,7 +8451,8 @@ KMED_API kmed_result kmed_tok_encode(const kmed_tok *tok, const kmed_tok_config 
     int suffix[9], n_suffix = 0, ok;
     if (n) *n = 0;
     if (!tok || !tok->impl_ || !n || (!text && len) || (!ids && cap))
-        return KMED__ERR(err, KMED_ERR_ARG, "kmed_tok_encode: bad arguments");
+        return KMED__ERR(err, KMED_ERR_ARG, "%s: bad arguments",
+                         chat ? "kmed_chat_encode" : "kmed_tok_encode");
     if (!cfg) cfg = &defaults;
     im = (const kmed__tok_impl *)tok->impl_;
     if (len >= KMED__TOK_FREEZE / 4)
@@ -8164,7 +8479,8 @@ KMED_API kmed_result kmed_tok_encode(const kmed_tok *tok, const kmed_tok_config 
     if (cfg->max_tokens)
         w.limit = w.count + (cfg->max_tokens > n_special ? cfg->max_tokens - n_special : 0);
     if (tok->kind == KMED_TOK_HF_BPE) ok = kmed__tok_hf_encode(tok, &w, text, len);
-    else ok = kmed__tok_spm_encode(tok, &w, text, len);
+    else if (chat) ok = kmed__tok_spm_chat(tok, &w, text, len);
+    else ok = kmed__tok_spm_encode(tok, &w, text, len, 1);
     kmed__tok_work_free(&w);
     if (!ok) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory while encoding");
     w.limit = (size_t)-1;
@@ -8173,6 +8489,13 @@ KMED_API kmed_result kmed_tok_encode(const kmed_tok *tok, const kmed_tok_config 
     if (w.count > cap)
         return KMED__ERR(err, KMED_ERR_SPACE, "%zu ids do not fit in %zu", w.count, cap);
     return KMED_OK;
+}
+
+KMED_API kmed_result kmed_tok_encode(const kmed_tok *tok, const kmed_tok_config *cfg,
+                                     const char *text, size_t len, int *ids, size_t cap,
+                                     size_t *n, kmed_error *err)
+{
+    return kmed__tok_encode(tok, cfg, 0, text, len, ids, cap, n, err);
 }
 
 /* ---- decode ---- */
@@ -8439,6 +8762,7 @@ static void kmed__tok_impl_free(kmed__tok_impl *im)
     kmed__tok_trie_free(&im->raw_added);
     kmed__tok_trie_free(&im->norm_added);
     kmed__tok_trie_free(&im->user);
+    kmed__tok_trie_free(&im->marks);
     for (k = 0; k < KMED__TOK_MAX_OPS; k++) {
         KMED_FREE(im->norm[k].a); KMED_FREE(im->norm[k].b);
         KMED_FREE(im->pre[k].a); KMED_FREE(im->pre[k].b);
@@ -8941,6 +9265,7 @@ typedef struct kmed__tok_spec {
     const unsigned char *name; size_t name_len;
     const unsigned char *charsmap; size_t charsmap_len;
     int64_t dummy, rm_ws, escape;
+    int has_trainer; /* a trainer_spec was present */
 } kmed__tok_spec;
 
 /* Reads the fields of one sub-message (TrainerSpec: which 2, NormalizerSpec: 3). */
@@ -9001,6 +9326,7 @@ static kmed_result kmed__tok_load_spm(kmed_tok *tok, kmed__tok_impl *im, const u
             sub.p = s;
             sub.start = data;
             sub.end = s + n;
+            if (field == 2) sp.has_trainer = 1;
             if (!kmed__tok_pb_spec(&sub, (int)field, &sp))
                 return kmed__tok_pb_bad(&sub, path, field == 2 ? "trainer_spec"
                                                                : "normalizer_spec", err);
@@ -9011,6 +9337,10 @@ static kmed_result kmed__tok_load_spm(kmed_tok *tok, kmed__tok_impl *im, const u
         return KMED__ERRF(err, KMED_ERR_FORMAT, path, "no pieces: not a SentencePiece model");
     if (n_pieces >= KMED_MAX_TOK_VOCAB)
         return KMED__ERRF(err, KMED_ERR_LIMIT, path, "%zu pieces", n_pieces);
+    /* Without it model_type defaults to UNIGRAM, which would blame the wrong thing. */
+    if (!sp.has_trainer)
+        return KMED__ERRF(err, KMED_ERR_FORMAT, path,
+                          "no trainer_spec: truncated or not a SentencePiece model");
     if (sp.model_type != 2)
         return KMED__ERRF(err, KMED_ERR_UNSUPPORTED, path,
                           "SentencePiece model_type %s is not supported (BPE only)",
@@ -9058,6 +9388,9 @@ static kmed_result kmed__tok_load_spm(kmed_tok *tok, kmed__tok_impl *im, const u
         im->plen[i] = (uint32_t)plen;
         im->score[i] = score;
         im->flags[i] = KMED__TOK_F_MODEL;
+        if (type >= 2 && type <= 4 &&
+            !kmed__tok_trie_add(&im->marks, (const char *)piece, plen, (int)i))
+            return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
         switch (type) {
         case 1: im->flags[i] |= KMED__TOK_F_NORMAL; break;
         case 2:
@@ -9335,6 +9668,36 @@ KMED_API kmed_result kmed_chat_render(const kmed_tok *tok, const kmed_chat_msg *
     if (add_generation_prompt) kmed_buf_puts(out, "<start_of_turn>model\n");
     if (out->failed) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     return KMED_OK;
+}
+
+KMED_API kmed_result kmed_chat_encode(const kmed_tok *tok, const char *prompt, size_t len,
+                                      int *ids, size_t cap, size_t *n, kmed_error *err)
+{
+    kmed_tok_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.no_bos = 1;
+    return kmed__tok_encode(tok, &cfg, 1, prompt, len, ids, cap, n, err);
+}
+
+/* google/gemma-2-9b-it's tokenizer_config.json chat_template, as JSON decodes it. */
+static const char kmed__tok_gemma_template[] =
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role "
+    "not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == "
+    "'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must "
+    "alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == "
+    "'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+    "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<start_of_turn>model\\n'}}{% endif %}";
+
+KMED_API int kmed_chat_template_is_gemma(const kmed_tok *tok)
+{
+    const char *t = tok ? tok->chat_template : NULL;
+    size_t a, b;
+    if (!t) return 1;
+    kmed__tok_py_strip(t, strlen(t), &a, &b); /* a trailing newline is not a new template */
+    return b - a == sizeof kmed__tok_gemma_template - 1 &&
+           !memcmp(t + a, kmed__tok_gemma_template, b - a);
 }
 
 /* ==== kmed_ops: Gemma-2 layer ops, each a forward (here) / backward (train) pair ==== */
@@ -9841,17 +10204,26 @@ static void kmed__embed_backward(float *dE,
     }
 }
 
+/* First key query t sees: the sliding window's start, or its packed document's start
+   kstart[t] (NULL: one document) when that is later. */
+static size_t kmed__attention_lo(size_t p_t, size_t window, const int *kstart, size_t t)
+{
+    size_t lo = window && p_t >= window ? p_t - window + 1 : 0;
+    return kstart && (size_t)kstart[t] > lo ? (size_t)kstart[t] : lo;
+}
+
 /* Causal attention for query heads [h0, h1) with GQA, score scale, soft-cap applied
    before masking, and an optional sliding window, all by absolute positions:
    query t sits at position qpos[t] and key j at position j; query t sees key j iff
-   j <= qpos[t] and (window == 0 or qpos[t] - j < window). Requires qpos[t] < S.
+   j <= qpos[t] and (window == 0 or qpos[t] - j < window) and j >= kstart[t] when kstart
+   is given (packed documents do not see each other). Requires qpos[t] < S.
    q (N, H, D); k, v (S, Hkv, D); out (N, H, D), only heads [h0, h1) written.
    att (H, N, S): when non-NULL, saves the softmax probabilities (0 where masked), and is
    also the score buffer; when NULL, scratch (S) is used instead.
    Query head h reads key/value head h / (H / Hkv). */
 static void kmed__attention_forward(float *out, float *att,
                                     const float *q, const float *k, const float *v,
-                                    const int *qpos, float *scratch,
+                                    const int *qpos, const int *kstart, float *scratch,
                                     size_t N, size_t S, size_t H, size_t Hkv, size_t D,
                                     float scale, float softcap, size_t window,
                                     size_t h0, size_t h1)
@@ -9863,8 +10235,8 @@ static void kmed__attention_forward(float *out, float *att,
             const float *qt = q + (t * H + h) * D; /* (D) */
             float *ot = out + (t * H + h) * D;     /* (D) */
             float *p = att ? att + (h * N + t) * S : scratch; /* (S) */
-            size_t p_t = (size_t)qpos[t];
-            size_t lo = window && p_t >= window ? p_t - window + 1 : 0, nk = p_t + 1 - lo;
+            size_t p_t = (size_t)qpos[t], lo = kmed__attention_lo(p_t, window, kstart, t);
+            size_t nk = p_t + 1 - lo;
             const float *kb = k + lo * ld + hk * D; /* key lo of head hk */
             float mx = -INFINITY, sum, inv;
             for (j = 0; j + 4 <= nk; j += 4) kmed__ops_dot4(p + lo + j, qt, kb + j * ld, ld, D);
@@ -9897,7 +10269,7 @@ static void kmed__attention_forward(float *out, float *att,
 static void kmed__attention_backward(float *dq, float *dk, float *dv,
                                      const float *dout, const float *att,
                                      const float *q, const float *k, const float *v,
-                                     const int *qpos, float *scratch,
+                                     const int *qpos, const int *kstart, float *scratch,
                                      size_t N, size_t S, size_t H, size_t Hkv, size_t D,
                                      float scale, float softcap, size_t window,
                                      size_t h0, size_t h1)
@@ -9915,8 +10287,7 @@ static void kmed__attention_backward(float *dq, float *dk, float *dv,
         for (t = 0; t < N; t++) {
             const float *pt = P + t * S; /* (S) */
             float *dpt = dp + t * S;     /* (S) */
-            size_t p_t = (size_t)qpos[t];
-            size_t lo = window && p_t >= window ? p_t - window + 1 : 0;
+            size_t p_t = (size_t)qpos[t], lo = kmed__attention_lo(p_t, window, kstart, t);
             float pdp = 0.0f, *th = sc + t * S;
             for (j = lo; j <= p_t; j++) pdp += pt[j] * dpt[j];
             for (j = 0; j < lo; j++) dpt[j] = 0.0f;
@@ -10697,7 +11068,7 @@ typedef struct kmed__gemma_attn_ctx {
 static void kmed__gemma_attn_job(void *ctx, size_t begin, size_t end, int thread)
 {
     kmed__gemma_attn_ctx *a = (kmed__gemma_attn_ctx *)ctx;
-    kmed__attention_forward(a->out, NULL, a->q, a->k, a->v, a->pos,
+    kmed__attention_forward(a->out, NULL, a->q, a->k, a->v, a->pos, NULL,
                             a->scores + (size_t)thread * a->S, a->N, a->S, a->H, a->Hkv,
                             a->D, a->scale, a->softcap, a->window, begin, end);
 }
@@ -11452,6 +11823,7 @@ typedef struct kmed__cv_entry {
     int is_embed, is_norm;
     int layer, target;       /* linear layer weights: layer and KMED_LORA_* target, else -1 */
     size_t index;            /* position in model order (seeds random init) */
+    int borrowed;            /* w points into the mapped file the model was loaded from */
 } kmed__cv_entry;
 
 /* Source of f32 rows: the model, or the random initialiser. */
@@ -11627,6 +11999,27 @@ static kmed_result kmed__cv_fill_rand(void *ctx, const kmed__cv_entry *e, size_t
     return KMED_OK;
 }
 
+/* Marks the weights that point into the file m was loaded from. Writers give their pages
+   back once written (they are read again on demand), so the resident memory of a
+   conversion stays about one tensor instead of growing to the whole model. Converted or
+   caller-owned weights are never marked: releasing them would discard their data. */
+static void kmed__cv_mark_borrowed(const kmed_gemma *m, kmed__cv_entry *e, size_t n)
+{
+    const kmed__gemma_impl *im = (const kmed__gemma_impl *)m->impl_;
+    size_t i;
+    for (i = 0; im && (im->has_st || im->has_gguf) && i < n; i++) {
+        const kmed_tensor_info *t =
+            e[i].w ? kmed__gemma_find(im, im->has_gguf ? e[i].gg : e[i].hf) : NULL;
+        e[i].borrowed = t && t->data == e[i].w->data;
+    }
+}
+
+static void kmed__cv_release(const kmed__cv_entry *e)
+{
+    if (e->borrowed)
+        kmed__release_pages(e->w->data, e->rows * kmed_dtype_bytes(e->w->type, e->cols));
+}
+
 /* ---- config.json ---- */
 
 static void kmed__cv_json_float(kmed_buf *b, float x)
@@ -11729,6 +12122,7 @@ static kmed_result kmed__cv_write_shard(const char *path, kmed__cv_entry **list,
             break;
         }
         r = kmed__cv_convert(list[i], fill, ctx, dtype, buf, row);
+        kmed__cv_release(list[i]);
         if (r == KMED_OK) r = kmed_st_writer_put(&w, buf, ti[i].nbytes, err);
         KMED_FREE(buf);
         kmed_progress(cb, "save", (double)++*done, (double)total, "tensors");
@@ -11864,6 +12258,7 @@ KMED_API kmed_result kmed_gemma_save_hf(const kmed_gemma *m, const char *dir,
     if (r == KMED_OK && src.lora && src.lora->n_layers != m->cfg.n_layers)
         r = KMED__ERR(err, KMED_ERR_SHAPE, "save: adapter has %d layers, the model %d",
                       src.lora->n_layers, m->cfg.n_layers);
+    kmed__cv_mark_borrowed(m, e, n);
     if (r == KMED_OK)
         r = kmed__cv_save_hf(&m->cfg, e, n, dir, opts, kmed__cv_fill_model, &src, err);
     KMED_FREE(src.merged);
@@ -12078,32 +12473,23 @@ static int kmed__cv_cmp_gg(const void *a, const void *b)
                   (*(const kmed__cv_entry *const *)b)->gg);
 }
 
-KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *tok,
-                                          const char *path, const kmed_gguf_save_opts *opts,
-                                          kmed_error *err)
+/* Writes the GGUF of config c from entries e[0..n) whose f32 rows come from fill (a norm is
+   one row holding w; the file gets 1 + w). Tensors are asked for one at a time, each row
+   once and in order, so a source may produce them as a stream. An entry whose weight is
+   already stored in the target type (and not changed by opts->lora) is copied as bytes. */
+static kmed_result kmed__cv_save_gguf(const kmed_gemma_config *c, kmed__cv_entry *e, size_t n,
+                                      const kmed_tok *tok, const char *path,
+                                      const kmed_gguf_save_opts *opts, kmed__cv_fill_fn fill,
+                                      void *ctx, kmed_error *err)
 {
-    kmed_gguf_save_opts def;
     kmed_gguf_writer w;
-    kmed__cv_entry *e = NULL, **order = NULL;
-    const kmed_gemma_config *c;
+    kmed__cv_entry **order = NULL;
     kmed_result r;
-    size_t n = 0, i, k, maxc = 0, L;
+    size_t i, k, maxc = 0, L = (size_t)c->n_layers;
     float *row = NULL;
     float qs_llama;
     int opened = 0;
-    kmed__cv_model_src src;
 
-    if (!opts) { memset(&def, 0, sizeof def); opts = &def; }
-    if (!m || !m->layers || !path) return KMED__ERR(err, KMED_ERR_ARG, "gguf: no model or path");
-    memset(&src, 0, sizeof src);
-    src.m = m;
-    src.lora = opts->lora;
-    src.err = err;
-    if (src.lora && src.lora->n_layers != m->cfg.n_layers)
-        return KMED__ERR(err, KMED_ERR_SHAPE, "gguf: adapter has %d layers, the model %d",
-                         src.lora->n_layers, m->cfg.n_layers);
-    c = &m->cfg;
-    L = (size_t)c->n_layers;
     if (kmed__cv_ftype(opts->type) < 0 || !kmed_dtype_computable(opts->type))
         return KMED__ERR(err, KMED_ERR_UNSUPPORTED, "gguf: cannot write type %s (F32, F16, "
                          "BF16, Q8_0, Q4_0)", kmed_dtype_name(opts->type));
@@ -12119,12 +12505,10 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
     if (tok && (size_t)kmed_tok_vocab_size(tok) > (size_t)c->vocab_size)
         return KMED__ERR(err, KMED_ERR_SHAPE, "gguf: tokenizer has %d ids, the model %d",
                          kmed_tok_vocab_size(tok), c->vocab_size);
-    e = kmed__cv_entries(c, m, &n);
     order = (kmed__cv_entry **)kmed__calloc(n ? n : 1, sizeof *order);
-    if (!e || !order) { r = KMED__ERR(err, KMED_ERR_NOMEM, "gguf: out of memory"); goto done; }
-    if ((r = kmed__cv_check_model(e, n, err)) != KMED_OK) goto done;
+    if (!order) return KMED__ERR(err, KMED_ERR_NOMEM, "gguf: out of memory");
     for (i = 0; i < n; i++) {
-        kmed_dtype t = e[i].norm ? KMED_F32 : opts->type;
+        kmed_dtype t = e[i].is_norm ? KMED_F32 : opts->type;
         if (e[i].is_embed && opts->mixed && opts->type == KMED_Q4_0) t = KMED_Q8_0;
         if (!kmed_dtype_bytes(t, e[i].cols)) {
             r = KMED__ERR(err, KMED_ERR_SHAPE, "gguf: %s has rows of %zu, not a multiple of "
@@ -12133,7 +12517,7 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
         }
         if (e[i].cols > maxc) maxc = e[i].cols;
     }
-    row = (float *)kmed__calloc(maxc, sizeof *row);
+    row = (float *)kmed__calloc(maxc ? maxc : 1, sizeof *row);
     if (!row) { r = KMED__ERR(err, KMED_ERR_NOMEM, "gguf: out of memory"); goto done; }
 
     /* llama.cpp's order: output_norm, token_embd, then each block's tensors by name. */
@@ -12175,21 +12559,21 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
 
     for (i = 0; i < n && r == KMED_OK; i++) {
         const kmed__cv_entry *x = order[i];
-        kmed_dtype t = x->norm ? KMED_F32 : opts->type;
+        kmed_dtype t = x->is_norm ? KMED_F32 : opts->type;
         uint64_t shape[2];
         if (x->is_embed && opts->mixed && opts->type == KMED_Q4_0) t = KMED_Q8_0;
-        shape[0] = x->norm ? x->cols : x->rows;
+        shape[0] = x->is_norm ? x->cols : x->rows;
         shape[1] = x->cols;
-        r = kmed_gguf_add_tensor(&w, x->gg, t, x->norm ? 1 : 2, shape, err);
+        r = kmed_gguf_add_tensor(&w, x->gg, t, x->is_norm ? 1 : 2, shape, err);
     }
     for (i = 0; i < n && r == KMED_OK; i++) {
         const kmed__cv_entry *x = order[i];
-        kmed_dtype t = x->norm ? KMED_F32 : opts->type;
+        kmed_dtype t = x->is_norm ? KMED_F32 : opts->type;
         size_t nbytes;
         unsigned char *buf;
         if (x->is_embed && opts->mixed && opts->type == KMED_Q4_0) t = KMED_Q8_0;
         nbytes = x->rows * kmed_dtype_bytes(t, x->cols);
-        if (x->w && x->w->type == t && !kmed__cv_adapted(src.lora, x)) {
+        if (x->w && x->w->type == t && !kmed__cv_adapted(opts->lora, x)) {
             /* already in the target type: the bytes as they are */
             r = kmed_gguf_writer_put(&w, x->w->data, nbytes, err);
         } else {
@@ -12199,26 +12583,56 @@ KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *t
                               x->gg, nbytes);
                 break;
             }
-            if (x->norm) { /* llama.cpp stores 1 + w and multiplies by it */
+            if (x->is_norm) { /* llama.cpp stores 1 + w and multiplies by it */
                 size_t j;
-                for (j = 0; j < x->cols; j++) row[j] = 1.0f + x->norm[j];
+                r = fill(ctx, x, 0, row);
+                for (j = 0; j < x->cols; j++) row[j] = 1.0f + row[j];
                 memcpy(buf, row, nbytes);
             } else {
-                r = kmed__cv_convert(x, kmed__cv_fill_model, &src, t, buf, row);
+                r = kmed__cv_convert(x, fill, ctx, t, buf, row);
             }
             if (r == KMED_OK) r = kmed_gguf_writer_put(&w, buf, nbytes, err);
             KMED_FREE(buf);
         }
+        kmed__cv_release(x);
         kmed_progress(&opts->cb, "save", (double)(i + 1), (double)n, "tensors");
     }
     if (r == KMED_OK) r = kmed_gguf_writer_commit(&w, err);
     opened = r != KMED_OK;
 done:
     if (opened) kmed_gguf_writer_abort(&w);
-    KMED_FREE(src.merged);
-    KMED_FREE(e);
     KMED_FREE(order);
     KMED_FREE(row);
+    return r;
+}
+
+KMED_API kmed_result kmed_gemma_save_gguf(const kmed_gemma *m, const kmed_tok *tok,
+                                          const char *path, const kmed_gguf_save_opts *opts,
+                                          kmed_error *err)
+{
+    kmed_gguf_save_opts def;
+    kmed__cv_entry *e = NULL;
+    kmed_result r;
+    size_t n = 0;
+    kmed__cv_model_src src;
+
+    if (!opts) { memset(&def, 0, sizeof def); opts = &def; }
+    if (!m || !m->layers || !path) return KMED__ERR(err, KMED_ERR_ARG, "gguf: no model or path");
+    memset(&src, 0, sizeof src);
+    src.m = m;
+    src.lora = opts->lora;
+    src.err = err;
+    if (src.lora && src.lora->n_layers != m->cfg.n_layers)
+        return KMED__ERR(err, KMED_ERR_SHAPE, "gguf: adapter has %d layers, the model %d",
+                         src.lora->n_layers, m->cfg.n_layers);
+    e = kmed__cv_entries(&m->cfg, m, &n);
+    if (!e) return KMED__ERR(err, KMED_ERR_NOMEM, "gguf: out of memory");
+    r = kmed__cv_check_model(e, n, err);
+    kmed__cv_mark_borrowed(m, e, n);
+    if (r == KMED_OK)
+        r = kmed__cv_save_gguf(&m->cfg, e, n, tok, path, opts, kmed__cv_fill_model, &src, err);
+    KMED_FREE(src.merged);
+    KMED_FREE(e);
     return r;
 }
 
@@ -13591,7 +14005,10 @@ struct kmed_train {
     float *hpart;              /* (parts, head_rows, C) partial dx per chunk group */
     float *hrowf;              /* (head_rows, 3): capped target logit, max, softmax scale */
     double *hnll;              /* (head_rows) */
-    int *pos;                  /* (N) */
+    int *pos;                  /* (N) index in the sequence: 0..T-1 */
+    int *rpos;                 /* (N) RoPE positions: pos, or the caller's packed positions */
+    int *kstart;               /* (N) index of the token's packed document start */
+    const int *upos;           /* kmed_train_set_positions, borrowed; NULL = none */
     size_t *hrow;              /* (N) */
     int *htgt;                 /* (N) */
 };
@@ -13713,6 +14130,8 @@ KMED_API void kmed_train_free(kmed_train *tr)
     KMED_FREE(tr->acts);
     KMED_FREE(tr->arena);
     KMED_FREE(tr->pos);
+    KMED_FREE(tr->rpos);
+    KMED_FREE(tr->kstart);
     KMED_FREE(tr->hrow);
     KMED_FREE(tr->htgt);
     KMED_FREE(tr->hnll);
@@ -14065,11 +14484,14 @@ KMED_API kmed_result kmed_train_create(kmed_train **out, const kmed_gemma *m, km
     tr->arena = (float *)kmed__calloc(arena_n, sizeof(float));
     tr->acts = (kmed__train_acts *)kmed__calloc(nacts, sizeof *tr->acts);
     tr->pos = (int *)kmed__calloc(N, sizeof(int));
+    tr->rpos = (int *)kmed__calloc(N, sizeof(int));
+    tr->kstart = (int *)kmed__calloc(N, sizeof(int));
     tr->hrow = (size_t *)kmed__calloc(N, sizeof(size_t));
     tr->htgt = (int *)kmed__calloc(N, sizeof(int));
     tr->hnll = (double *)kmed__calloc(tr->head_rows, sizeof(double));
     tr->hsh = (float *)kmed__calloc(tr->head_rows, sizeof(float));
-    if (!tr->arena || !tr->acts || !tr->pos || !tr->hrow || !tr->htgt || !tr->hnll || !tr->hsh)
+    if (!tr->arena || !tr->acts || !tr->pos || !tr->rpos || !tr->kstart || !tr->hrow ||
+        !tr->htgt || !tr->hnll || !tr->hsh)
         goto nomem;
     cur = tr->arena;
     for (i = 0; i < nacts; i++)
@@ -14242,12 +14664,14 @@ static void kmed__train_attn_fn(void *ctx, size_t b, size_t e, int thread)
         float *scratch = tr->att_scratch + (size_t)thread * 2 * tr->maxT * tr->maxT;
         if (!c->backward)
             kmed__attention_forward(c->a->ao + qo, att, c->a->q + qo, c->a->k + ko,
-                                    c->a->v + ko, tr->pos, scratch, T, T, H, Hkv, D, scale,
+                                    c->a->v + ko, tr->pos, tr->kstart + s * T, scratch,
+                                    T, T, H, Hkv, D, scale,
                                     g->attn_softcap, c->window, h0, h0 + group);
         else
             kmed__attention_backward(tr->dq + qo, tr->dk + ko, tr->dv + ko, tr->dao + qo, att,
                                      c->a->q + qo, c->a->k + ko, c->a->v + ko, tr->pos,
-                                     scratch, T, T, H, Hkv, D, scale, g->attn_softcap,
+                                     tr->kstart + s * T, scratch, T, T, H, Hkv, D, scale,
+                                     g->attn_softcap,
                                      c->window, h0, h0 + group);
     }
 }
@@ -14272,9 +14696,9 @@ static void kmed__train_layer_forward(kmed_train *tr, int l, kmed__train_acts *a
     kmed__train_linear(tr, a->q, a->xa[KMED_LORA_Q], a->xn1, &w->q, ab ? &ab[0] : NULL, N);
     kmed__train_linear(tr, a->k, a->xa[KMED_LORA_K], a->xn1, &w->k, ab ? &ab[1] : NULL, N);
     kmed__train_linear(tr, a->v, a->xa[KMED_LORA_V], a->xn1, &w->v, ab ? &ab[2] : NULL, N);
-    kmed__rope_forward(a->q, a->q, tr->pos, N, (size_t)g->n_heads, (size_t)g->head_dim,
+    kmed__rope_forward(a->q, a->q, tr->rpos, N, (size_t)g->n_heads, (size_t)g->head_dim,
                        g->rope_theta);
-    kmed__rope_forward(a->k, a->k, tr->pos, N, (size_t)g->n_kv_heads, (size_t)g->head_dim,
+    kmed__rope_forward(a->k, a->k, tr->rpos, N, (size_t)g->n_kv_heads, (size_t)g->head_dim,
                        g->rope_theta);
     ac.tr = tr; ac.a = a; ac.T = T; ac.window = kmed__train_window(g, l); ac.backward = 0;
     kmed_pool_for(tr->pool, B * (size_t)g->n_kv_heads, 1, kmed__train_attn_fn, &ac);
@@ -14345,9 +14769,9 @@ static void kmed__train_layer_backward(kmed_train *tr, int l, const kmed__train_
     kmed_pool_for(tr->pool, B * (size_t)g->n_kv_heads, 1, kmed__train_attn_fn, &ac);
     memset(tr->dqp, 0, N * HD * sizeof(float));
     memset(tr->dkp, 0, N * KD * sizeof(float));
-    kmed__rope_backward(tr->dqp, tr->dq, tr->pos, N, (size_t)g->n_heads, (size_t)g->head_dim,
+    kmed__rope_backward(tr->dqp, tr->dq, tr->rpos, N, (size_t)g->n_heads, (size_t)g->head_dim,
                         g->rope_theta);
-    kmed__rope_backward(tr->dkp, tr->dk, tr->pos, N, (size_t)g->n_kv_heads,
+    kmed__rope_backward(tr->dkp, tr->dk, tr->rpos, N, (size_t)g->n_kv_heads,
                         (size_t)g->head_dim, g->rope_theta);
     memset(tr->dxn, 0, N * C * sizeof(float));
     kmed__train_linear_backward(tr, need_dx ? tr->dxn : NULL, G->dw[0], G->dA[0], G->dB[0],
@@ -14715,10 +15139,27 @@ static kmed_result kmed__train_head(kmed_train *tr, const int *labels, size_t B,
 }
 #endif
 
-KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
-                                                 const int *labels, size_t B, size_t T,
-                                                 double norm, double *loss_sum,
-                                                 size_t *count, kmed_error *err)
+/* Fills pos, RoPE positions and document starts for B sequences of T tokens; upos are
+   packed position ids (HF's convention: a document starts where its position is 0). */
+static kmed_result kmed__train_positions(kmed_train *tr, const int *upos, size_t B, size_t T,
+                                         kmed_error *err)
+{
+    size_t i, N = B * T;
+    for (i = 0; i < N; i++) {
+        size_t t = i % T;
+        if (upos && upos[i] < 0)
+            return KMED__ERR(err, KMED_ERR_ARG, "position id %d at sequence %zu position %zu "
+                             "is negative", upos[i], i / T, t);
+        tr->pos[i] = (int)t;
+        tr->rpos[i] = upos ? upos[i] : (int)t;
+        tr->kstart[i] = t == 0 || (upos && upos[i] == 0) ? (int)t : tr->kstart[i - 1];
+    }
+    return KMED_OK;
+}
+
+static kmed_result kmed__train_fb(kmed_train *tr, const int *ids, const int *labels,
+                                  const int *upos, size_t B, size_t T, double norm,
+                                  double *loss_sum, size_t *count, kmed_error *err)
 {
     const kmed_gemma_config *g = &tr->m->cfg;
     size_t N = B * T, C = (size_t)g->hidden_size, V = (size_t)g->vocab_size, NC, i;
@@ -14750,7 +15191,7 @@ KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
             return KMED__ERR(err, KMED_ERR_ARG, "token id %d at sequence %zu position %zu "
                              "is outside [0, %zu)", ids[i], i / T, i % T, V);
     NC = N * C;
-    for (i = 0; i < N; i++) tr->pos[i] = (int)(i % T);
+    if ((rc = kmed__train_positions(tr, upos, B, T, err)) != KMED_OK) return rc;
     for (i = 0; tr->tembed && i < (size_t)tr->lora->n_tokens; i++)   /* after an update */
         memcpy(tr->tembed + tr->tslot[i] * C, tr->lora->token_rows + i * C, C * sizeof(float));
     kmed__embed_forward(tr->resid, ids, tr->m->embed.data, tr->m->embed.type, N, C);
@@ -14780,6 +15221,19 @@ KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
             memcpy(g + i * C, tr->dembed + tr->tslot[i] * C, C * sizeof(float));
     }
     return KMED_OK;
+}
+
+KMED_API kmed_result kmed_train_forward_backward(kmed_train *tr, const int *ids,
+                                                 const int *labels, size_t B, size_t T,
+                                                 double norm, double *loss_sum,
+                                                 size_t *count, kmed_error *err)
+{
+    return kmed__train_fb(tr, ids, labels, tr->upos, B, T, norm, loss_sum, count, err);
+}
+
+KMED_API void kmed_train_set_positions(kmed_train *tr, const int *pos)
+{
+    tr->upos = pos;
 }
 
 KMED_API kmed_result kmed_train_loss(kmed_train *tr, const int *ids, const int *labels,
@@ -14995,8 +15449,9 @@ KMED_API kmed_result kmed_train_grads(kmed_train *tr, const int *ids, const int 
                          "label is -100)", tr->step + 1);
     kmed_train_zero_grad(tr);
     for (a = 0; a < accum; a++) {
-        rc = kmed_train_forward_backward(tr, ids + a * per, labels + a * per, B, T,
-                                         (double)count, &sum, NULL, err);
+        rc = kmed__train_fb(tr, ids + a * per, labels + a * per,
+                            tr->upos ? tr->upos + a * per : NULL, B, T, (double)count, &sum,
+                            NULL, err);
         if (rc != KMED_OK) return rc;
     }
     mean = sum / (double)count;
@@ -15371,7 +15826,10 @@ KMED_API kmed_result kmed_train_svg(const char *path, const float *train_loss,
 
 /* ==== kmed_merge: model merging (linear, task arithmetic, TIES, DARE), streamed ==== */
 
+#include <dirent.h>
+#include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -15432,14 +15890,12 @@ typedef struct kmed__mg_plan {
     uint64_t seed;
     size_t n;                /* models mixed */
     float *w, *dens;         /* [n] */
-    size_t *idx;             /* [n] index in cfg->models (seeds DARE) */
 } kmed__mg_plan;
 
 static void kmed__mg_plan_free(kmed__mg_plan *p)
 {
     KMED_FREE(p->w);
     KMED_FREE(p->dens);
-    KMED_FREE(p->idx);
     memset(p, 0, sizeof *p);
 }
 
@@ -15459,12 +15915,11 @@ static kmed_result kmed__mg_plan_init(kmed__mg_plan *p, const kmed_merge_config 
                                   : (cfg->method == KMED_MERGE_LINEAR ||
                                      cfg->method == KMED_MERGE_TIES);
     p->rescale = cfg->rescale ? cfg->rescale > 0 : p->sparsify == KMED__MG_SP_RANDOM;
-    p->lambda = cfg->lambda != 0 ? cfg->lambda : 1.0f;
+    p->lambda = cfg->has_lambda || cfg->lambda != 0 ? cfg->lambda : 1.0f;
     p->seed = cfg->seed;
     p->w = (float *)kmed__calloc(cfg->n_models + 1, sizeof *p->w);
     p->dens = (float *)kmed__calloc(cfg->n_models + 1, sizeof *p->dens);
-    p->idx = (size_t *)kmed__calloc(cfg->n_models + 1, sizeof *p->idx);
-    if (!p->w || !p->dens || !p->idx) {
+    if (!p->w || !p->dens) {
         kmed__mg_plan_free(p);
         return KMED__ERR(err, KMED_ERR_NOMEM, "merge: out of memory");
     }
@@ -15472,7 +15927,6 @@ static kmed_result kmed__mg_plan_init(kmed__mg_plan *p, const kmed_merge_config 
         if (skip && skip[i]) continue;
         p->w[k] = cfg->models[i].weight;
         p->dens[k] = cfg->models[i].density > 0 ? cfg->models[i].density : 1.0f;
-        p->idx[k] = i;
         k++;
     }
     p->n = k;
@@ -15686,8 +16140,9 @@ static uint64_t kmed__mg_mix(uint64_t a, uint64_t b)
 
 /* DARE drop of one chunk: each element kept with probability density (32 random bits per
    element against round(density * 2^32)), kept ones divided by density when rescaling.
-   The stream is seeded per (seed, tensor, model, chunk), so results do not depend on
-   tensor order, shards or which other models take part. */
+   The stream is seeded per (seed, tensor, position i among the mixed models, chunk), so
+   results do not depend on tensor order, shards, or whether the base is listed among the
+   models. */
 /* d[0..C) in place; rnd: C words of scratch. */
 static void kmed__mg_dare_apply(const kmed__mg_plan *p, uint64_t key, size_t i, size_t block,
                                 float *d, uint32_t *rnd)
@@ -15700,7 +16155,7 @@ static void kmed__mg_dare_apply(const kmed__mg_plan *p, uint64_t key, size_t i, 
     if (dens >= 1.0f) return;
     thr = (uint32_t)((double)dens * 4294967296.0 + 0.5); /* dens < 1: fits */
     kmed_rng_seed(&rng, kmed__mg_mix(kmed__mg_mix(kmed__mg_mix(p->seed, key),
-                                                  (uint64_t)p->idx[i] + 1), (uint64_t)block + 1));
+                                                  (uint64_t)i + 1), (uint64_t)block + 1));
     for (e = 0; e < C; e += 2) {
         uint64_t u = kmed_rng_u64(&rng);
         rnd[e] = (uint32_t)u;
@@ -15767,6 +16222,77 @@ static void kmed__mg_finish(float *restrict o, const float *restrict mixed,
     }
 }
 
+/* Prepares merging a tensor of numel elements (TIES: the magnitude thresholds). */
+static kmed_result kmed__mg_tensor_begin(const kmed__mg_plan *p, size_t numel,
+                                         const kmed__mg_reader *base,
+                                         const kmed__mg_reader *xs, kmed__mg_work *wk,
+                                         kmed_error *err)
+{
+    if (p->n > wk->n) return KMED__ERR(err, KMED_ERR_STATE, "merge: work sized for fewer models");
+    if (p->sparsify != KMED__MG_SP_MAGNITUDE) return KMED_OK;
+    return kmed__mg_ties_prepare(p, numel, base, xs, wk, err);
+}
+
+/* Merges elements [off, off + m) of the tensor into wk->bufs + KMED__MG_CHUNK. off is a
+   multiple of the chunk and chunks come first to last after kmed__mg_tensor_begin (TIES
+   keeps its threshold ties in index order). */
+static kmed_result kmed__mg_tensor_chunk(const kmed__mg_plan *p, uint64_t key, size_t off,
+                                         size_t m, const kmed__mg_reader *base,
+                                         const kmed__mg_reader *xs, kmed__mg_work *wk,
+                                         kmed_error *err)
+{
+    const size_t C = KMED__MG_CHUNK;
+    float *b = wk->bufs, *o = wk->bufs + C, *sm = wk->bufs + 2 * C, *dv = wk->bufs + 3 * C;
+    float *xb = wk->bufs + 4 * C;
+    float wsum = 0, div;
+    size_t i, e;
+    kmed_result r;
+    int linear = p->method == KMED_MERGE_LINEAR;
+    for (i = 0; i < p->n; i++) wsum += p->w[i];
+    /* mergekit's divisors: linear divides by the plain sum; task arithmetic guards ~0 */
+    div = linear ? wsum : (fabsf(wsum) < 1e-8f ? 1.0f : wsum);
+    /* Loops run over elements inside loops over models (sums still in model order), with
+       selects instead of branches (random signs and masks defeat branch prediction), over
+       whole chunks with zeroed tails: a constant trip count lets -O2 vectorize them. */
+    if (!linear) {
+        if ((r = base->read(base->ctx, off, m, b, err)) != KMED_OK) return r;
+        if (m < C) memset(b + m, 0, (C - m) * sizeof *b);
+    }
+    for (i = 0; i < p->n; i++) {
+        float *x = xb + i * C, w = p->w[i];
+        if ((r = xs[i].read(xs[i].ctx, off, m, x, err)) != KMED_OK) return r;
+        if (m < C) memset(x + m, 0, (C - m) * sizeof *x);
+        if (linear) continue;
+        kmed__mg_sub(x, b);
+        if (p->sparsify == KMED__MG_SP_MAGNITUDE) kmed__mg_trim_apply(&wk->trim[i], x, sm);
+        else if (p->sparsify == KMED__MG_SP_RANDOM)
+            kmed__mg_dare_apply(p, key, i, off / C, x, wk->rnd);
+        for (e = 0; e < C; e++) x[e] *= w;
+    }
+    memset(sm, 0, C * sizeof *sm);
+    if (linear) {
+        for (i = 0; i < p->n; i++) kmed__mg_axpy(sm, xb + i * C, p->w[i]);
+        if (p->normalize) for (e = 0; e < C; e++) o[e] = sm[e] / div;
+        else memcpy(o, sm, C * sizeof *o);
+    } else if (p->consensus) {
+        /* elected sign: of the summed weighted values, or of the count of signs */
+        for (i = 0; i < p->n; i++) {
+            if (p->count) kmed__mg_add_sign(sm, xb + i * C);
+            else kmed__mg_add(sm, xb + i * C);
+        }
+        for (e = 0; e < C; e++) sm[e] = sm[e] >= 0 ? 1.0f : -1.0f;
+        memset(o, 0, C * sizeof *o);
+        memset(dv, 0, C * sizeof *dv);
+        for (i = 0; i < p->n; i++) kmed__mg_agree(o, dv, xb + i * C, sm, p->w[i]);
+        memcpy(sm, o, C * sizeof *sm);
+        kmed__mg_finish(o, sm, p->normalize ? dv : NULL, 1.0f, b, p->lambda);
+    } else {
+        for (i = 0; i < p->n; i++) kmed__mg_add(sm, xb + i * C);
+        kmed__mg_finish(o, sm, NULL, p->normalize ? div : 1.0f, b, p->lambda);
+    }
+    return KMED_OK;
+}
+
 /* Merges one tensor of numel elements from its readers into emit. */
 static kmed_result kmed__mg_tensor_run(const kmed__mg_plan *p, uint64_t key, size_t numel,
                                        const kmed__mg_reader *base, const kmed__mg_reader *xs,
@@ -15774,63 +16300,14 @@ static kmed_result kmed__mg_tensor_run(const kmed__mg_plan *p, uint64_t key, siz
                                        kmed_error *err)
 {
     const size_t C = KMED__MG_CHUNK;
-    float *b = wk->bufs, *o = wk->bufs + C, *sm = wk->bufs + 2 * C, *dv = wk->bufs + 3 * C;
-    float *xb = wk->bufs + 4 * C;
-    float wsum = 0, div;
-    size_t off, i, e;
-    kmed_result r;
-    int linear = p->method == KMED_MERGE_LINEAR;
-    if (p->n > wk->n) return KMED__ERR(err, KMED_ERR_STATE, "merge: work sized for fewer models");
-    for (i = 0; i < p->n; i++) wsum += p->w[i];
-    if (p->sparsify == KMED__MG_SP_MAGNITUDE) {
-        if ((r = kmed__mg_ties_prepare(p, numel, base, xs, wk, err)) != KMED_OK) return r;
-    }
-    /* mergekit's divisors: linear divides by the plain sum; task arithmetic guards ~0 */
-    div = linear ? wsum : (fabsf(wsum) < 1e-8f ? 1.0f : wsum);
-    /* Loops run over elements inside loops over models (sums still in model order), with
-       selects instead of branches (random signs and masks defeat branch prediction), over
-       whole chunks with zeroed tails: a constant trip count lets -O2 vectorize them. */
-    for (off = 0; off < numel; off += C) {
+    size_t off;
+    kmed_result r = kmed__mg_tensor_begin(p, numel, base, xs, wk, err);
+    for (off = 0; r == KMED_OK && off < numel; off += C) {
         size_t m = numel - off < C ? numel - off : C;
-        if (!linear) {
-            if ((r = base->read(base->ctx, off, m, b, err)) != KMED_OK) return r;
-            if (m < C) memset(b + m, 0, (C - m) * sizeof *b);
-        }
-        for (i = 0; i < p->n; i++) {
-            float *x = xb + i * C, w = p->w[i];
-            if ((r = xs[i].read(xs[i].ctx, off, m, x, err)) != KMED_OK) return r;
-            if (m < C) memset(x + m, 0, (C - m) * sizeof *x);
-            if (linear) continue;
-            kmed__mg_sub(x, b);
-            if (p->sparsify == KMED__MG_SP_MAGNITUDE) kmed__mg_trim_apply(&wk->trim[i], x, sm);
-            else if (p->sparsify == KMED__MG_SP_RANDOM)
-                kmed__mg_dare_apply(p, key, i, off / C, x, wk->rnd);
-            for (e = 0; e < C; e++) x[e] *= w;
-        }
-        memset(sm, 0, C * sizeof *sm);
-        if (linear) {
-            for (i = 0; i < p->n; i++) kmed__mg_axpy(sm, xb + i * C, p->w[i]);
-            if (p->normalize) for (e = 0; e < C; e++) o[e] = sm[e] / div;
-            else memcpy(o, sm, C * sizeof *o);
-        } else if (p->consensus) {
-            /* elected sign: of the summed weighted values, or of the count of signs */
-            for (i = 0; i < p->n; i++) {
-                if (p->count) kmed__mg_add_sign(sm, xb + i * C);
-                else kmed__mg_add(sm, xb + i * C);
-            }
-            for (e = 0; e < C; e++) sm[e] = sm[e] >= 0 ? 1.0f : -1.0f;
-            memset(o, 0, C * sizeof *o);
-            memset(dv, 0, C * sizeof *dv);
-            for (i = 0; i < p->n; i++) kmed__mg_agree(o, dv, xb + i * C, sm, p->w[i]);
-            memcpy(sm, o, C * sizeof *sm);
-            kmed__mg_finish(o, sm, p->normalize ? dv : NULL, 1.0f, b, p->lambda);
-        } else {
-            for (i = 0; i < p->n; i++) kmed__mg_add(sm, xb + i * C);
-            kmed__mg_finish(o, sm, NULL, p->normalize ? div : 1.0f, b, p->lambda);
-        }
-        emit(ectx, off, m, o);
+        r = kmed__mg_tensor_chunk(p, key, off, m, base, xs, wk, err);
+        if (r == KMED_OK) emit(ectx, off, m, wk->bufs + C);
     }
-    return KMED_OK;
+    return r;
 }
 
 /* ---- config ---- */
@@ -15908,6 +16385,20 @@ static int kmed__mg_same_path(const char *a, const char *b)
     while (na > 1 && a[na - 1] == '/') na--;
     while (nb > 1 && b[nb - 1] == '/') nb--;
     return na == nb && memcmp(a, b, na) == 0;
+}
+
+/* 1 when `model` is cfg's base model: a task-vector method takes no task vector of it. */
+static int kmed__mg_is_base(const kmed_merge_config *cfg, const char *model)
+{
+    return cfg->method != KMED_MERGE_LINEAR && kmed__mg_same_path(model, cfg->base_model);
+}
+
+KMED_API size_t kmed_merge_n_mixed(const kmed_merge_config *cfg)
+{
+    size_t i, n = 0;
+    for (i = 0; cfg && cfg->models && i < cfg->n_models; i++)
+        n += !kmed__mg_is_base(cfg, cfg->models[i].model);
+    return n;
 }
 
 static kmed_result kmed__mg_dtype_name(const char *s, kmed_dtype *t, const char *name,
@@ -15992,11 +16483,15 @@ static kmed_result kmed__mg_from_json(kmed_merge_config *cfg, kmed__mg_owned *o,
                 } else if (!strcmp(p->key, "lambda")) {
                     r = kmed__mg_num(p, "lambda", &v, name, err);
                     cfg->lambda = (float)v;
+                    cfg->has_lambda = 1;
                 } else if (!strcmp(p->key, "weight")) {
                     r = kmed__mg_num(p, "parameters.weight", &gw, name, err);
                     has_gw = 1;
                 } else if (!strcmp(p->key, "density")) {
                     r = kmed__mg_num(p, "parameters.density", &gd, name, err);
+                    if (r == KMED_OK && !(gd > 0 && gd <= 1))
+                        r = KMED__ERRF(err, KMED_ERR_FORMAT, name, "parameters.density = %g "
+                                       "is outside (0, 1]", gd);
                     has_gd = 1;
                 } else if (!strcmp(p->key, "consensus_method")) {
                     const char *s = kmed_json_str(p, "");
@@ -16077,8 +16572,7 @@ static kmed_result kmed__mg_from_json(kmed_merge_config *cfg, kmed__mg_owned *o,
             }
         }
         /* the base model listed among the models needs no weight (it is no task vector) */
-        if (!has_w && !(cfg->method != KMED_MERGE_LINEAR &&
-                        kmed__mg_same_path(mm->model, cfg->base_model)))
+        if (!has_w && !kmed__mg_is_base(cfg, mm->model))
             return KMED__ERRF(err, KMED_ERR_FORMAT, name, "models[%zu] (%s) needs "
                               "parameters.weight", i, mm->model);
     }
@@ -16089,8 +16583,9 @@ static kmed_result kmed__mg_from_json(kmed_merge_config *cfg, kmed__mg_owned *o,
 
 /* ---- YAML subset -> JSON ----
    The shape mergekit configs use: block mappings and block sequences by indentation,
-   "- key: value" items, plain/quoted scalars, comments and "---". Anything else (flow
-   collections, anchors, multi-line scalars) is an error naming the line. */
+   "- key: value" items, plain/quoted scalars, flow collections that end on their line
+   ({weight: 0.5, density: 0.53}), comments and "---". Anything else (anchors, multi-line
+   scalars or flow collections) is an error naming the line. */
 
 typedef struct kmed__mg_yline {
     size_t indent;
@@ -16113,9 +16608,27 @@ static kmed_result kmed__mg_yerr(kmed__mg_yaml *y, size_t line, const char *what
     return kmed_error_set(y->err, KMED_ERR_FORMAT, y->name, line, (size_t)-1, "%s", what);
 }
 
-/* Writes one scalar as JSON: quoted strings, true/false/null, numbers, else a string. */
+static kmed_result kmed__mg_yflow(kmed__mg_yaml *y, const char *s, size_t len, size_t *pos,
+                                  size_t line);
+
+/* 1 if s[0..len) is one of the words of the NULL-terminated list. */
+static int kmed__mg_yword(const char *s, size_t len, const char *const *list)
+{
+    for (; *list; list++)
+        if (strlen(*list) == len && memcmp(s, *list, len) == 0) return 1;
+    return 0;
+}
+
+/* Writes one scalar as JSON: quoted strings, booleans and nulls as YAML 1.1 spells them
+   (PyYAML, mergekit's reader, takes yes/no/on/off as booleans), numbers, flow
+   collections, else a string. */
 static kmed_result kmed__mg_yscalar(kmed__mg_yaml *y, const char *s, size_t len, size_t line)
 {
+    static const char *const yes[] = {"true", "True", "TRUE", "yes", "Yes", "YES", "on", "On",
+                                      "ON", NULL};
+    static const char *const no[] = {"false", "False", "FALSE", "no", "No", "NO", "off", "Off",
+                                     "OFF", NULL};
+    static const char *const nul[] = {"null", "Null", "NULL", "~", NULL};
     char tmp[64];
     if (len && (s[0] == '"' || s[0] == '\'')) {
         kmed_buf v = {0};
@@ -16136,16 +16649,21 @@ static kmed_result kmed__mg_yscalar(kmed__mg_yaml *y, const char *s, size_t len,
         kmed_buf_free(&v);
         return KMED_OK;
     }
-    if (len && (s[0] == '[' || s[0] == '{' || s[0] == '&' || s[0] == '*' || s[0] == '|' ||
-                s[0] == '>'))
-        return kmed__mg_yerr(y, line, "flow collections, anchors and block scalars are not "
-                             "supported in a merge config");
-    if ((len == 4 && (!memcmp(s, "true", 4) || !memcmp(s, "True", 4))) ||
-        (len == 5 && (!memcmp(s, "false", 5) || !memcmp(s, "False", 5)))) {
-        kmed_buf_puts(y->out, (s[0] == 't' || s[0] == 'T') ? "true" : "false");
+    if (len && (s[0] == '[' || s[0] == '{')) {
+        size_t pos = 0;
+        kmed_result r = kmed__mg_yflow(y, s, len, &pos, line);
+        if (r == KMED_OK && pos < len)
+            r = kmed__mg_yerr(y, line, "unexpected text after a flow collection");
+        return r;
+    }
+    if (len && (s[0] == '&' || s[0] == '*' || s[0] == '|' || s[0] == '>'))
+        return kmed__mg_yerr(y, line, "anchors, aliases and block scalars are not supported "
+                             "in a merge config");
+    if (kmed__mg_yword(s, len, yes) || kmed__mg_yword(s, len, no)) {
+        kmed_buf_puts(y->out, kmed__mg_yword(s, len, yes) ? "true" : "false");
         return KMED_OK;
     }
-    if (len == 0 || (len == 4 && !memcmp(s, "null", 4)) || (len == 1 && s[0] == '~')) {
+    if (len == 0 || kmed__mg_yword(s, len, nul)) {
         kmed_buf_puts(y->out, "null");
         return KMED_OK;
     }
@@ -16168,10 +16686,90 @@ static kmed_result kmed__mg_yscalar(kmed__mg_yaml *y, const char *s, size_t len,
     return KMED_OK;
 }
 
-/* Position of the ':' that ends a mapping key in s (outside quotes), or -1. */
+/* One scalar of a flow collection at s[*i], quoted or plain (up to ',', a bracket or, for
+   a key, ": "): its extent [*b, *e), trailing spaces cut; *i is left after it. */
+static kmed_result kmed__mg_ytoken(kmed__mg_yaml *y, const char *s, size_t len, size_t *i,
+                                   int key, size_t line, size_t *b, size_t *e)
+{
+    size_t k = *i;
+    *b = k;
+    if (s[k] == '"' || s[k] == '\'') {
+        const char q = s[k++];
+        while (k < len && s[k] != q) k += q == '"' && s[k] == '\\' && k + 1 < len ? 2 : 1;
+        /* '' inside single quotes is a quote */
+        while (q == '\'' && k + 1 < len && s[k + 1] == '\'') {
+            for (k += 2; k < len && s[k] != q; k++) {}
+        }
+        if (k >= len) return kmed__mg_yerr(y, line, "unterminated quoted string");
+        k++;
+    } else {
+        while (k < len && !strchr(",[]{}", s[k]) &&
+               !(key && s[k] == ':' && (k + 1 == len || strchr(" ,}", s[k + 1]))))
+            k++;
+    }
+    *e = k;
+    while (*e > *b && s[*e - 1] == ' ') (*e)--;
+    if (*e == *b) return kmed__mg_yerr(y, line, "empty item in a flow collection");
+    *i = k;
+    return KMED_OK;
+}
+
+/* A flow collection that ends on its line ({weight: 0.5, density: 0.53}, [a, b]) from
+   s[*pos], whose items are scalars or collections; *pos is left after its bracket. */
+static kmed_result kmed__mg_yflow(kmed__mg_yaml *y, const char *s, size_t len, size_t *pos,
+                                  size_t line)
+{
+    const char close = s[*pos] == '{' ? '}' : ']';
+    size_t i = *pos + 1, b, e;
+    int first = 1;
+    kmed_result r = KMED_OK;
+    if (++y->depth > 64) return kmed__mg_yerr(y, line, "nesting too deep");
+    kmed_buf_puts(y->out, close == '}' ? "{" : "[");
+    for (;;) {
+        while (i < len && s[i] == ' ') i++;
+        if (i < len && s[i] == close) break; /* also after a trailing comma, as YAML allows */
+        if (i >= len) break;
+        if (!first) kmed_buf_puts(y->out, ",");
+        first = 0;
+        if (close == '}') {
+            if ((r = kmed__mg_ytoken(y, s, len, &i, 1, line, &b, &e)) != KMED_OK) return r;
+            if (s[b] == '"' || s[b] == '\'') r = kmed__mg_yscalar(y, s + b, e - b, line);
+            else kmed_buf_json_str(y->out, s + b, e - b);
+            if (r != KMED_OK) return r;
+            if (i >= len || s[i] != ':')
+                return kmed__mg_yerr(y, line, "expected 'key: value' in a flow mapping");
+            kmed_buf_puts(y->out, ":");
+            for (i++; i < len && s[i] == ' '; i++) {}
+        }
+        if (i < len && (s[i] == '{' || s[i] == '[')) {
+            r = kmed__mg_yflow(y, s, len, &i, line);
+        } else if (close == '}' && i < len && (s[i] == ',' || s[i] == close)) {
+            kmed_buf_puts(y->out, "null"); /* "{key: }" */
+        } else if ((r = kmed__mg_ytoken(y, s, len, &i, 0, line, &b, &e)) == KMED_OK) {
+            r = kmed__mg_yscalar(y, s + b, e - b, line);
+        }
+        if (r != KMED_OK) return r;
+        while (i < len && s[i] == ' ') i++;
+        if (i < len && s[i] == ',') i++;
+        else if (i < len && s[i] != close)
+            return kmed__mg_yerr(y, line, "expected ',' between the items of a flow "
+                                 "collection");
+    }
+    if (i >= len)
+        return kmed__mg_yerr(y, line, "unterminated flow collection (kmed reads those that "
+                             "end on their line)");
+    kmed_buf_puts(y->out, close == '}' ? "}" : "]");
+    *pos = i + 1;
+    y->depth--;
+    return KMED_OK;
+}
+
+/* Position of the ':' that ends a mapping key in s (outside quotes), or -1. A flow
+   collection is a value, never a key. */
 static long kmed__mg_ykey(const char *s, size_t len)
 {
     size_t i = 0;
+    if (len && (s[0] == '{' || s[0] == '[')) return -1;
     if (len && (s[0] == '"' || s[0] == '\'')) {
         for (i = 1; i < len && s[i] != s[0]; i++) {}
         i++;
@@ -16351,6 +16949,10 @@ KMED_API kmed_result kmed_merge_config_parse(kmed_merge_config *cfg, const char 
     o = (kmed__mg_owned *)kmed__calloc(1, sizeof *o);
     if (!o) return KMED__ERR(err, KMED_ERR_NOMEM, "config: out of memory");
     cfg->impl_ = o;
+    if (len >= 3 && memcmp(text, "\xEF\xBB\xBF", 3) == 0) { /* a UTF-8 BOM, as PyYAML skips */
+        text += 3;
+        len -= 3;
+    }
     while (i < len && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t'))
         i++;
     if (i < len && text[i] == '{') {
@@ -16373,6 +16975,8 @@ KMED_API kmed_result kmed_merge_config_load(kmed_merge_config *cfg, const char *
     size_t len = 0;
     kmed_result r;
     memset(cfg, 0, sizeof *cfg);
+    if (kmed_is_dir(path))
+        return KMED__ERRF(err, KMED_ERR_ARG, path, "is a directory, not a merge config file");
     if ((r = kmed_file_read(path, (size_t)16 << 20, &text, &len, err)) != KMED_OK) return r;
     r = kmed_merge_config_parse(cfg, text, len, path, err);
     kmed_free(text);
@@ -16761,17 +17365,10 @@ static kmed_result kmed__mg_write_config(const char *sdir, const char *ddir, kme
     return r;
 }
 
-static const char *const kmed__mg_side_files[5] = {
+static const char *const kmed__mg_side_files[7] = {
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "generation_config.json"
+    "added_tokens.json", "chat_template.jinja", "generation_config.json"
 };
-
-/* Removes a file of dir, if there. */
-static void kmed__mg_unlink(const char *dir, const char *name)
-{
-    char p[1200];
-    if (kmed_path_join(p, sizeof p, dir, name, NULL) == KMED_OK) remove(p);
-}
 
 typedef struct kmed__mg_ctx {
     const kmed_merge_config *cfg;
@@ -16782,40 +17379,75 @@ typedef struct kmed__mg_ctx {
     kmed__mg_plan plan;
     kmed__mg_work wk;
     kmed__mg_reader rb, *rx;
+    const kmed_callbacks *cb;    /* log lines (progress comes from the writers) */
     double bytes_in;             /* input tensor bytes read (once per tensor) */
+    double t0;                   /* when writing began */
 } kmed__mg_ctx;
+
+/* Makes tensor `name` current in every input. */
+static kmed_result kmed__mg_begin(kmed__mg_ctx *c, const char *name, kmed_error *err)
+{
+    kmed_result r = KMED_OK;
+    size_t i;
+    if (c->base) r = kmed__mg_src_begin(c->base, name, err);
+    for (i = 0; i < c->plan.n && r == KMED_OK; i++) r = kmed__mg_src_begin(c->xs[i], name, err);
+    return r;
+}
+
+/* Ends the current tensor: counts the bytes read and gives the inputs' pages back. */
+static void kmed__mg_end(kmed__mg_ctx *c)
+{
+    size_t i;
+    for (i = 0; i <= c->plan.n; i++) {
+        kmed__mg_src *s = i < c->plan.n ? c->xs[i] : c->base;
+        if (!s) continue;
+        c->bytes_in += s->t ? (double)s->t->nbytes : 0;
+        kmed__mg_src_end(s);
+    }
+}
+
+/* TIES keeping no element of a task vector (density x numel < 1) leaves it out of the
+   tensor, where mergekit stops with an assertion: say so. */
+static void kmed__mg_warn_empty(const kmed__mg_ctx *c, const char *name, size_t numel)
+{
+    size_t i;
+    for (i = 0; c->plan.sparsify == KMED__MG_SP_MAGNITUDE && i < c->plan.n; i++)
+        if (c->wk.trim[i].none)
+            kmed_log(c->cb, KMED_LOG_WARN, "merge: density %g keeps no element of %s (%zu "
+                     "elements) for %s: its task vector is left out of that tensor",
+                     (double)c->plan.dens[i], name, numel, c->xs[i]->spec);
+}
 
 /* Merges tensor `t` of the reference into buf (numel x dtype). */
 static kmed_result kmed__mg_one(kmed__mg_ctx *c, const kmed_tensor_info *t, kmed_dtype dt,
                                 unsigned char *buf, kmed_error *err)
 {
     kmed__mg_outbuf ob;
-    kmed_result r = KMED_OK;
-    size_t i, numel = (size_t)kmed_tensor_numel(t);
+    size_t numel = (size_t)kmed_tensor_numel(t);
+    kmed_result r;
     ob.data = buf;
     ob.dtype = dt;
     ob.es = kmed_dtype_bytes(dt, 1);
-    if (c->base) r = kmed__mg_src_begin(c->base, t->name, err);
-    for (i = 0; i < c->plan.n && r == KMED_OK; i++)
-        r = kmed__mg_src_begin(c->xs[i], t->name, err);
+    r = kmed__mg_begin(c, t->name, err);
     if (r == KMED_OK)
         r = kmed__mg_tensor_run(&c->plan, kmed_merge_tensor_key(t->name), numel, &c->rb, c->rx,
                                 kmed__mg_out_emit, &ob, &c->wk, err);
-    if (c->base) {
-        c->bytes_in += c->base->t ? (double)c->base->t->nbytes : 0;
-        kmed__mg_src_end(c->base);
-    }
-    for (i = 0; i < c->plan.n; i++) {
-        c->bytes_in += c->xs[i]->t ? (double)c->xs[i]->t->nbytes : 0;
-        kmed__mg_src_end(c->xs[i]);
-    }
+    if (r == KMED_OK) kmed__mg_warn_empty(c, t->name, numel);
+    kmed__mg_end(c);
     return r;
 }
 
-/* Writes the merged HF directory. */
+static void kmed__mg_log_done(const kmed__mg_ctx *c, size_t n, double written)
+{
+    double s = kmed_time_now() - c->t0;
+    kmed_log(c->cb, KMED_LOG_INFO, "merge: %zu tensors, %.0f MB read, %.0f MB written in "
+             "%.1fs (%.2f GB/s)", n, c->bytes_in / 1e6, written / 1e6, s,
+             (c->bytes_in + written) / 1e9 / (s + 1e-9));
+}
+
+/* Writes the merged HF directory into dir (created). */
 static kmed_result kmed__mg_write_hf(kmed__mg_ctx *c, const char *dir, kmed_dtype dt,
-                                     size_t max_shard, const kmed_callbacks *cb,
-                                     kmed_error *err)
+                                     size_t max_shard, kmed_error *err)
 {
     static const char *const mk[1] = {"format"}, *const mv[1] = {"pt"};
     const kmed__mg_src *ref = c->ref;
@@ -16825,14 +17457,8 @@ static kmed_result kmed__mg_write_hf(kmed__mg_ctx *c, const char *dir, kmed_dtyp
     kmed_buf idx = {0};
     kmed_result r = KMED_OK;
     char path[1200], fname[64];
-    double t0 = kmed_time_now();
 
     if ((r = kmed_mkdir_p(dir, err)) != KMED_OK) return r;
-    /* a crash mid-way must not leave an old config.json (the completeness mark) or an old
-       index that would point readers at stale shards */
-    kmed__mg_unlink(dir, "config.json");
-    kmed__mg_unlink(dir, "model.safetensors.index.json");
-    kmed__mg_unlink(dir, "model.safetensors");
     ti = (kmed_tensor_info *)kmed__calloc(ref->st.n_tensors + 1, sizeof *ti);
     shard_of = (size_t *)kmed__calloc(ref->st.n_tensors + 1, sizeof *shard_of);
     if (!ti || !shard_of) { r = KMED__ERR(err, KMED_ERR_NOMEM, "merge: out of memory"); goto done; }
@@ -16840,7 +17466,7 @@ static kmed_result kmed__mg_write_hf(kmed__mg_ctx *c, const char *dir, kmed_dtyp
         const kmed_tensor_info *a = &ref->st.tensors[i];
         size_t nb;
         if (kmed__mg_skip_name(a->name)) {
-            kmed_log(cb, KMED_LOG_INFO, "merge: %s left out (tied to the embedding)", a->name);
+            kmed_log(c->cb, KMED_LOG_INFO, "merge: %s left out (tied to the embedding)", a->name);
             continue;
         }
         ti[n] = *a;
@@ -16879,7 +17505,7 @@ static kmed_result kmed__mg_write_hf(kmed__mg_ctx *c, const char *dir, kmed_dtyp
             r = kmed__mg_one(c, &ti[k], dt, buf, err);
             if (r == KMED_OK) r = kmed_st_writer_put(&w, buf, ti[k].nbytes, err);
             KMED_FREE(buf);
-            kmed_progress(cb, "merge", (double)++done, (double)n, "tensors");
+            kmed_progress(c->cb, "merge", (double)++done, (double)n, "tensors");
             kmed_buf_puts(&idx, "    ");
             kmed_buf_json_str(&idx, ti[k].name, strlen(ti[k].name));
             kmed_buf_puts(&idx, ": ");
@@ -16896,14 +17522,10 @@ static kmed_result kmed__mg_write_hf(kmed__mg_ctx *c, const char *dir, kmed_dtyp
                                      err)) == KMED_OK)
             r = kmed_file_write_atomic(path, idx.data, idx.len, err);
     }
-    for (i = 0; i < 5 && r == KMED_OK; i++)
+    for (i = 0; i < 7 && r == KMED_OK; i++)
         r = kmed__mg_copy_file(ref->dir, dir, kmed__mg_side_files[i], err);
     if (r == KMED_OK) r = kmed__mg_write_config(ref->dir, dir, dt, err);
-    if (r == KMED_OK)
-        kmed_log(cb, KMED_LOG_INFO, "merge: %zu tensors, %.0f MB read, %.0f MB written in "
-                 "%.1fs (%.2f GB/s)", n, c->bytes_in / 1e6, (double)total / 1e6,
-                 kmed_time_now() - t0,
-                 (c->bytes_in + (double)total) / 1e9 / (kmed_time_now() - t0 + 1e-9));
+    if (r == KMED_OK) kmed__mg_log_done(c, n, (double)total);
 done:
     KMED_FREE(ti);
     KMED_FREE(shard_of);
@@ -16911,52 +17533,246 @@ done:
     return r;
 }
 
-/* Removes the temporary HF directory of a GGUF merge. */
-static void kmed__mg_rm_tmp(const char *dir)
+/* ---- HF output put in place whole ---- */
+
+/* Removes the files of dir and dir itself; never recursive (a subdirectory stays, and so
+   does dir then). */
+static void kmed__mg_rm_dir(const char *dir)
 {
-    size_t i;
-    kmed__mg_unlink(dir, "model.safetensors");
-    kmed__mg_unlink(dir, "config.json");
-    for (i = 0; i < 5; i++) kmed__mg_unlink(dir, kmed__mg_side_files[i]);
+    DIR *d = opendir(dir);
+    struct dirent *de;
+    struct stat sb;
+    char p[1200];
+    while (d && (de = readdir(d)) != NULL) {
+        if (kmed_path_join(p, sizeof p, dir, de->d_name, NULL) == KMED_OK &&
+            lstat(p, &sb) == 0 && !S_ISDIR(sb.st_mode))
+            remove(p);
+    }
+    if (d) closedir(d);
     rmdir(dir);
 }
 
-static kmed_result kmed__mg_write_gguf(kmed__mg_ctx *c, const char *path,
-                                       const kmed_merge_out *out, kmed_error *err)
+/* An existing output is replaced whole, so it must be a directory of regular files that
+   holds a model (config.json or model*.safetensors*) or nothing: a file, a link or a
+   directory with subdirectories or other content may be something else entirely. */
+static kmed_result kmed__mg_check_out(const char *out, kmed_error *err)
 {
-    char tmp[1200];
-    kmed_dtype mid = out->dtype == KMED_BF16 || out->dtype == KMED_F16 ? out->dtype : KMED_F32;
-    kmed_gemma m;
-    kmed_tok tok;
-    int have_tok = 0;
-    kmed_gguf_save_opts go;
+    struct stat sb;
+    DIR *d;
+    struct dirent *de;
+    char p[1200], other[256] = "";
+    int model = 0, bad = 0;
+    if (lstat(out, &sb) != 0) return KMED_OK;
+    if (!S_ISDIR(sb.st_mode))
+        return KMED__ERRF(err, KMED_ERR_ARG, out, "exists and is not a directory (or is a "
+                          "link to one); the merge would replace it (remove it or choose "
+                          "another output)");
+    if (!(d = opendir(out)))
+        return KMED__ERRF(err, KMED_ERR_IO, out, "cannot read: %s", strerror(errno));
+    while (!bad && (de = readdir(d)) != NULL) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        bad = kmed_path_join(p, sizeof p, out, de->d_name, NULL) != KMED_OK ||
+              lstat(p, &sb) != 0 || !S_ISREG(sb.st_mode);
+        model |= !strcmp(de->d_name, "config.json") ||
+                 (!strncmp(de->d_name, "model", 5) && strstr(de->d_name, ".safetensors"));
+        if (bad || !other[0]) snprintf(other, sizeof other, "%s", de->d_name);
+    }
+    closedir(d);
+    if (bad || (other[0] && !model))
+        return KMED__ERRF(err, KMED_ERR_ARG, out, "exists and holds %s%s; the merge replaces "
+                          "the whole directory, so it only replaces one holding a model "
+                          "(remove it or choose another output)", other,
+                          bad ? ", which is not a regular file" : " but no model");
+    return KMED_OK;
+}
+
+/* Removes the "OUT.merge-tmp.PID" directories that killed runs left beside out (no process
+   PID runs any more). */
+static void kmed__mg_clean_stale(const char *out)
+{
+    char dir[1200], p[1200];
+    const char *slash = strrchr(out, '/'), *base = slash ? slash + 1 : out;
+    size_t bl = strlen(base);
+    DIR *d;
+    struct dirent *de;
+    if (slash) snprintf(dir, sizeof dir, "%.*s", (int)(slash == out ? 1 : slash - out), out);
+    else snprintf(dir, sizeof dir, ".");
+    if (!(d = opendir(dir))) return;
+    while ((de = readdir(d)) != NULL) {
+        const char *tail = de->d_name + bl;
+        char *end;
+        long pid;
+        if (strncmp(de->d_name, base, bl) != 0 || strncmp(tail, ".merge-tmp.", 11) != 0)
+            continue;
+        pid = strtol(tail + 11, &end, 10);
+        if (*end || pid <= 0 || pid == (long)getpid() || kill((pid_t)pid, 0) == 0 ||
+            errno != ESRCH)
+            continue;
+        if (kmed_path_join(p, sizeof p, dir, de->d_name, NULL) == KMED_OK) kmed__mg_rm_dir(p);
+    }
+    closedir(d);
+}
+
+/* Builds the HF output in "OUT.merge-tmp.PID" and swaps it in: an existing OUT is renamed
+   aside first and removed once the new one has its name, so OUT is always the old model or
+   the new one (but for the instant between the two renames). */
+static kmed_result kmed__mg_out_hf(kmed__mg_ctx *c, const char *dst,
+                                   const kmed_merge_out *out, kmed_error *err)
+{
+    char tmp[1100], old[1100];
+    struct stat sb;
+    int had;
     kmed_result r;
-    if (snprintf(tmp, sizeof tmp, "%s.merge-tmp.%ld", path, (long)getpid()) >= (int)sizeof tmp)
-        return KMED__ERR(err, KMED_ERR_LIMIT, "merge: path too long: %s", path);
-    r = kmed__mg_write_hf(c, tmp, mid, 0, &out->cb, err);
-    memset(&m, 0, sizeof m);
-    if (r == KMED_OK) r = kmed_gemma_load(&m, tmp, NULL, err);
+    snprintf(tmp, sizeof tmp, "%s.merge-tmp.%ld", dst, (long)getpid());
+    snprintf(old, sizeof old, "%s.merge-old.%ld", dst, (long)getpid());
+    kmed__mg_clean_stale(dst);
+    kmed__mg_rm_dir(tmp); /* left by an earlier process that had this PID */
+    r = kmed__mg_write_hf(c, tmp, out->dtype, out->max_shard_bytes, err);
+    had = lstat(dst, &sb) == 0;
+    if (r == KMED_OK && had && rename(dst, old) != 0)
+        r = KMED__ERRF(err, KMED_ERR_IO, dst, "cannot move the old output aside: %s",
+                       strerror(errno));
+    else if (r == KMED_OK && rename(tmp, dst) != 0) {
+        r = KMED__ERRF(err, KMED_ERR_IO, dst, "cannot rename %s into place: %s", tmp,
+                       strerror(errno));
+        if (had) rename(old, dst);
+    }
+    if (r != KMED_OK) {
+        kmed__mg_rm_dir(tmp);
+        return r;
+    }
+    kmed__fsync_dir(dst);
+    if (had) kmed__mg_rm_dir(old);
+    return KMED_OK;
+}
+
+/* ---- GGUF output ---- */
+
+/* The merged tensors as rows for the GGUF writer, which asks for one tensor at a time,
+   each row once, first to last: a tensor is merged chunk by chunk as its rows are asked
+   for. Values are rounded through mid, the dtype an HF merge stores, so the file equals
+   converting that merge. */
+typedef struct kmed__mg_rows {
+    kmed__mg_ctx *c;
+    const kmed__cv_entry *cur;   /* tensor being merged, or NULL */
+    uint64_t key;                /* its DARE seed key */
+    size_t off, m;               /* its elements [off, off + m) are in the out buffer */
+    kmed_dtype mid;
+    unsigned char *tmp;          /* (CHUNK) values in mid, for the rounding */
+    kmed_error *err;
+} kmed__mg_rows;
+
+static kmed_result kmed__mg_fill(void *ctx, const kmed__cv_entry *e, size_t row, float *out)
+{
+    kmed__mg_rows *s = (kmed__mg_rows *)ctx;
+    kmed__mg_ctx *c = s->c;
+    const size_t C = KMED__MG_CHUNK;
+    const float *o = c->wk.bufs + C;
+    size_t a = row * e->cols, b = a + e->cols, numel = e->rows * e->cols;
+    kmed_result r;
+    if (s->cur != e) {
+        if (s->cur) kmed__mg_end(c);
+        s->cur = e;
+        s->key = kmed_merge_tensor_key(e->hf);
+        s->off = s->m = 0;
+        if ((r = kmed__mg_begin(c, e->hf, s->err)) != KMED_OK) return r;
+        r = kmed__mg_tensor_begin(&c->plan, numel, &c->rb, c->rx, &c->wk, s->err);
+        if (r != KMED_OK) return r;
+        kmed__mg_warn_empty(c, e->hf, numel);
+    }
+    while (a < b) {
+        size_t k;
+        if (a >= s->off + s->m) {
+            s->off += s->m;
+            s->m = numel - s->off < C ? numel - s->off : C;
+            r = kmed__mg_tensor_chunk(&c->plan, s->key, s->off, s->m, &c->rb, c->rx, &c->wk,
+                                      s->err);
+            if (r != KMED_OK) return r;
+            if (s->mid != KMED_F32) {
+                kmed_quantize_row(s->mid, o, s->tmp, s->m);
+                kmed_dequantize_row(s->mid, s->tmp, c->wk.bufs + C, s->m);
+            }
+        }
+        k = (b < s->off + s->m ? b : s->off + s->m) - a;
+        memcpy(out, o + (a - s->off), k * sizeof *out);
+        out += k;
+        a += k;
+    }
+    if (row + 1 == e->rows) {
+        kmed__mg_end(c);
+        s->cur = NULL;
+    }
+    return KMED_OK;
+}
+
+/* Streams the merge into a GGUF file through kmed_gemma_save_gguf's writer. */
+static kmed_result kmed__mg_write_gguf(kmed__mg_ctx *c, const char *path,
+                                       const kmed_merge_out *out, const kmed_gemma_config *gc,
+                                       kmed_error *err)
+{
+    kmed__mg_rows s;
+    kmed__cv_entry *e;
+    kmed_tok tok;
+    int have_tok = 0, tok_opened = 0;
+    kmed_gguf_save_opts go;
+    size_t n = 0, i, j, left = 0;
+    kmed_result r = KMED_OK;
+    struct stat sb;
+    char sa[96], sw[96];
+    memset(&s, 0, sizeof s);
+    s.c = c;
+    s.err = err;
+    s.mid = out->dtype == KMED_BF16 || out->dtype == KMED_F16 ? out->dtype : KMED_F32;
+    e = kmed__cv_entries(gc, NULL, &n);
+    s.tmp = (unsigned char *)KMED_MALLOC(KMED__MG_CHUNK * sizeof(float));
+    if (!e || !s.tmp) { r = KMED__ERR(err, KMED_ERR_NOMEM, "merge: out of memory"); goto done; }
+    /* the reference's tensors are those of the config's layout (what kmed_gemma_load reads) */
+    for (i = 0; i < n && r == KMED_OK; i++) {
+        const kmed_tensor_info *t = kmed_st_find(&c->ref->st, e[i].hf);
+        int nd = e[i].is_norm ? 1 : 2;
+        if (!t) {
+            r = KMED__ERRF(err, KMED_ERR_NOT_FOUND, c->ref->spec, "no tensor %s, which its "
+                           "config.json implies", e[i].hf);
+        } else if (t->ndim != nd || t->shape[0] != (nd == 1 ? e[i].cols : e[i].rows) ||
+                   (nd == 2 && t->shape[1] != e[i].cols)) {
+            kmed__mg_shape_str(t, sa, sizeof sa);
+            if (nd == 1) snprintf(sw, sizeof sw, "[%zu]", e[i].cols);
+            else snprintf(sw, sizeof sw, "[%zu, %zu]", e[i].rows, e[i].cols);
+            r = KMED__ERRF(err, KMED_ERR_SHAPE, c->ref->spec, "tensor %s has shape %s; its "
+                           "config.json implies %s", e[i].hf, sa, sw);
+        }
+    }
+    for (i = 0; i < c->ref->st.n_tensors && r == KMED_OK; i++) {
+        const char *nm = c->ref->st.tensors[i].name;
+        for (j = 0; j < n && strcmp(nm, e[j].hf) != 0; j++) {}
+        left += j == n && !kmed__mg_skip_name(nm);
+    }
+    if (left)
+        kmed_log(c->cb, KMED_LOG_WARN, "merge: %zu tensors of %s are not in llama.cpp's gemma2 "
+                 "layout and are left out of the GGUF", left, c->ref->spec);
     if (r == KMED_OK && (kmed__mg_has_file(c->ref->dir, "tokenizer.json") ||
                          kmed__mg_has_file(c->ref->dir, "tokenizer.model"))) {
         r = kmed_tok_load(&tok, c->ref->dir, err);
+        tok_opened = 1;
         have_tok = r == KMED_OK;
     }
-    if (r == KMED_OK) {
-        if (!have_tok)
-            kmed_log(&out->cb, KMED_LOG_WARN, "merge: %s has no tokenizer; the GGUF gets no "
-                     "tokenizer metadata", c->ref->dir);
-        memset(&go, 0, sizeof go);
-        go.type = out->dtype;
-        go.mixed = out->mixed;
-        go.name = out->name ? out->name : "kmed-merge";
-        go.tokenizer_json = kmed__mg_has_file(c->ref->dir, "tokenizer.json") ? c->ref->dir
-                                                                              : NULL;
-        go.cb = out->cb;
-        r = kmed_gemma_save_gguf(&m, have_tok ? &tok : NULL, path, &go, err);
-    }
-    if (have_tok) kmed_tok_free(&tok);
-    kmed_gemma_free(&m);
-    kmed__mg_rm_tmp(tmp);
+    if (r != KMED_OK) goto done;
+    if (!have_tok)
+        kmed_log(c->cb, KMED_LOG_WARN, "merge: %s has no tokenizer; the GGUF gets no "
+                 "tokenizer metadata", c->ref->dir);
+    memset(&go, 0, sizeof go);
+    go.type = out->dtype;
+    go.mixed = out->mixed;
+    go.name = out->name ? out->name : "kmed-merge";
+    go.tokenizer_json = kmed__mg_has_file(c->ref->dir, "tokenizer.json") ? c->ref->dir : NULL;
+    go.cb = out->cb;
+    r = kmed__cv_save_gguf(gc, e, n, have_tok ? &tok : NULL, path, &go, kmed__mg_fill, &s, err);
+    if (s.cur) kmed__mg_end(c);
+    if (r == KMED_OK) kmed__mg_log_done(c, n, stat(path, &sb) == 0 ? (double)sb.st_size : 0);
+done:
+    if (tok_opened) kmed_tok_free(&tok);
+    KMED_FREE(e);
+    KMED_FREE(s.tmp);
     return r;
 }
 
@@ -16972,13 +17788,24 @@ KMED_API kmed_result kmed_merge_run(const kmed_merge_config *cfg, const char *ou
 {
     kmed__mg_ctx c;
     kmed_merge_out def;
+    kmed_gemma_config gc;
     unsigned char *skip = NULL;
     size_t i, k;
     kmed_result r;
     int lin;
+    char dst[1024];
 
     if (!out) { memset(&def, 0, sizeof def); out = &def; }
     if (!out_path || !*out_path) return KMED__ERR(err, KMED_ERR_ARG, "merge: no output path");
+    if (!out->gguf) { /* without a trailing '/', so that a link named OUT is not followed */
+        size_t len = strlen(out_path);
+        while (len > 1 && out_path[len - 1] == '/') len--;
+        if (len >= sizeof dst)
+            return KMED__ERR(err, KMED_ERR_LIMIT, "merge: path too long: %s", out_path);
+        memcpy(dst, out_path, len);
+        dst[len] = 0;
+        out_path = dst;
+    }
     if ((r = kmed_merge_config_validate(cfg, err)) != KMED_OK) return r;
     for (i = 0; i < cfg->n_models; i++)
         if (!cfg->models[i].model || !*cfg->models[i].model)
@@ -16990,6 +17817,7 @@ KMED_API kmed_result kmed_merge_run(const kmed_merge_config *cfg, const char *ou
     lin = cfg->method == KMED_MERGE_LINEAR;
     memset(&c, 0, sizeof c);
     c.cfg = cfg;
+    c.cb = &out->cb;
     c.srcs = (kmed__mg_src *)kmed__calloc(cfg->n_models + 1, sizeof *c.srcs);
     c.xs = (kmed__mg_src **)kmed__calloc(cfg->n_models + 1, sizeof *c.xs);
     c.rx = (kmed__mg_reader *)kmed__calloc(cfg->n_models + 1, sizeof *c.rx);
@@ -17007,7 +17835,7 @@ KMED_API kmed_result kmed_merge_run(const kmed_merge_config *cfg, const char *ou
     }
     for (i = 0; i < cfg->n_models; i++) {
         const char *bd = c.n_src && !c.srcs[0].adapter[0] ? c.srcs[0].dir : NULL;
-        if (!lin && kmed__mg_same_path(cfg->models[i].model, cfg->base_model)) {
+        if (kmed__mg_is_base(cfg, cfg->models[i].model)) {
             skip[i] = 1; /* mergekit: the base is no task vector of itself */
             continue;
         }
@@ -17031,6 +17859,9 @@ KMED_API kmed_result kmed_merge_run(const kmed_merge_config *cfg, const char *ou
             goto done;
         }
     }
+    /* the output's config.json (and a GGUF's metadata) come from the reference's */
+    if ((r = kmed_gemma_config_load(&gc, c.ref->dir, err)) != KMED_OK) goto done;
+    if (!out->gguf && (r = kmed__mg_check_out(out_path, err)) != KMED_OK) goto done;
     c.rb.read = kmed__mg_src_read;
     c.rb.ctx = c.base;
     for (i = 0; i < c.plan.n; i++) {
@@ -17041,8 +17872,9 @@ KMED_API kmed_result kmed_merge_run(const kmed_merge_config *cfg, const char *ou
     kmed_log(&out->cb, KMED_LOG_INFO, "merge: %s of %zu model%s%s%s, %zu tensors",
              kmed_merge_method_name(cfg->method), c.plan.n, c.plan.n == 1 ? "" : "s",
              c.base ? " onto " : "", c.base ? cfg->base_model : "", c.ref->st.n_tensors);
-    if (out->gguf) r = kmed__mg_write_gguf(&c, out_path, out, err);
-    else r = kmed__mg_write_hf(&c, out_path, out->dtype, out->max_shard_bytes, &out->cb, err);
+    c.t0 = kmed_time_now();
+    if (out->gguf) r = kmed__mg_write_gguf(&c, out_path, out, &gc, err);
+    else r = kmed__mg_out_hf(&c, out_path, out, err);
 done:
     for (i = 0; i < c.n_src; i++) kmed__mg_src_close(&c.srcs[i]);
     kmed__mg_work_free(&c.wk);
@@ -17670,26 +18502,43 @@ static size_t kmed__data_entity(const char *s, size_t n, size_t i, uint32_t *cp)
     return 0;
 }
 
-/* 1 if the tag name at s[j..] (after '<' and an optional '/') is one that breaks a line. */
-static int kmed__data_block_tag(const char *s, size_t n, size_t j)
+/* 1 if the tag name at s[j..] (after '<' and an optional '/') is one of names[0..count),
+   ASCII case ignored. */
+static int kmed__data_tag_in(const char *s, size_t n, size_t j, const char *const *names,
+                             size_t count)
 {
-    static const char *const tags[] = {"br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4",
-                                       "h5", "h6", "ul", "ol", "table", "dt", "dd", "hr"};
     size_t t, k = j;
     while (k < n && isalnum((unsigned char)s[k])) k++;
-    for (t = 0; t < sizeof tags / sizeof tags[0]; t++) {
-        size_t m = strlen(tags[t]), q;
+    for (t = 0; t < count; t++) {
+        size_t m = strlen(names[t]), q;
         if (m != k - j) continue;
-        for (q = 0; q < m && tolower((unsigned char)s[j + q]) == tags[t][q]; q++) {}
+        for (q = 0; q < m && tolower((unsigned char)s[j + q]) == names[t][q]; q++) {}
         if (q == m) return 1;
     }
     return 0;
 }
 
-/* Tags out (when strip), entities decoded. A '<' not followed by a letter, '/' or '!'
-   is text ("혈압 < 140"). */
-static void kmed__data_html(kmed_buf *out, const char *s, size_t n, int strip)
+/* Where lit (lowercase) next starts in s[from..n), ASCII case ignored; n if nowhere. */
+static size_t kmed__data_ifind(const char *s, size_t n, size_t from, const char *lit)
 {
+    size_t m = strlen(lit), q;
+    for (; from + m <= n; from++) {
+        for (q = 0; q < m && tolower((unsigned char)s[from + q]) == lit[q]; q++) {}
+        if (q == m) return from;
+    }
+    return n;
+}
+
+/* Tags out (when strip), entities decoded; *changed gets KMED_DATA_CLEANED_HTML and
+   _ENTITIES bits. A '<' not followed by a letter, '/' or '!' is text ("혈압 < 140"). */
+static void kmed__data_html(kmed_buf *out, const char *s, size_t n, int strip, int *changed)
+{
+    /* tags that end a line, and table cells, which only need a space between them */
+    static const char *const block[] = {"br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4",
+                                        "h5", "h6", "ul", "ol", "table", "dt", "dd", "hr",
+                                        "blockquote", "pre", "section", "article", "caption"};
+    static const char *const cell[] = {"td", "th"};
+    static const char *const raw[] = {"script", "style"};
     size_t i = 0, run = 0;
     while (i < n) {
         char c = s[i];
@@ -17699,6 +18548,7 @@ static void kmed__data_html(kmed_buf *out, const char *s, size_t n, int strip)
             if (m) {
                 kmed_buf_put(out, s + run, i - run);
                 kmed__data_put_cp(out, cp);
+                *changed |= KMED_DATA_CLEANED_ENTITIES;
                 i += m;
                 run = i;
                 continue;
@@ -17716,18 +18566,19 @@ static void kmed__data_html(kmed_buf *out, const char *s, size_t n, int strip)
             if (e < n && (*end || s[e] == '>')) {
                 size_t close = e + (*end ? 3 : 1);
                 kmed_buf_put(out, s + run, i - run);
+                *changed |= KMED_DATA_CLEANED_HTML;
                 /* block tags break lines; adjacent ones ("</p><br>") give one break */
-                if (kmed__data_block_tag(s, n, j + slash) &&
+                if (kmed__data_tag_in(s, n, j + slash, block, sizeof block / sizeof *block) &&
                     !(out->len && out->data[out->len - 1] == '\n'))
                     kmed_buf_put(out, "\n", 1);
+                else if (kmed__data_tag_in(s, n, j + slash, cell, 2))
+                    kmed_buf_put(out, " ", 1); /* runs of spaces are collapsed later */
                 /* script and style bodies are not text */
-                if (!slash && (kmed__data_block_tag(s, n, j) == 0) &&
-                    ((n - j >= 6 && strncmp(s + j, "script", 6) == 0) ||
-                     (n - j >= 5 && strncmp(s + j, "style", 5) == 0))) {
-                    const char *tag = s[j + 1] == 'c' ? "</script>" : "</style>";
-                    size_t tl = strlen(tag), q;
-                    for (q = close; q + tl <= n && strncmp(s + q, tag, tl) != 0; q++) {}
-                    close = q + tl <= n ? q + tl : n;
+                if (!slash && kmed__data_tag_in(s, n, j, raw, 2)) {
+                    const char *tag = tolower((unsigned char)s[j + 1]) == 'c' ? "</script>"
+                                                                              : "</style>";
+                    size_t q = kmed__data_ifind(s, n, close, tag);
+                    close = q < n ? q + strlen(tag) : n;
                 }
                 i = run = close;
                 continue;
@@ -17749,9 +18600,10 @@ static void kmed__data_ws_flush(kmed_buf *out, int any, int *pend_sp, int *pend_
     *pend_sp = *pend_nl = 0;
 }
 
-/* Controls, U+FFFD, zero-width and soft hyphen go; Unicode spaces become ' '; "\r\n" and
-   "\r" become '\n'; runs collapsed and lines trimmed. */
-static void kmed__data_space(kmed_buf *out, const char *s, size_t n, int oneline)
+/* Controls, U+FFFD, zero-width and soft hyphen go (*changed gets
+   KMED_DATA_CLEANED_CONTROLS); Unicode spaces become ' '; "\r\n" and "\r" become '\n';
+   runs collapsed and lines trimmed. */
+static void kmed__data_space(kmed_buf *out, const char *s, size_t n, int oneline, int *changed)
 {
     const unsigned char *u = (const unsigned char *)s;
     size_t i = 0;
@@ -17783,7 +18635,7 @@ static void kmed__data_space(kmed_buf *out, const char *s, size_t n, int oneline
             else if (c == 0xFFFD || c == 0xAD || c == 0x200B || c == 0xFEFF || c == 0x2060 ||
                      c == 0x3164 || c == 0xFFA0) kind = 3;
         }
-        if (kind == 3) continue;
+        if (kind == 3) { *changed |= KMED_DATA_CLEANED_CONTROLS; continue; }
         if (kind == 1) { pend_sp = 1; continue; }
         if (kind == 2) {
             if (oneline) pend_sp = 1;
@@ -17797,7 +18649,8 @@ static void kmed__data_space(kmed_buf *out, const char *s, size_t n, int oneline
     if (!out->data) kmed_buf_put(out, "", 0);
 }
 
-KMED_API void kmed_data_clean_text(kmed_buf *out, const char *s, size_t n, int flags)
+/* kmed_data_clean_text, ORing into *changed the KMED_DATA_CLEANED bits of what it did. */
+static void kmed__data_clean(kmed_buf *out, const char *s, size_t n, int flags, int *changed)
 {
     kmed_buf a = {0}, b = {0};
     const char *p = s;
@@ -17806,12 +18659,13 @@ KMED_API void kmed_data_clean_text(kmed_buf *out, const char *s, size_t n, int f
     for (i = 0; i < n; i++)
         if (s[i] == '&' || s[i] == '<') { has_markup = 1; break; }
     if (has_markup) {
-        kmed__data_html(&a, s, n, flags & KMED_DATA_CLEAN_HTML);
+        kmed__data_html(&a, s, n, flags & KMED_DATA_CLEAN_HTML, changed);
         if (a.failed) { out->failed = 1; kmed_buf_free(&a); return; }
         p = a.data; pn = a.len;
     }
     if (kmed__data_nfc_quick(p, pn) < pn) { /* most text is NFC already: no copy then */
         kmed_data_nfc(&b, p, pn);
+        if (b.len != pn || memcmp(b.data, p, pn) != 0) *changed |= KMED_DATA_CLEANED_NFC;
         p = b.data;
         pn = b.len;
     }
@@ -17819,7 +18673,7 @@ KMED_API void kmed_data_clean_text(kmed_buf *out, const char *s, size_t n, int f
         out->failed = 1;
     } else {
         size_t start = out->len;
-        kmed__data_space(out, p, pn, flags & KMED_DATA_CLEAN_ONELINE);
+        kmed__data_space(out, p, pn, flags & KMED_DATA_CLEAN_ONELINE, changed);
         /* a dropped control or U+FFFD may have parted a base letter from its combining mark:
            compose once more, so that cleaning clean text changes nothing */
         if (!out->failed &&
@@ -17834,6 +18688,12 @@ KMED_API void kmed_data_clean_text(kmed_buf *out, const char *s, size_t n, int f
     }
     kmed_buf_free(&a);
     kmed_buf_free(&b);
+}
+
+KMED_API void kmed_data_clean_text(kmed_buf *out, const char *s, size_t n, int flags)
+{
+    int changed = 0;
+    kmed__data_clean(out, s, n, flags, &changed);
 }
 
 static int kmed__data_is_hangul(uint32_t c)
@@ -18015,11 +18875,16 @@ static const kmed_json *kmed__data_get(const kmed_json *obj, const kmed_data_sou
 }
 
 /* Appends the text of a value: strings as they are, numbers by their source text, arrays
-   and objects as their members' text, one per line. Returns 1 if anything was added. */
+   and objects as their members' text, one per line. An object with a string "type" is a
+   content part (OpenAI and HF chat form, [{"type":"text","text":...}]): a text part gives
+   its "text", others (images, audio) nothing. Returns 1 if anything was added. */
 static int kmed__data_text_of(const kmed_json *j, kmed_buf *b)
 {
     size_t i, before = b->len;
+    const char *part;
     if (!j) return 0;
+    if ((part = kmed_json_str(kmed_json_get(j, "type"), NULL)) != NULL)
+        return strcmp(part, "text") == 0 && kmed__data_text_of(kmed_json_get(j, "text"), b);
     switch (j->type) {
     case KMED_JSON_STRING: kmed_buf_put(b, j->str, j->len); break;
     case KMED_JSON_NUMBER: kmed_buf_put(b, j->str, j->len); break;
@@ -18148,16 +19013,33 @@ static const char *kmed__data_role(const char *r)
     return NULL;
 }
 
+/* *text = *text + "\n\n" + s[0..n), or s + "\n\n" + *text when front; 0 when out of memory. */
+static int kmed__data_join(char **text, const char *s, size_t n, int front)
+{
+    kmed_buf m = {0};
+    if (front) kmed_buf_put(&m, s, n);
+    else kmed_buf_puts(&m, *text);
+    kmed_buf_put(&m, "\n\n", 2);
+    if (front) kmed_buf_puts(&m, *text);
+    else kmed_buf_put(&m, s, n);
+    if (m.failed) { kmed_buf_free(&m); return 0; }
+    KMED_FREE(*text);
+    *text = m.data;
+    return 1;
+}
+
 /* Reads a list of turns into rec->turns as alternating user/assistant, starting with user
-   and ending with assistant: system text goes in front of the first user turn, repeated
-   roles are merged, leading assistant and trailing user turns are left out. */
+   and ending with assistant: repeated roles are merged; system text goes in front of the
+   next user turn, or after the user turn that the next reply answers. Leading assistant
+   turns, a trailing user turn and system text with no user turn after it are left out and
+   counted in rec->left_out. */
 static kmed_result kmed__data_turns(kmed_data_record *rec, const kmed_json *list,
                                     const kmed_data_source *src, const char *file, size_t line,
                                     kmed_error *err)
 {
     kmed_buf sys = {0};
     size_t i;
-    int want_user = 1;
+    int want_user = 1, ok;
     if (!list || list->type != KMED_JSON_ARRAY)
         return kmed_error_set(err, KMED_ERR_FORMAT, file, line, (size_t)-1,
                               "expected a list of turns");
@@ -18190,38 +19072,39 @@ static kmed_result kmed__data_turns(kmed_data_record *rec, const kmed_json *list
             kmed_buf_free(&text);
             continue;
         }
-        if (rec->n_turns == 0 && strcmp(role, "assistant") == 0) { kmed_buf_free(&text); continue; }
-        if (strcmp(role, want_user ? "assistant" : "user") == 0) {
-            /* same role as the previous turn: merge */
-            kmed_data_pair *p = &rec->turns[rec->n_turns - 1];
-            kmed_buf m = {0};
-            kmed_buf_puts(&m, p->text);
-            kmed_buf_put(&m, "\n\n", 2);
-            kmed_buf_put(&m, text.data, text.len);
+        if (rec->n_turns == 0 && strcmp(role, "assistant") == 0) {
+            rec->left_out[KMED_DATA_LEFT_LEADING]++;
             kmed_buf_free(&text);
-            if (m.failed) { kmed_buf_free(&m); kmed_buf_free(&sys); return KMED_ERR_NOMEM; }
-            KMED_FREE(p->text);
-            p->text = m.data;
             continue;
         }
-        if (want_user && sys.len) {
-            kmed_buf m = {0};
-            kmed_buf_put(&m, sys.data, sys.len);
-            kmed_buf_put(&m, "\n\n", 2);
-            kmed_buf_put(&m, text.data, text.len);
+        if (strcmp(role, want_user ? "assistant" : "user") == 0) {
+            /* same role as the previous turn: merge */
+            ok = !text.failed &&
+                 kmed__data_join(&rec->turns[rec->n_turns - 1].text, text.data, text.len, 0);
             kmed_buf_free(&text);
-            text = m;
-            kmed_buf_free(&sys);
+        } else {
+            ok = !text.failed && kmed__data_pair_push(&rec->turns, &rec->n_turns,
+                                                      kmed__data_strdup(role), text.data);
+            if (text.failed) kmed_buf_free(&text);
+            want_user = !want_user;
         }
-        if (text.failed || !kmed__data_pair_push(&rec->turns, &rec->n_turns,
-                                                 kmed__data_strdup(role), text.data)) {
+        if (ok && sys.len) {
+            /* the user turn just read, or the one this reply answers */
+            int user = strcmp(role, "user") == 0;
+            size_t u = rec->n_turns - 1;
+            if (!user && strcmp(rec->turns[u].key, "user") != 0) u--;
+            ok = kmed__data_join(&rec->turns[u].text, sys.data, sys.len, user);
+            sys.len = 0;
+        }
+        if (!ok) {
             kmed_buf_free(&sys);
             return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
         }
-        want_user = !want_user;
     }
+    rec->left_out[KMED_DATA_LEFT_SYSTEM] += sys.len > 0;
     kmed_buf_free(&sys);
     if (rec->n_turns % 2) { /* trailing user turn without a reply */
+        rec->left_out[KMED_DATA_LEFT_TRAILING]++;
         rec->n_turns--;
         KMED_FREE(rec->turns[rec->n_turns].key);
         KMED_FREE(rec->turns[rec->n_turns].text);
@@ -18542,18 +19425,34 @@ KMED_API kmed_result kmed_data_open(kmed_data_reader *r, const kmed_data_source 
             return KMED_OK; /* a parse error is reported by the first kmed_data_next */
         }
         if (i < len && data[i] == '{') {
-            /* one object holding the records in an array member ("data", "rows", ...),
-               else one record per line */
+            /* the records in an array under a wrapper key; else one record, when the
+               object has a content field of the kind; else the records in its first
+               array member; else the file is read as JSONL */
+            static const char *const wrap[] = {"data", "rows", "records", "items",
+                                               "examples", "instances", "entries"};
+            /* fields that say nothing about the object being a record: ids, splits and
+               the fields inside turns and sections */
+            static const char *const meta = " id split role content section_title "
+                                            "section_text ";
             res = kmed_json_parse(&r->doc_, data, len, src->path, 0, NULL);
             if (res == KMED_OK) {
                 size_t k;
-                const kmed_json *root = r->doc_.root;
-                for (k = 0; k < root->len; k++)
-                    if (root->kids[k].type == KMED_JSON_ARRAY) break;
-                if (k < root->len) {
+                const kmed_json *root = r->doc_.root, *a;
+                const kmed__data_field *f = kmed__data_fields(src->kind);
+                for (k = 0; k < sizeof wrap / sizeof *wrap && !r->arr_; k++)
+                    if ((a = kmed_json_get(root, wrap[k])) && a->type == KMED_JSON_ARRAY)
+                        r->arr_ = a;
+                for (k = 0; f[k].dst && !r->arr_; k++) {
+                    char word[40];
+                    snprintf(word, sizeof word, " %s ", f[k].dst);
+                    if (!strstr(meta, word) && kmed__data_get(root, src, f[k].dst))
+                        r->arr_ = root; /* kmed_data_next reads it as one record */
+                }
+                for (k = 0; k < root->len && !r->arr_; k++)
+                    if (root->kids[k].type == KMED_JSON_ARRAY) r->arr_ = &root->kids[k];
+                if (r->arr_) {
                     kmed_free(data);
                     r->fmt_ = 1;
-                    r->arr_ = &root->kids[k];
                     return KMED_OK;
                 }
             }
@@ -18604,6 +19503,10 @@ KMED_API kmed_result kmed_data_next(kmed_data_reader *r, kmed_data_record *rec, 
         r->done_ = 1;
         if (err) *err = r->err_;
         return r->err_.code ? r->err_.code : KMED_ERR_FORMAT;
+    }
+    if (r->arr_->type == KMED_JSON_OBJECT) { /* a .json file holding one record */
+        r->done_ = 1;
+        return kmed_data_from_json(rec, r->arr_, r->src, r->src->path, 1, err);
     }
     if (r->idx_ >= r->arr_->len) { r->done_ = 1; *eof = 1; return KMED_OK; }
     r->idx_++;
@@ -18924,6 +19827,8 @@ KMED_API kmed_result kmed_data_decontam_init(kmed_data_decontam *d,
     if (d->cfg.word_n <= 0) d->cfg.word_n = 13;
     if (d->cfg.char_n <= 0) d->cfg.char_n = 50;
     if (d->cfg.threshold <= 0) d->cfg.threshold = 0.8;
+    if (d->cfg.min_words <= 0) d->cfg.min_words = 8;
+    if (d->cfg.min_chars <= 0) d->cfg.min_chars = 12;
     memset(&dc, 0, sizeof dc);
     dc.no_exact = 1;
     dc.threshold = d->cfg.threshold;
@@ -18937,46 +19842,59 @@ KMED_API void kmed_data_decontam_free(kmed_data_decontam *d)
     KMED_FREE(d->ids);
     KMED_FREE(d->keys);
     KMED_FREE(d->vals);
+    KMED_FREE(d->sh_keys);
+    KMED_FREE(d->sh_vals);
+    KMED_FREE(d->shorts);
     kmed_data_dedup_free(&d->near);
     memset(d, 0, sizeof *d);
 }
 
-/* Calls fn for the hash of every word n-gram (words: runs of letters and digits) and
-   every character n-gram over the Hangul and Han characters. Stops early when fn returns non-zero
-   and passes that value on; -1 on allocation failure. */
-typedef int (*kmed__data_gram_fn)(kmed_data_decontam *d, uint64_t h, size_t item);
-static int kmed__data_grams(kmed_data_decontam *d, const char *s, size_t n, size_t item,
-                            kmed__data_gram_fn fn)
+/* The units decontamination compares: hashes of the words (runs of letters and digits,
+   ASCII lowercased), and the Hangul and Han characters alone, since Korean writes long
+   words with few spaces and words are a poor unit there (Latin text is covered by the
+   words). Free words and han with KMED_FREE. */
+typedef struct kmed__data_units {
+    uint64_t *words; size_t nw;  /* (nw) word hashes */
+    uint32_t *han; size_t nh;    /* (nh) Hangul and Han code points */
+} kmed__data_units;
+
+/* 0 when out of memory. */
+static int kmed__data_units_of(kmed__data_units *u, const char *s, size_t n)
 {
-    size_t m = 0, i, nw = 0, start = 0;
-    uint32_t *cps = kmed__data_cps(s, n, &m, 0);
-    uint64_t *words;
-    int rc = 0;
-    if (!cps) return -1;
-    words = (uint64_t *)kmed__calloc(m + 1, sizeof *words);
-    if (!words) { KMED_FREE(cps); return -1; }
+    size_t m = 0, i, start = 0, k = 0;
+    memset(u, 0, sizeof *u);
+    if (!(u->han = kmed__data_cps(s, n, &m, 0))) return 0;
+    if (!(u->words = (uint64_t *)kmed__calloc(m + 1, sizeof *u->words))) {
+        KMED_FREE(u->han);
+        return 0;
+    }
     for (i = 0; i <= m; i++) {
-        int w = i < m && (kmed__data_is_letter(cps[i]) || (cps[i] >= '0' && cps[i] <= '9'));
-        if (w) continue;
-        if (i > start) words[nw++] = kmed_data_hash64(cps + start, (i - start) * 4, 0x77);
+        uint32_t c = i < m ? u->han[i] : ' ';
+        if (kmed__data_is_letter(c) || (c >= '0' && c <= '9')) continue;
+        if (i > start) u->words[u->nw++] = kmed_data_hash64(u->han + start, (i - start) * 4, 0x77);
         start = i + 1;
     }
-    for (i = 0; nw >= (size_t)d->cfg.word_n && i + (size_t)d->cfg.word_n <= nw && !rc; i++)
-        rc = fn(d, kmed_data_hash64(words + i, (size_t)d->cfg.word_n * 8, 0x3001) | 1, item);
-    /* character n-grams over Hangul and Han characters only: Korean writes long words
-       with few spaces, so words are a poor unit; Latin text is covered by word n-grams */
-    if (!rc) {
-        size_t k = 0;
-        for (i = 0; i < m; i++)
-            if (kmed__data_is_hangul(cps[i]) || (cps[i] >= 0x4E00 && cps[i] <= 0x9FFF) ||
-                (cps[i] >= 0x3400 && cps[i] <= 0x4DBF))
-                cps[k++] = cps[i];
-        for (i = 0; k >= (size_t)d->cfg.char_n && i + (size_t)d->cfg.char_n <= k && !rc; i++)
-            rc = fn(d, kmed_data_hash64(cps + i, (size_t)d->cfg.char_n * 4, 0xC4A2) & ~(uint64_t)1,
-                    item);
+    for (i = 0; i < m; i++) {
+        uint32_t c = u->han[i];
+        if (kmed__data_is_hangul(c) || (c >= 0x4E00 && c <= 0x9FFF) || (c >= 0x3400 && c <= 0x4DBF))
+            u->han[k++] = c;
     }
-    KMED_FREE(words);
-    KMED_FREE(cps);
+    u->nh = k;
+    return 1;
+}
+
+/* Calls fn for the hash of every word n-gram and every character n-gram of u. Stops early
+   when fn returns non-zero and passes that value on. */
+typedef int (*kmed__data_gram_fn)(kmed_data_decontam *d, uint64_t h, size_t item);
+static int kmed__data_grams(kmed_data_decontam *d, const kmed__data_units *u, size_t item,
+                            kmed__data_gram_fn fn)
+{
+    size_t i, wn = (size_t)d->cfg.word_n, cn = (size_t)d->cfg.char_n;
+    int rc = 0;
+    for (i = 0; i + wn <= u->nw && !rc; i++)
+        rc = fn(d, kmed_data_hash64(u->words + i, wn * 8, 0x3001) | 1, item);
+    for (i = 0; i + cn <= u->nh && !rc; i++)
+        rc = fn(d, kmed_data_hash64(u->han + i, cn * 4, 0xC4A2) & ~(uint64_t)1, item);
     return rc;
 }
 
@@ -18990,7 +19908,7 @@ static int kmed__data_gram_add(kmed_data_decontam *d, uint64_t h, size_t item)
     return 0;
 }
 
-/* Returns 1 (word) or 2 (char) n-gram hit, storing the item in d->scratch_item_. */
+/* Returns 1 (word) or 2 (char) n-gram hit, storing the item in d->hit_item_. */
 static int kmed__data_gram_hit(kmed_data_decontam *d, uint64_t h, size_t item)
 {
     size_t j;
@@ -19003,14 +19921,77 @@ static int kmed__data_gram_hit(kmed_data_decontam *d, uint64_t h, size_t item)
     return (h & 1) ? 1 : 2;
 }
 
+/* Hash of the anchor (first min_words or min_chars units) of the units at p, or of all
+   len of them (whole); words (8-byte units) and characters (4-byte) hash apart. */
+static uint64_t kmed__data_short_hash(const kmed_data_decontam *d, const void *p, size_t len,
+                                      int words, int whole)
+{
+    size_t k = whole ? len : (size_t)(words ? d->cfg.min_words : d->cfg.min_chars);
+    uint64_t h = kmed_data_hash64(p, k * (words ? 8 : 4), (uint64_t)(words * 2 + whole) + 0xA1);
+    return h ? h : 1;
+}
+
+/* Indexes a question of len units (words or characters) of eval item `item`, to be found
+   whole. 0 when out of memory. */
+static int kmed__data_short_add(kmed_data_decontam *d, const void *p, size_t len, int words,
+                                size_t item)
+{
+    uint64_t key = kmed__data_short_hash(d, p, len, words, 0);
+    kmed_data_decontam_short *e;
+    size_t j;
+    if (d->n_shorts == d->cap_shorts) {
+        size_t nc = d->cap_shorts ? d->cap_shorts * 2 : 64;
+        kmed_data_decontam_short *ns =
+            (kmed_data_decontam_short *)KMED_REALLOC(d->shorts, nc * sizeof *ns);
+        if (!ns) return 0;
+        d->shorts = ns;
+        d->cap_shorts = nc;
+    }
+    if (!kmed__data_set_grow(&d->sh_keys, &d->sh_vals, &d->sh_cap, d->sh_n)) return 0;
+    j = kmed__data_set_find(d->sh_keys, d->sh_cap, key);
+    e = &d->shorts[d->n_shorts];
+    e->hash = kmed__data_short_hash(d, p, len, words, 1);
+    e->item = (uint32_t)item;
+    e->len = (uint32_t)len;
+    e->words = words;
+    e->next = d->sh_keys[j] ? d->sh_vals[j] : KMED__DATA_NONE;
+    if (!d->sh_keys[j]) { d->sh_keys[j] = key; d->sh_n++; }
+    d->sh_vals[j] = (uint32_t)d->n_shorts++;
+    return 1;
+}
+
+/* 1 if the n units at p contain a whole indexed question (its item in d->hit_item_): an
+   anchor lookup at each position, then the whole question's hash from there. */
+static int kmed__data_short_hit(kmed_data_decontam *d, const void *p, size_t n, int words)
+{
+    const unsigned char *b = (const unsigned char *)p;
+    size_t usz = words ? 8 : 4, k = (size_t)(words ? d->cfg.min_words : d->cfg.min_chars), i;
+    for (i = 0; d->sh_cap && i + k <= n; i++) {
+        size_t j = kmed__data_set_find(d->sh_keys, d->sh_cap,
+                                       kmed__data_short_hash(d, b + i * usz, n - i, words, 0));
+        uint32_t e;
+        if (!d->sh_keys[j]) continue;
+        for (e = d->sh_vals[j]; e != KMED__DATA_NONE; e = d->shorts[e].next) {
+            const kmed_data_decontam_short *s = &d->shorts[e];
+            if (s->words == words && i + s->len <= n &&
+                kmed__data_short_hash(d, b + i * usz, s->len, words, 1) == s->hash) {
+                d->hit_item_ = s->item;
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 KMED_API kmed_result kmed_data_decontam_add(kmed_data_decontam *d, const char *id,
                                             const char *text, size_t n, const char *question,
                                             size_t qn, kmed_error *err)
 {
-    int dup;
-    size_t of;
+    int dup, ok;
+    size_t of, item = d->n_items;
     double sim;
     kmed_result r;
+    kmed__data_units u, q;
     if (d->n_items >= d->cap_items) {
         size_t nc = d->cap_items ? d->cap_items * 2 : 64;
         char **ni = (char **)KMED_REALLOC(d->ids, nc * sizeof *ni);
@@ -19018,16 +19999,31 @@ KMED_API kmed_result kmed_data_decontam_add(kmed_data_decontam *d, const char *i
         d->ids = ni;
         d->cap_items = nc;
     }
-    d->ids[d->n_items] = kmed__data_strdup(id ? id : "");
-    if (!d->ids[d->n_items]) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
-    if (kmed__data_grams(d, text, n, d->n_items, kmed__data_gram_add) < 0) {
-        KMED_FREE(d->ids[d->n_items]);
+    d->ids[item] = kmed__data_strdup(id ? id : "");
+    ok = d->ids[item] && kmed__data_units_of(&u, text, n);
+    if (ok) {
+        ok = kmed__data_grams(d, &u, item, kmed__data_gram_add) == 0;
+        KMED_FREE(u.words);
+        KMED_FREE(u.han);
+    }
+    /* a question too short to share an n-gram with its leak is looked for whole */
+    if (ok && question && qn) {
+        ok = kmed__data_units_of(&q, question, qn);
+        if (ok && q.nw < (size_t)d->cfg.word_n && q.nw >= (size_t)d->cfg.min_words)
+            ok = kmed__data_short_add(d, q.words, q.nw, 1, item);
+        if (ok && q.nh < (size_t)d->cfg.char_n && q.nh >= (size_t)d->cfg.min_chars)
+            ok = kmed__data_short_add(d, q.han, q.nh, 0, item);
+        KMED_FREE(q.words);
+        KMED_FREE(q.han);
+    }
+    if (!ok) {
+        KMED_FREE(d->ids[item]);
         return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     }
     /* every eval question goes in the near index (not only the first of a duplicate group)
        so the item reported is the one it resembles */
     if (d->near.n_items != d->n_items) {
-        KMED_FREE(d->ids[d->n_items]);
+        KMED_FREE(d->ids[item]);
         return KMED__ERR(err, KMED_ERR_STATE, "decontam: index out of step");
     }
     {
@@ -19037,7 +20033,7 @@ KMED_API kmed_result kmed_data_decontam_add(kmed_data_decontam *d, const char *i
                                   &dup, &of, &sim, err);
         d->near.cfg = keep;
     }
-    if (r) { KMED_FREE(d->ids[d->n_items]); return r; }
+    if (r) { KMED_FREE(d->ids[item]); return r; }
     d->n_items++;
     return KMED_OK;
 }
@@ -19046,29 +20042,41 @@ KMED_API int kmed_data_decontam_check(kmed_data_decontam *d, const char *text, s
                                       const char *question, size_t qn, size_t *item,
                                       double *sim)
 {
-    int rc, dup = 0;
+    int rc = 0, dup = 0;
     size_t of = 0;
+    kmed__data_units u;
     *item = 0;
     *sim = 0;
     if (!d->n_items) return 0;
-    rc = kmed__data_grams(d, text, n, 0, kmed__data_gram_hit);
-    if (rc > 0) { *item = d->hit_item_; *sim = 1.0; return rc; }
-    if (question && qn &&
+    memset(&u, 0, sizeof u);
+    if (text && n && kmed__data_units_of(&u, text, n))
+        rc = kmed__data_grams(d, &u, 0, kmed__data_gram_hit);
+    /* a near-duplicate question is the more telling reason, so it goes before containment */
+    if (!rc && question && qn &&
         kmed_data_dedup_check(&d->near, question, qn, 0, &dup, &of, sim, NULL) == KMED_OK &&
-        dup == 2) {
+        dup == 2)
+        rc = 3;
+    else if (!rc && (kmed__data_short_hit(d, u.words, u.nw, 1) ||
+                     kmed__data_short_hit(d, u.han, u.nh, 0)))
+        rc = 4;
+    KMED_FREE(u.words);
+    KMED_FREE(u.han);
+    if (rc == 3) {
         *item = of;
-        return 3;
+    } else if (rc) {
+        *item = d->hit_item_;
+        *sim = 1.0;
     }
-    return 0;
+    return rc;
 }
 
 /* ---- record cleaning and views ---- */
 
-static kmed_result kmed__data_clean_field(char **f, int flags)
+static kmed_result kmed__data_clean_field(char **f, int flags, int *changed)
 {
     kmed_buf b = {0};
     if (!*f) return KMED_OK;
-    kmed_data_clean_text(&b, *f, strlen(*f), flags);
+    kmed__data_clean(&b, *f, strlen(*f), flags, changed);
     if (b.failed) { kmed_buf_free(&b); return KMED_ERR_NOMEM; }
     KMED_FREE(*f);
     *f = b.len ? b.data : NULL;
@@ -19087,16 +20095,20 @@ KMED_API kmed_result kmed_data_record_clean(kmed_data_record *rec, int strip_htm
     char **one_line[] = {&rec->subset, &rec->split, &rec->subject, &rec->lang, &rec->title,
                          &rec->answer_text};
     char **multi[] = {&rec->question, &rec->symptoms, &rec->explanation};
+    int *ch = &rec->cleaned;
+    *ch = 0;
     for (i = 0; i < sizeof one_line / sizeof one_line[0] && !r; i++)
-        r = kmed__data_clean_field(one_line[i], one);
+        r = kmed__data_clean_field(one_line[i], one, ch);
     for (i = 0; i < sizeof multi / sizeof multi[0] && !r; i++)
-        r = kmed__data_clean_field(multi[i], h);
-    for (o = 0; o < rec->n_options && !r; o++) r = kmed__data_clean_field(&rec->options[o], one);
-    for (i = 0; i < rec->n_turns && !r; i++) r = kmed__data_clean_field(&rec->turns[i].text, h);
+        r = kmed__data_clean_field(multi[i], h, ch);
+    for (o = 0; o < rec->n_options && !r; o++)
+        r = kmed__data_clean_field(&rec->options[o], one, ch);
+    for (i = 0; i < rec->n_turns && !r; i++)
+        r = kmed__data_clean_field(&rec->turns[i].text, h, ch);
     for (i = k = 0; i < rec->n_sections && !r; i++) {
-        r = kmed__data_clean_field(&rec->sections[i].text, h);
+        r = kmed__data_clean_field(&rec->sections[i].text, h, ch);
         if (!r && rec->sections[i].key && rec->sections[i].key[0])
-            r = kmed__data_clean_field(&rec->sections[i].key, one);
+            r = kmed__data_clean_field(&rec->sections[i].key, one, ch);
         if (r) break;
         if (!rec->sections[i].text) { KMED_FREE(rec->sections[i].key); continue; }
         rec->sections[k++] = rec->sections[i];
@@ -19164,23 +20176,42 @@ KMED_API void kmed_data_record_question(const kmed_data_record *rec, kmed_buf *o
 
 /* ---- harmful-content filter ---- */
 
+/* Requests and instructions, not topics: exam vignettes speak of overdoses, lethal doses
+   and suicide attempts ("아세트아미노펜 치사량을 먹고 응급실에 왔다", "자살 방법으로 파라쿼트를
+   마신 환자"), so a phrase names a method or amount together with asking for it or
+   telling someone to take it. */
 static const char *const kmed__data_harm_defaults[][2] = {
-    {"self_harm", "자살 방법"}, {"self_harm", "자살하는 방법"}, {"self_harm", "자살하는 법"},
-    {"self_harm", "고통 없이 죽는"}, {"self_harm", "죽는 방법"}, {"self_harm", "손목 긋는"},
-    {"self_harm", "목 매는 방법"}, {"self_harm", "how to kill myself"},
-    {"self_harm", "painless way to die"}, {"self_harm", "how to commit suicide"},
-    {"self_harm", "ways to commit suicide"},
-    {"drugs", "필로폰 만드는"}, {"drugs", "필로폰 제조"}, {"drugs", "마약 제조법"},
-    {"drugs", "마약 만드는 법"}, {"drugs", "마약 만드는 방법"}, {"drugs", "메스암페타민 합성"},
-    {"drugs", "메스암페타민 제조"}, {"drugs", "펜타닐 합성"}, {"drugs", "펜타닐 제조"},
-    {"drugs", "how to make meth"}, {"drugs", "how to cook meth"},
-    {"drugs", "synthesize methamphetamine"}, {"drugs", "methamphetamine synthesis route"},
-    {"drugs", "how to make fentanyl"},
-    {"dosing", "치사량만큼"}, {"dosing", "치사량을 먹"}, {"dosing", "과다복용하는 방법"},
-    {"dosing", "과다복용 방법"}, {"dosing", "들키지 않게 과다복용"},
-    {"dosing", "몇 알 먹으면 죽"}, {"dosing", "한꺼번에 먹으면 죽"},
-    {"dosing", "overdose on purpose"}, {"dosing", "how many pills to die"},
-    {"dosing", "lethal dose to kill"},
+    {"self_harm", "자살 방법*알려"}, {"self_harm", "자살하는 방법*알려"},
+    {"self_harm", "자살하는 법*알려"}, {"self_harm", "죽는 방법*알려"},
+    {"self_harm", "죽는 법*알려"}, {"self_harm", "자살 방법*가르쳐"},
+    {"self_harm", "죽는 방법*가르쳐"}, {"self_harm", "자살 방법*알고 싶"},
+    {"self_harm", "죽는 방법*알고 싶"}, {"self_harm", "어떻게 하면*죽을 수 있"},
+    {"self_harm", "손목 긋는 방법*알려"}, {"self_harm", "손목 긋는 법*알려"},
+    {"self_harm", "목 매는 방법*알려"}, {"self_harm", "목 매는 법*알려"},
+    {"self_harm", "how to kill myself"}, {"self_harm", "how do i kill myself"},
+    {"self_harm", "how can i kill myself"}, {"self_harm", "painless way to kill myself"},
+    {"self_harm", "how to commit suicide"},
+    {"drugs", "필로폰 만드는 법"}, {"drugs", "필로폰 만드는 방법"}, {"drugs", "필로폰 제조법"},
+    {"drugs", "필로폰 제조 방법"}, {"drugs", "마약 만드는 법"}, {"drugs", "마약 만드는 방법"},
+    {"drugs", "마약 제조법"}, {"drugs", "마약 제조 방법"}, {"drugs", "메스암페타민 합성법"},
+    {"drugs", "메스암페타민 합성 방법"}, {"drugs", "메스암페타민 제조법"},
+    {"drugs", "메스암페타민 제조 방법"}, {"drugs", "펜타닐 합성법"},
+    {"drugs", "펜타닐 합성 방법"}, {"drugs", "펜타닐 합성 경로"}, {"drugs", "펜타닐 제조법"},
+    {"drugs", "펜타닐 제조 방법"}, {"drugs", "how to make meth"}, {"drugs", "how to cook meth"},
+    {"drugs", "how to synthesize methamphetamine"}, {"drugs", "methamphetamine synthesis route"},
+    {"drugs", "how to make fentanyl"}, {"drugs", "how to synthesize fentanyl"},
+    {"dosing", "치사량만큼*드세요"}, {"dosing", "치사량만큼*드시면"},
+    {"dosing", "치사량만큼*먹으세요"}, {"dosing", "치사량만큼*먹으면 돼"},
+    {"dosing", "치사량만큼*먹으면 됩"}, {"dosing", "몇 알 먹으면 죽나요"},
+    {"dosing", "몇 알 먹으면 죽어"}, {"dosing", "몇 알 먹으면 죽을 수"},
+    {"dosing", "몇 알이면 죽"}, {"dosing", "몇 알 먹어야 죽"},
+    {"dosing", "한꺼번에 먹으면 죽나요"}, {"dosing", "한꺼번에 먹으면 죽을 수"},
+    {"dosing", "과다복용하는 방법*알려"}, {"dosing", "과다복용 방법*알려"},
+    {"dosing", "과다복용하는 법*알려"}, {"dosing", "들키지 않게 과다복용"},
+    {"dosing", "몰래 과다복용"}, {"dosing", "how many pills to die"},
+    {"dosing", "how many pills would kill"}, {"dosing", "how many pills does it take to die"},
+    {"dosing", "lethal dose to kill myself"}, {"dosing", "how to overdose"},
+    {"dosing", "help me overdose"},
     {"abuse", "씨발"}, {"abuse", "시발놈"}, {"abuse", "개새끼"}, {"abuse", "병신새끼"},
     {"abuse", "좆같"}, {"abuse", "미친년"}, {"abuse", "fuck you"}, {"abuse", "motherfucker"}};
 
@@ -19240,23 +20271,70 @@ KMED_API kmed_result kmed_data_safety_add(kmed_data_safety *s, const char *categ
     return KMED_OK;
 }
 
+#define KMED__DATA_SAFETY_GAP 6 /* characters a '*' in a phrase stands for */
+
+/* Length of the match of squashed phrase p at the start of t[0..n), or 0. */
+static size_t kmed__data_phrase_at(const char *t, size_t n, const char *p)
+{
+    const char *star = strchr(p, '*');
+    size_t pl = star ? (size_t)(star - p) : strlen(p), k;
+    int g;
+    if (pl > n || memcmp(t, p, pl) != 0) return 0;
+    if (!star) return pl;
+    for (k = pl, g = 0; g <= KMED__DATA_SAFETY_GAP; g++) {
+        size_t m = kmed__data_phrase_at(t + k, n - k, star + 1);
+        if (m) return k + m;
+        if (k == n) break;
+        do k++; while (k < n && ((unsigned char)t[k] & 0xC0) == 0x80); /* next character */
+    }
+    return 0;
+}
+
+/* 1 if squashed text t[0..n), what follows a match, opens with a quoting ending: the
+   match is someone's words reported in a vignette ("몇 알 먹으면 죽나요'라고 묻는 환자"). */
+static int kmed__data_quoted(const char *t, size_t n)
+{
+    static const char *const closers[] = {"?", "!", ".", "'", "\"", "~", "\xe2\x80\x99",
+                                          "\xe2\x80\x9d", "\xe3\x80\x8d", "\xe3\x80\x8f"};
+    static const char *const endings[] = {"라고", "라며", "라는", "달라", "하고묻", "냐고",
+                                          "냐며", "냐는"};
+    size_t i = 0, k;
+    int skipped;
+    do { /* closing punctuation and quote marks, in any order */
+        skipped = 0;
+        for (k = 0; k < sizeof closers / sizeof *closers && !skipped; k++) {
+            size_t m = strlen(closers[k]);
+            if (n - i >= m && memcmp(t + i, closers[k], m) == 0) { i += m; skipped = 1; }
+        }
+    } while (skipped);
+    for (k = 0; k < sizeof endings / sizeof *endings; k++) {
+        size_t m = strlen(endings[k]);
+        if (n - i >= m && memcmp(t + i, endings[k], m) == 0) return 1;
+    }
+    return 0;
+}
+
 KMED_API int kmed_data_safety_check(const kmed_data_safety *s, const char *text, size_t n,
                                     const char **category, const char **phrase)
 {
     char *sq;
-    size_t i, m;
+    size_t i, m, at;
     int hit = 0;
     if (!s || !s->n) return 0;
     sq = kmed__data_squash(text, n);
     if (!sq) return 0;
     m = strlen(sq);
     for (i = 0; i < s->n && !hit; i++) {
-        const char *p = s->phrase[i], *q = sq;
-        size_t pl = strlen(p);
-        while (pl <= m - (size_t)(q - sq) && (q = (const char *)memchr(q, p[0],
-                                                   m - (size_t)(q - sq))) != NULL) {
-            if (m - (size_t)(q - sq) >= pl && memcmp(q, p, pl) == 0) { hit = 1; break; }
-            q++;
+        const char *p = s->phrase[i];
+        for (at = 0; at < m && !hit; at++) {
+            size_t len;
+            if (p[0] != '*') {
+                const char *q = (const char *)memchr(sq + at, p[0], m - at);
+                if (!q) break;
+                at = (size_t)(q - sq);
+            }
+            len = kmed__data_phrase_at(sq + at, m - at, p);
+            hit = len && !kmed__data_quoted(sq + at + len, m - at - len);
         }
         if (hit) {
             if (category) *category = s->category[i];
@@ -19299,6 +20377,10 @@ static void kmed__data_head(kmed_buf *b, const kmed_data_record *rec)
     kmed__data_json_kv(b, "id", rec->id);
     kmed_buf_put(b, ",", 1);
     kmed__data_json_kv(b, "source", rec->source);
+    if (rec->kind == KMED_DATA_MCQA && rec->subset) {
+        kmed_buf_put(b, ",", 1);
+        kmed__data_json_kv(b, "subset", rec->subset);
+    }
 }
 
 static int kmed__data_is_korean(const char *s)
@@ -19514,9 +20596,10 @@ KMED_API kmed_result kmed_data_pack_init(kmed_data_packer *p, const kmed_data_pa
         return KMED__ERR(err, KMED_ERR_ARG, "seq_len %zu out of range [8, 2^24]", p->cfg.seq_len);
     p->ids = (int *)kmed__calloc(p->cfg.seq_len, sizeof *p->ids);
     p->labels = (int *)kmed__calloc(p->cfg.seq_len, sizeof *p->labels);
+    p->pos = (int *)kmed__calloc(p->cfg.seq_len, sizeof *p->pos);
     p->tmp_cap = 1024;
     p->tmp = (int *)kmed__calloc(p->tmp_cap, sizeof *p->tmp);
-    if (!p->ids || !p->labels || !p->tmp) {
+    if (!p->ids || !p->labels || !p->pos || !p->tmp) {
         kmed_data_pack_free(p);
         return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     }
@@ -19531,7 +20614,7 @@ KMED_API kmed_result kmed_data_pack_init(kmed_data_packer *p, const kmed_data_pa
 
 KMED_API void kmed_data_pack_free(kmed_data_packer *p)
 {
-    KMED_FREE(p->ids); KMED_FREE(p->labels); KMED_FREE(p->tmp);
+    KMED_FREE(p->ids); KMED_FREE(p->labels); KMED_FREE(p->pos); KMED_FREE(p->tmp);
     KMED_FREE(p->ex_ids); KMED_FREE(p->ex_lab);
     KMED_FREE(p->model_prefix); KMED_FREE(p->user_prefix); KMED_FREE(p->nl);
     memset(p, 0, sizeof *p);
@@ -19543,12 +20626,15 @@ static void kmed__data_emit(kmed_data_packer *p, kmed_buf *out)
     for (i = p->fill; i < p->cfg.seq_len; i++) {
         p->ids[i] = p->cfg.pad_id;
         p->labels[i] = -100;
+        p->pos[i] = (int)(i - p->fill); /* the padding is one more segment */
         p->n_pad++;
     }
     kmed_buf_puts(out, "{\"input_ids\":[");
     for (i = 0; i < p->cfg.seq_len; i++) kmed_buf_printf(out, i ? ",%d" : "%d", p->ids[i]);
     kmed_buf_puts(out, "],\"labels\":[");
     for (i = 0; i < p->cfg.seq_len; i++) kmed_buf_printf(out, i ? ",%d" : "%d", p->labels[i]);
+    kmed_buf_puts(out, "],\"position_ids\":[");
+    for (i = 0; i < p->cfg.seq_len; i++) kmed_buf_printf(out, i ? ",%d" : "%d", p->pos[i]);
     kmed_buf_puts(out, "]}\n");
     p->n_seqs++;
     p->fill = 0;
@@ -19616,11 +20702,15 @@ KMED_API kmed_result kmed_data_pack_add(kmed_data_packer *p, const kmed_json *ex
     } else {
         return KMED__ERR(err, KMED_ERR_FORMAT, "example has neither \"text\" nor \"messages\"");
     }
-    p->n_examples++;
     if (p->ex_n > L && (chat || p->cfg.truncate_long)) {
         p->ex_n = L;
         p->n_truncated++;
+        if (chat) { /* the cut may have taken every reply token: nothing left to learn */
+            for (i = 0; i < L && p->ex_lab[i] == -100; i++) {}
+            if (i == L) { p->n_no_target++; return KMED_OK; }
+        }
     }
+    p->n_examples++;
     /* a chat example that does not fit in what is left starts a new sequence; a document
        fills the sequence and continues in the next */
     if ((chat || p->cfg.truncate_long) && p->fill + p->ex_n > L) kmed__data_emit(p, out);
@@ -19629,6 +20719,8 @@ KMED_API kmed_result kmed_data_pack_add(kmed_data_packer *p, const kmed_json *ex
         if (take > L - p->fill) take = L - p->fill;
         memcpy(p->ids + p->fill, p->ex_ids + at, take * sizeof *p->ids);
         memcpy(p->labels + p->fill, p->ex_lab + at, take * sizeof *p->labels);
+        /* each piece starts the example or a sequence: either way positions restart */
+        for (i = 0; i < take; i++) p->pos[p->fill + i] = (int)i;
         for (i = 0; i < take; i++) p->n_trained += p->ex_lab[at + i] != -100;
         p->n_tokens += take;
         p->fill += take;
@@ -19645,6 +20737,9 @@ KMED_API kmed_result kmed_data_pack_finish(kmed_data_packer *p, kmed_buf *out, k
 }
 
 /* ---- the pipeline ---- */
+
+#define KMED__DATA_MIN_CHARS 8       /* kmed_data_config.min_chars 0 */
+#define KMED__DATA_MAX_CHARS 20000   /* kmed_data_config.max_chars 0 */
 
 static const char *const kmed__data_drop_names[KMED_DATA_DROP_N][2] = {
     {"malformed", "read"}, {"split", "read"}, {"empty", "clean"}, {"too_short", "filter"},
@@ -19688,86 +20783,176 @@ KMED_API void kmed_data_config_free(kmed_data_config *cfg)
     cfg->safety_extra = NULL;
 }
 
-/* Copies a config string into a fixed field; KMED_ERR_LIMIT if it does not fit. */
-static kmed_result kmed__data_cfg_str(char *dst, size_t cap, const kmed_json *v, const char *dir,
-                                      const char *what, const char *file, kmed_error *err)
+/* Config checks. Each error names the file and the key's path ("dedup.ngram",
+   "sources[2].weight"): where is the path of the object holding the key ("" = top). */
+enum { KMED__DATA_CFG_INT = 1, KMED__DATA_CFG_OPEN_LO = 2, KMED__DATA_CFG_OPEN_HI = 4 };
+
+/* Rejects a key of object o that is not in known (" a b c "): a misspelt key would
+   otherwise be ignored silently. */
+static kmed_result kmed__data_cfg_keys(const kmed_json *o, const char *known, const char *where,
+                                       const char *file, kmed_error *err)
 {
+    size_t i;
+    for (i = 0; i < o->len; i++) {
+        const kmed_json *k = &o->kids[i];
+        char word[72];
+        if (k->key_len < 64) snprintf(word, sizeof word, " %.*s ", (int)k->key_len, k->key);
+        if (k->key_len >= 64 || !strstr(known, word))
+            return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
+                                  "unknown key '%s%s%.*s' (known:%.*s)", where,
+                                  *where ? "." : "", (int)k->key_len, k->key,
+                                  (int)strlen(known) - 1, known);
+    }
+    return KMED_OK;
+}
+
+/* o[key], which must be an object (or absent: NULL). */
+static kmed_result kmed__data_cfg_obj(const kmed_json *o, const char *key, const kmed_json **out,
+                                      const char *file, kmed_error *err)
+{
+    *out = kmed_json_get(o, key);
+    if (*out && (*out)->type != KMED_JSON_OBJECT)
+        return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
+                              "'%s' must be an object", key);
+    return KMED_OK;
+}
+
+/* *out = o[key] when present; it must be a number in the range (KMED__DATA_CFG_* bits say
+   whether whole, and whether an end is open). */
+static kmed_result kmed__data_cfg_num(const kmed_json *o, const char *key, double lo, double hi,
+                                      int how, double *out, const char *where, const char *file,
+                                      kmed_error *err)
+{
+    const kmed_json *v = kmed_json_get(o, key);
+    double x;
+    if (!v) return KMED_OK;
+    x = v->num;
+    if (v->type != KMED_JSON_NUMBER || x != x || x < lo || x > hi ||
+        ((how & KMED__DATA_CFG_OPEN_LO) && x == lo) ||
+        ((how & KMED__DATA_CFG_OPEN_HI) && x == hi) ||
+        ((how & KMED__DATA_CFG_INT) && x != floor(x)))
+        return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
+                              "'%s%s%s' must be %s in %c%g, %g%c", where, *where ? "." : "", key,
+                              how & KMED__DATA_CFG_INT ? "an integer" : "a number",
+                              how & KMED__DATA_CFG_OPEN_LO ? '(' : '[', lo, hi,
+                              how & KMED__DATA_CFG_OPEN_HI ? ')' : ']');
+    *out = x;
+    return KMED_OK;
+}
+
+/* *out = o[key] when present; it must be true or false. */
+static kmed_result kmed__data_cfg_bool(const kmed_json *o, const char *key, int *out,
+                                       const char *where, const char *file, kmed_error *err)
+{
+    const kmed_json *v = kmed_json_get(o, key);
+    if (!v) return KMED_OK;
+    if (v->type != KMED_JSON_TRUE && v->type != KMED_JSON_FALSE)
+        return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
+                              "'%s%s%s' must be true or false", where, *where ? "." : "", key);
+    *out = v->type == KMED_JSON_TRUE;
+    return KMED_OK;
+}
+
+/* Copies the string o[key], when present, into a fixed field (a path: taken from dir);
+   KMED_ERR_LIMIT if it does not fit. */
+static kmed_result kmed__data_cfg_str(char *dst, size_t cap, const kmed_json *o, const char *key,
+                                      const char *dir, const char *where, const char *file,
+                                      kmed_error *err)
+{
+    const kmed_json *v = kmed_json_get(o, key);
     const char *s = kmed_json_str(v, NULL);
     int n;
+    if (!v) return KMED_OK;
     if (!s) return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
-                                  "'%s' must be a string", what);
+                                  "'%s%s%s' must be a string", where, *where ? "." : "", key);
     if (dir && dir[0] && s[0] != '/') n = snprintf(dst, cap, "%s/%s", dir, s);
     else n = snprintf(dst, cap, "%s", s);
     if (n < 0 || (size_t)n >= cap)
-        return kmed_error_set(err, KMED_ERR_LIMIT, file, 0, (size_t)-1, "'%s' is too long", what);
+        return kmed_error_set(err, KMED_ERR_LIMIT, file, 0, (size_t)-1, "'%s%s%s' is too long",
+                              where, *where ? "." : "", key);
     return KMED_OK;
 }
 
 static kmed_result kmed__data_cfg_source(kmed_data_source *s, const kmed_json *o, const char *dir,
-                                         const char *file, kmed_error *err)
+                                         const char *where, const char *file, kmed_error *err)
 {
+    static const char *const formats[] = {"auto", "sft", "cpt", "both"}; /* kmed_data_format */
     const kmed_json *v;
     kmed_result r;
     size_t i;
+    int b;
     if (!o || o->type != KMED_JSON_OBJECT)
         return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
-                              "each source must be an object");
-    if (!(v = kmed_json_get(o, "kind")) || !kmed_json_str(v, NULL))
-        return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
-                              "a source needs \"kind\"");
-    if ((r = kmed_data_kind_parse(kmed_json_str(v, ""), &s->kind, err))) return r;
-    if (!(v = kmed_json_get(o, "path")))
-        return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
-                              "a source needs \"path\"");
-    if ((r = kmed__data_cfg_str(s->path, sizeof s->path, v, dir, "path", file, err))) return r;
-    if ((v = kmed_json_get(o, "name")) &&
-        (r = kmed__data_cfg_str(s->name, sizeof s->name, v, NULL, "name", file, err))) return r;
-    if ((v = kmed_json_get(o, "subset")) &&
-        (r = kmed__data_cfg_str(s->subset, sizeof s->subset, v, NULL, "subset", file, err)))
+                              "'%s' must be an object", where);
+    if ((r = kmed__data_cfg_keys(o, " kind path name weight format min_korean splits subset "
+                                 "split strip_html explanations cloze map ", where, file, err)))
         return r;
-    if ((v = kmed_json_get(o, "split")) &&
-        (r = kmed__data_cfg_str(s->split, sizeof s->split, v, NULL, "split", file, err))) return r;
-    if ((v = kmed_json_get(o, "splits"))) {
-        kmed_buf b = {0};
-        if (v->type == KMED_JSON_ARRAY) {
-            for (i = 0; i < v->len; i++)
-                kmed_buf_printf(&b, "%s%s", i ? "," : "", kmed_json_str(&v->kids[i], ""));
-        } else {
-            kmed_buf_puts(&b, kmed_json_str(v, ""));
-        }
-        if (b.len >= sizeof s->splits) {
-            kmed_buf_free(&b);
-            return kmed_error_set(err, KMED_ERR_LIMIT, file, 0, (size_t)-1, "'splits' too long");
-        }
-        if (b.data) memcpy(s->splits, b.data, b.len + 1);
-        kmed_buf_free(&b);
-    }
-    s->weight = kmed_json_num(kmed_json_get(o, "weight"), 1.0);
-    if (s->weight < 0 || s->weight != s->weight || s->weight > 1000)
+    if (!kmed_json_str(kmed_json_get(o, "kind"), NULL) || !kmed_json_get(o, "path"))
         return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
-                              "source %s: weight must be in [0, 1000]", s->path);
+                              "'%s' needs \"kind\" and \"path\" strings", where);
+    if (kmed_data_kind_parse(kmed_json_str(kmed_json_get(o, "kind"), ""), &s->kind, err)) {
+        char msg[sizeof err->msg];
+        snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+        return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1, "%s.kind: %s", where,
+                              msg);
+    }
+    if ((r = kmed__data_cfg_str(s->path, sizeof s->path, o, "path", dir, where, file, err)) ||
+        (r = kmed__data_cfg_str(s->name, sizeof s->name, o, "name", NULL, where, file, err)) ||
+        (r = kmed__data_cfg_str(s->subset, sizeof s->subset, o, "subset", NULL, where, file,
+                                err)) ||
+        (r = kmed__data_cfg_str(s->split, sizeof s->split, o, "split", NULL, where, file, err)))
+        return r;
+    if ((v = kmed_json_get(o, "splits"))) {
+        kmed_buf sb = {0};
+        int bad = v->type != KMED_JSON_ARRAY && v->type != KMED_JSON_STRING;
+        if (v->type == KMED_JSON_STRING) kmed_buf_puts(&sb, v->str);
+        for (i = 0; v->type == KMED_JSON_ARRAY && i < v->len && !bad; i++) {
+            bad = v->kids[i].type != KMED_JSON_STRING;
+            kmed_buf_printf(&sb, "%s%s", i ? "," : "", kmed_json_str(&v->kids[i], ""));
+        }
+        if (bad || sb.len >= sizeof s->splits) {
+            kmed_buf_free(&sb);
+            return kmed_error_set(err, bad ? KMED_ERR_FORMAT : KMED_ERR_LIMIT, file, 0,
+                                  (size_t)-1, "'%s.splits' must be %s", where,
+                                  bad ? "a list of strings" : "shorter");
+        }
+        if (sb.data) memcpy(s->splits, sb.data, sb.len + 1);
+        kmed_buf_free(&sb);
+    }
+    s->weight = 1;
+    if ((r = kmed__data_cfg_num(o, "weight", 0, 1000, 0, &s->weight, where, file, err)) ||
+        (r = kmed__data_cfg_num(o, "min_korean", 0, 1, 0, &s->min_korean, where, file, err)) ||
+        (r = kmed__data_cfg_bool(o, "strip_html", &s->strip_html, where, file, err)) ||
+        (r = kmed__data_cfg_bool(o, "cloze", &s->cloze, where, file, err)))
+        return r;
     if (s->weight == 0) s->weight = -1; /* explicit 0: drop everything by mixing */
-    s->min_korean = kmed_json_num(kmed_json_get(o, "min_korean"), 0);
-    s->strip_html = kmed_json_bool(kmed_json_get(o, "strip_html"), 0);
-    s->no_explanation = !kmed_json_bool(kmed_json_get(o, "explanations"), 1);
-    s->cloze = kmed_json_bool(kmed_json_get(o, "cloze"), 0);
+    b = 1;
+    if ((r = kmed__data_cfg_bool(o, "explanations", &b, where, file, err))) return r;
+    s->no_explanation = !b;
     if ((v = kmed_json_get(o, "format"))) {
         const char *f = kmed_json_str(v, "");
-        if (strcmp(f, "sft") == 0) s->format = KMED_DATA_FMT_SFT;
-        else if (strcmp(f, "cpt") == 0) s->format = KMED_DATA_FMT_CPT;
-        else if (strcmp(f, "both") == 0) s->format = KMED_DATA_FMT_BOTH;
-        else if (strcmp(f, "auto") == 0) s->format = KMED_DATA_FMT_AUTO;
-        else return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
-                                   "format '%s': expected sft, cpt, both or auto", f);
+        for (i = 0; i < 4 && strcmp(f, formats[i]) != 0; i++) {}
+        if (i == 4)
+            return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
+                                  "'%s.format' '%s': expected sft, cpt, both or auto", where, f);
+        s->format = (kmed_data_format)i;
     }
     if ((v = kmed_json_get(o, "map"))) {
         if (v->type != KMED_JSON_OBJECT)
             return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
-                                  "'map' must be an object of dst: src");
+                                  "'%s.map' must be an object of dst: src", where);
         for (i = 0; i < v->len; i++) {
             char kv[128];
-            snprintf(kv, sizeof kv, "%s=%s", v->kids[i].key, kmed_json_str(&v->kids[i], ""));
-            if ((r = kmed_data_source_map(s, kv, err))) return r;
+            if (v->kids[i].type != KMED_JSON_STRING)
+                return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1,
+                                      "'%s.map.%s' must be a string", where, v->kids[i].key);
+            snprintf(kv, sizeof kv, "%s=%s", v->kids[i].key, v->kids[i].str);
+            if (kmed_data_source_map(s, kv, err)) {
+                char msg[sizeof err->msg];
+                snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+                return kmed_error_set(err, KMED_ERR_FORMAT, file, 0, (size_t)-1, "%s.map: %s",
+                                      where, msg);
+            }
         }
     }
     return KMED_OK;
@@ -19776,11 +20961,13 @@ static kmed_result kmed__data_cfg_source(kmed_data_source *s, const kmed_json *o
 KMED_API kmed_result kmed_data_config_load(kmed_data_config *cfg, const char *path,
                                            kmed_error *err)
 {
-    char *data = NULL, dir[1024];
-    size_t len, i;
+    char *data = NULL, dir[1024], where[48];
+    size_t len, i, mn, mx;
     kmed_json_doc doc = {0};
     const kmed_json *root, *v, *w;
     kmed_result r;
+    double x;
+    int b;
     const char *slash = strrchr(path, '/');
     memset(cfg, 0, sizeof *cfg);
     if (slash) snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
@@ -19794,74 +20981,144 @@ KMED_API kmed_result kmed_data_config_load(kmed_data_config *cfg, const char *pa
         r = kmed_error_set(err, KMED_ERR_FORMAT, path, 0, (size_t)-1, "expected a JSON object");
         goto done;
     }
-    if ((v = kmed_json_get(root, "out")) &&
-        (r = kmed__data_cfg_str(cfg->out_dir, sizeof cfg->out_dir, v, dir, "out", path, err)))
+    /* a number at key of o, range-checked, into dst (which keeps its value when absent) */
+#define KMED__DATA_CFG_NUM(o, sect, key, lo, hi, how, dst)                                 \
+    do {                                                                                  \
+        x = (double)(dst);                                                                \
+        if ((r = kmed__data_cfg_num(o, key, lo, hi, how, &x, sect, path, err))) goto done; \
+        (dst) = x;                                                                        \
+    } while (0)
+    if ((r = kmed__data_cfg_keys(root, " out seed val_fraction seq_len tokenizer min_chars "
+                                 "max_chars dedup decontam safety disclaimer sources eval ", "",
+                                 path, err)) ||
+        (r = kmed__data_cfg_str(cfg->out_dir, sizeof cfg->out_dir, root, "out", dir, "", path,
+                                err)))
         goto done;
-    cfg->seed = (uint64_t)kmed_json_num(kmed_json_get(root, "seed"), 0);
-    if ((v = kmed_json_get(root, "val_fraction"))) { /* an explicit 0 means none */
-        cfg->val_fraction = kmed_json_num(v, 0);
-        if (cfg->val_fraction <= 0) cfg->val_fraction = -1;
+    if ((v = kmed_json_get(root, "tokenizer")) && v->type != KMED_JSON_STRING) {
+        r = kmed_error_set(err, KMED_ERR_FORMAT, path, 0, (size_t)-1,
+                           "'tokenizer' must be a string");
+        goto done;
     }
-    cfg->min_chars = (size_t)kmed_json_num(kmed_json_get(root, "min_chars"), 0);
-    cfg->max_chars = (size_t)kmed_json_num(kmed_json_get(root, "max_chars"), 0);
-    cfg->pack.seq_len = (size_t)kmed_json_num(kmed_json_get(root, "seq_len"), 0);
-    if ((v = kmed_json_get(root, "dedup"))) {
-        cfg->dedup.no_exact = !kmed_json_bool(kmed_json_get(v, "exact"), 1);
-        cfg->dedup.no_near = !kmed_json_bool(kmed_json_get(v, "near"), 1);
-        cfg->dedup.threshold = kmed_json_num(kmed_json_get(v, "threshold"), 0);
-        cfg->dedup.ngram = (int)kmed_json_num(kmed_json_get(v, "ngram"), 0);
-        cfg->dedup.num_perm = (int)kmed_json_num(kmed_json_get(v, "num_perm"), 0);
-        cfg->dedup.bands = (int)kmed_json_num(kmed_json_get(v, "bands"), 0);
+    KMED__DATA_CFG_NUM(root, "", "seed", 0, 9007199254740992.0, KMED__DATA_CFG_INT, cfg->seed);
+    KMED__DATA_CFG_NUM(root, "", "val_fraction", 0, 1, KMED__DATA_CFG_OPEN_HI,
+                       cfg->val_fraction);
+    if (kmed_json_get(root, "val_fraction") && cfg->val_fraction == 0)
+        cfg->val_fraction = -1; /* an explicit 0: no validation set */
+    KMED__DATA_CFG_NUM(root, "", "seq_len", 8, 16777216, KMED__DATA_CFG_INT, cfg->pack.seq_len);
+    KMED__DATA_CFG_NUM(root, "", "min_chars", 0, 1e9, KMED__DATA_CFG_INT, cfg->min_chars);
+    if (kmed_json_get(root, "min_chars") && cfg->min_chars == 0)
+        cfg->min_chars = 1; /* an explicit 0: no minimum (a cleaned record is never empty) */
+    KMED__DATA_CFG_NUM(root, "", "max_chars", 1, 1e9, KMED__DATA_CFG_INT, cfg->max_chars);
+    mn = cfg->min_chars ? cfg->min_chars : KMED__DATA_MIN_CHARS;
+    mx = cfg->max_chars ? cfg->max_chars : KMED__DATA_MAX_CHARS;
+    if (mn > mx) {
+        r = kmed_error_set(err, KMED_ERR_FORMAT, path, 0, (size_t)-1,
+                           "min_chars (%zu) is above max_chars (%zu)", mn, mx);
+        goto done;
     }
-    if ((v = kmed_json_get(root, "decontam"))) {
-        cfg->decontam.word_n = (int)kmed_json_num(kmed_json_get(v, "word_ngram"), 0);
-        cfg->decontam.char_n = (int)kmed_json_num(kmed_json_get(v, "char_ngram"), 0);
-        cfg->decontam.threshold = kmed_json_num(kmed_json_get(v, "threshold"), 0);
-    }
-    if ((v = kmed_json_get(root, "safety"))) {
-        const char *act = kmed_json_str(kmed_json_get(v, "action"), "drop");
-        if (strcmp(act, "drop") == 0) cfg->safety_action = 0;
-        else if (strcmp(act, "flag") == 0) cfg->safety_action = 1;
-        else if (strcmp(act, "off") == 0) cfg->safety_action = 2;
-        else {
-            r = kmed_error_set(err, KMED_ERR_FORMAT, path, 0, (size_t)-1,
-                               "safety.action '%s': expected drop, flag or off", act);
+    if ((r = kmed__data_cfg_obj(root, "dedup", &v, path, err))) goto done;
+    if (v) {
+        if ((r = kmed__data_cfg_keys(v, " exact near threshold ngram num_perm bands ", "dedup",
+                                     path, err)))
             goto done;
-        }
-        cfg->safety_no_defaults = !kmed_json_bool(kmed_json_get(v, "defaults"), 1);
-        if ((w = kmed_json_get(v, "lists")) && w->type == KMED_JSON_OBJECT) {
-            cfg->safety_extra = (kmed_data_safety *)kmed__calloc(1, sizeof *cfg->safety_extra);
-            if (!cfg->safety_extra) {
-                r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
+        b = 1;
+        if ((r = kmed__data_cfg_bool(v, "exact", &b, "dedup", path, err))) goto done;
+        cfg->dedup.no_exact = !b;
+        b = 1;
+        if ((r = kmed__data_cfg_bool(v, "near", &b, "dedup", path, err))) goto done;
+        cfg->dedup.no_near = !b;
+        KMED__DATA_CFG_NUM(v, "dedup", "threshold", 0, 1, KMED__DATA_CFG_OPEN_LO,
+                           cfg->dedup.threshold);
+        KMED__DATA_CFG_NUM(v, "dedup", "ngram", 1, 1000, KMED__DATA_CFG_INT, cfg->dedup.ngram);
+        KMED__DATA_CFG_NUM(v, "dedup", "num_perm", 1, KMED_DATA_MAX_PERM, KMED__DATA_CFG_INT,
+                           cfg->dedup.num_perm);
+        KMED__DATA_CFG_NUM(v, "dedup", "bands", 1, KMED_DATA_MAX_PERM, KMED__DATA_CFG_INT,
+                           cfg->dedup.bands);
+    }
+    if ((r = kmed__data_cfg_obj(root, "decontam", &v, path, err))) goto done;
+    if (v) {
+        if ((r = kmed__data_cfg_keys(v, " word_ngram char_ngram threshold min_words min_chars ",
+                                     "decontam", path, err)))
+            goto done;
+        KMED__DATA_CFG_NUM(v, "decontam", "word_ngram", 1, 10000, KMED__DATA_CFG_INT,
+                           cfg->decontam.word_n);
+        KMED__DATA_CFG_NUM(v, "decontam", "char_ngram", 1, 10000, KMED__DATA_CFG_INT,
+                           cfg->decontam.char_n);
+        KMED__DATA_CFG_NUM(v, "decontam", "threshold", 0, 1, KMED__DATA_CFG_OPEN_LO,
+                           cfg->decontam.threshold);
+        KMED__DATA_CFG_NUM(v, "decontam", "min_words", 1, 10000, KMED__DATA_CFG_INT,
+                           cfg->decontam.min_words);
+        KMED__DATA_CFG_NUM(v, "decontam", "min_chars", 1, 10000, KMED__DATA_CFG_INT,
+                           cfg->decontam.min_chars);
+    }
+    if ((r = kmed__data_cfg_obj(root, "safety", &v, path, err))) goto done;
+    if (v) {
+        const char *act = kmed_json_str(kmed_json_get(v, "action"), NULL);
+        if ((r = kmed__data_cfg_keys(v, " action defaults lists ", "safety", path, err)))
+            goto done;
+        if (kmed_json_get(v, "action")) {
+            if (act && strcmp(act, "drop") == 0) cfg->safety_action = 0;
+            else if (act && strcmp(act, "flag") == 0) cfg->safety_action = 1;
+            else if (act && strcmp(act, "off") == 0) cfg->safety_action = 2;
+            else {
+                r = kmed_error_set(err, KMED_ERR_FORMAT, path, 0, (size_t)-1,
+                                   "'safety.action' must be \"drop\", \"flag\" or \"off\"");
                 goto done;
             }
-            for (i = 0; i < w->len; i++) {
-                const kmed_json *list = &w->kids[i];
-                size_t k;
-                for (k = 0; list->type == KMED_JSON_ARRAY && k < list->len; k++)
-                    if ((r = kmed_data_safety_add(cfg->safety_extra, list->key,
-                                                  kmed_json_str(&list->kids[k], ""), err)))
-                        goto done;
+        }
+        b = 1;
+        if ((r = kmed__data_cfg_bool(v, "defaults", &b, "safety", path, err))) goto done;
+        cfg->safety_no_defaults = !b;
+        if ((r = kmed__data_cfg_obj(v, "lists", &w, path, err))) goto done;
+        for (i = 0; w && i < w->len; i++) {
+            const kmed_json *list = &w->kids[i];
+            size_t k;
+            int bad = list->type != KMED_JSON_ARRAY;
+            for (k = 0; !bad && k < list->len; k++) bad = list->kids[k].type != KMED_JSON_STRING;
+            if (bad) {
+                r = kmed_error_set(err, KMED_ERR_FORMAT, path, 0, (size_t)-1,
+                                   "'safety.lists.%s' must be a list of strings", list->key);
+                goto done;
             }
+            if (!cfg->safety_extra) {
+                cfg->safety_extra = (kmed_data_safety *)kmed__calloc(1, sizeof(kmed_data_safety));
+                if (!cfg->safety_extra) {
+                    r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
+                    goto done;
+                }
+            }
+            for (k = 0; k < list->len; k++)
+                if ((r = kmed_data_safety_add(cfg->safety_extra, list->key, list->kids[k].str,
+                                              err)))
+                    goto done;
         }
     }
     if ((v = kmed_json_get(root, "disclaimer"))) {
         if (v->type == KMED_JSON_STRING) {
             cfg->disclaimer = 1;
             snprintf(cfg->disclaimer_text, sizeof cfg->disclaimer_text, "%s", v->str);
-        } else {
-            cfg->disclaimer = kmed_json_bool(v, 0);
+        } else if ((r = kmed__data_cfg_bool(root, "disclaimer", &cfg->disclaimer, "", path,
+                                            err))) {
+            r = kmed_error_set(err, KMED_ERR_FORMAT, path, 0, (size_t)-1,
+                               "'disclaimer' must be true, false or the text to append");
+            goto done;
         }
     }
-    for (w = kmed_json_get(root, "sources"), i = 0; w && i < w->len; i++) {
-        kmed_data_source *s;
-        if ((r = kmed_data_config_add_source(cfg, 0, &s, err))) goto done;
-        if ((r = kmed__data_cfg_source(s, &w->kids[i], dir, path, err))) goto done;
-    }
-    for (w = kmed_json_get(root, "eval"), i = 0; w && i < w->len; i++) {
-        kmed_data_source *s;
-        if ((r = kmed_data_config_add_source(cfg, 1, &s, err))) goto done;
-        if ((r = kmed__data_cfg_source(s, &w->kids[i], dir, path, err))) goto done;
+#undef KMED__DATA_CFG_NUM
+    for (b = 0; b < 2; b++) { /* "sources", then "eval" */
+        const char *key = b ? "eval" : "sources";
+        if (!(w = kmed_json_get(root, key))) continue;
+        if (w->type != KMED_JSON_ARRAY) {
+            r = kmed_error_set(err, KMED_ERR_FORMAT, path, 0, (size_t)-1,
+                               "'%s' must be a list of source objects", key);
+            goto done;
+        }
+        for (i = 0; i < w->len; i++) {
+            kmed_data_source *s;
+            snprintf(where, sizeof where, "%s[%zu]", key, i);
+            if ((r = kmed_data_config_add_source(cfg, b, &s, err))) goto done;
+            if ((r = kmed__data_cfg_source(s, &w->kids[i], dir, where, path, err))) goto done;
+        }
     }
 done:
     kmed_json_free(&doc);
@@ -19970,6 +21227,38 @@ static int kmed__data_in_list(const char *list, const char *s)
     return 0;
 }
 
+/* Notes on a kept record: its KorMedMCQA subset, and the turns its reader left out
+   (counted, and logged as "trimmed" so that no text goes unseen). */
+static kmed_result kmed__data_kept_notes(kmed__data_run *R, kmed_data_source_report *sr,
+                                         const kmed_data_record *rec, kmed_error *err)
+{
+    static const char *const what[KMED_DATA_LEFT_N] = {"leading assistant", "trailing user",
+                                                       "system"};
+    const size_t cap = sizeof sr->subsets[0].name;
+    char detail[200];
+    size_t k, at = 0;
+    if (rec->kind == KMED_DATA_MCQA && rec->subset) {
+        for (k = 0; k < sr->n_subsets && strncmp(sr->subsets[k].name, rec->subset, cap - 1); k++) {}
+        if (k == KMED_DATA_MAX_SUBSETS) { /* one subset too many: the last slot takes them */
+            k--;
+            snprintf(sr->subsets[k].name, cap, "other");
+        } else if (k == sr->n_subsets) {
+            sr->n_subsets++;
+            snprintf(sr->subsets[k].name, cap, "%s", rec->subset);
+        }
+        sr->subsets[k].n_kept++;
+    }
+    for (k = 0; k < KMED_DATA_LEFT_N; k++) {
+        int n = rec->left_out[k];
+        sr->n_left_out[k] += (size_t)n;
+        if (n)
+            at += (size_t)snprintf(detail + at, sizeof detail - at, "%s%d %s turn%s",
+                                   at ? ", " : "left out: ", n, what[k], n > 1 ? "s" : "");
+    }
+    return at ? kmed__data_drop_log(R, rec->id, sr->name, "read", "trimmed", detail, err)
+              : KMED_OK;
+}
+
 /* Runs one record through every stage. */
 static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record *rec,
                                   kmed_error *err)
@@ -19977,9 +21266,9 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
     const kmed_data_config *cfg = R->cfg;
     const kmed_data_source *src = &cfg->sources[si];
     kmed_data_source_report *sr = &R->rep->sources[si];
-    size_t min_chars = cfg->min_chars ? cfg->min_chars : 8;
-    size_t max_chars = cfg->max_chars ? cfg->max_chars : 20000;
-    size_t chars, item, of;
+    size_t min_chars = cfg->min_chars ? cfg->min_chars : KMED__DATA_MIN_CHARS;
+    size_t max_chars = cfg->max_chars ? cfg->max_chars : KMED__DATA_MAX_CHARS;
+    size_t chars, item, of, i;
     char detail[600];
     const char *cat, *phr;
     kmed_error e2;
@@ -19995,6 +21284,7 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
     }
     memset(&e2, 0, sizeof e2);
     r = kmed_data_record_clean(rec, src->strip_html, &e2);
+    for (c = 0; c < 4; c++) sr->n_cleaned[c] += (rec->cleaned >> c) & 1;
     if (r == KMED_ERR_FORMAT)
         return kmed__data_drop(R, sr, rec->id, KMED_DATA_DROP_EMPTY, e2.msg, err);
     if (r) { if (err) *err = e2; return r; }
@@ -20036,10 +21326,18 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
     }
     hit = kmed_data_decontam_check(&R->decon, R->text.data, R->text.len, R->question.data,
                                    R->question.len, &item, &sim);
+    /* a leaked question may be any user turn, not only the first */
+    for (i = rec->question ? 0 : 1; !hit && i < rec->n_turns; i++)
+        if (strcmp(rec->turns[i].key, "user") == 0)
+            hit = kmed_data_decontam_check(&R->decon, NULL, 0, rec->turns[i].text,
+                                           strlen(rec->turns[i].text), &item, &sim);
     if (hit) {
         if (hit == 3)
             snprintf(detail, sizeof detail, "near-duplicate of eval item %s (Jaccard ~%.2f)",
                      R->decon.ids[item], sim);
+        else if (hit == 4)
+            snprintf(detail, sizeof detail, "contains the whole question of eval item %s",
+                     R->decon.ids[item]);
         else
             snprintf(detail, sizeof detail, "shares a %d-%s n-gram with eval item %s",
                      hit == 1 ? R->decon.cfg.word_n : R->decon.cfg.char_n,
@@ -20091,6 +21389,7 @@ static kmed_result kmed__data_one(kmed__data_run *R, size_t si, kmed_data_record
         return kmed__data_drop(R, sr, rec->id, KMED_DATA_DROP_MIX, detail, err);
     }
     sr->n_kept++;
+    if ((r = kmed__data_kept_notes(R, sr, rec, err))) return r;
     /* the split follows the id, so a record keeps its side when sources change */
     {
         double vf = cfg->val_fraction == 0 ? 0.05 : cfg->val_fraction;
@@ -20241,8 +21540,19 @@ static kmed_result kmed__data_write(kmed__data_run *R, kmed_error *err)
         else R->rep->n_cpt_val++;
         if (pack) {
             kmed_json_doc doc = {0};
+            kmed_data_source_report *sr = &R->rep->sources[e->src];
+            size_t cut = pk[which].n_truncated, skipped = pk[which].n_no_target;
             r = kmed_json_parse(&doc, R->line.data, e->len, "spool", 0, err);
             if (!r) r = kmed_data_pack_add(&pk[which], doc.root, &pbuf[which], err);
+            sr->n_truncated += pk[which].n_truncated - cut;
+            sr->n_no_target += pk[which].n_no_target - skipped;
+            if (!r && pk[which].n_no_target != skipped) {
+                char detail[160], id[400]; /* the drop log reuses R->line, the doc's text */
+                snprintf(id, sizeof id, "%s", kmed_json_str(kmed_json_get(doc.root, "id"), "?"));
+                snprintf(detail, sizeof detail, "cut to %zu tokens (seq_len), no trained "
+                         "token left; not packed", pk[which].cfg.seq_len);
+                r = kmed__data_drop_log(R, id, sr->name, "pack", "no_target", detail, err);
+            }
             kmed_json_free(&doc);
             if (r) goto done;
             if (pbuf[which].len > ((size_t)1 << 20)) {
@@ -20291,6 +21601,16 @@ KMED_API kmed_result kmed_data_run(const kmed_data_config *cfg, kmed_data_report
     R.cb = cb;
     if (!cfg->out_dir[0]) return KMED__ERR(err, KMED_ERR_ARG, "no output directory");
     if (cfg->n_sources > 0xFFFF) return KMED__ERR(err, KMED_ERR_LIMIT, "too many sources");
+    {
+        size_t mn = cfg->min_chars ? cfg->min_chars : KMED__DATA_MIN_CHARS;
+        size_t mx = cfg->max_chars ? cfg->max_chars : KMED__DATA_MAX_CHARS;
+        if (mn > mx)
+            return KMED__ERR(err, KMED_ERR_ARG, "min_chars (%zu) is above max_chars (%zu)", mn,
+                             mx);
+        if (!(cfg->val_fraction < 1))
+            return KMED__ERR(err, KMED_ERR_ARG, "val_fraction (%g) must be below 1",
+                             cfg->val_fraction);
+    }
     for (si = 0; si < cfg->n_sources; si++)
         if (cfg->sources[si].kind == KMED_DATA_DICT &&
             (cfg->sources[si].format == KMED_DATA_FMT_SFT ||
@@ -20421,6 +21741,18 @@ done:
     return r;
 }
 
+/* The report's "cleaned", "left_out" and "packing" members (per source and in total). */
+static void kmed__data_report_extra(kmed_buf *out, const size_t *cleaned, const size_t *left,
+                                    size_t truncated, size_t no_target)
+{
+    kmed_buf_printf(out, "\"cleaned\":{\"html\":%zu,\"entities\":%zu,\"controls\":%zu,"
+                    "\"nfc\":%zu},\"left_out\":{\"leading_assistant\":%zu,\"trailing_user\":%zu,"
+                    "\"system\":%zu},\"packing\":{\"truncated\":%zu,\"no_target\":%zu}",
+                    cleaned[0], cleaned[1], cleaned[2], cleaned[3], left[KMED_DATA_LEFT_LEADING],
+                    left[KMED_DATA_LEFT_TRAILING], left[KMED_DATA_LEFT_SYSTEM], truncated,
+                    no_target);
+}
+
 KMED_API void kmed_data_report_json(const kmed_data_report *rep, kmed_buf *out)
 {
     size_t si;
@@ -20440,15 +21772,40 @@ KMED_API void kmed_data_report_json(const kmed_data_report *rep, kmed_buf *out)
             dropped += s->n_drop[d];
         }
         kmed_buf_printf(out, "},\"dropped_total\":%zu,\"flagged\":%zu,\"examples_train\":%zu,"
-                        "\"examples_val\":%zu}", dropped, s->n_flagged, s->n_examples_train,
+                        "\"examples_val\":%zu,", dropped, s->n_flagged, s->n_examples_train,
                         s->n_examples_val);
+        kmed__data_report_extra(out, s->n_cleaned, s->n_left_out, s->n_truncated,
+                                s->n_no_target);
+        if (s->n_subsets) {
+            size_t j;
+            kmed_buf_puts(out, ",\"subsets\":{");
+            for (j = 0; j < s->n_subsets; j++) {
+                if (j) kmed_buf_put(out, ",", 1);
+                kmed_buf_json_str(out, s->subsets[j].name, strlen(s->subsets[j].name));
+                kmed_buf_printf(out, ":%zu", s->subsets[j].n_kept);
+            }
+            kmed_buf_put(out, "}", 1);
+        }
+        kmed_buf_put(out, "}", 1);
     }
     kmed_buf_printf(out, "\n  ],\n  \"totals\": {\"in\":%zu,\"kept\":%zu,\"dropped\":{",
                     rep->n_in, rep->n_kept);
     for (d = 0; d < KMED_DATA_DROP_N; d++)
         kmed_buf_printf(out, "%s\"%s\":%zu", d ? "," : "",
                         kmed_data_drop_name((kmed_data_drop)d), rep->n_drop[d]);
-    kmed_buf_printf(out, "}},\n  \"stages\": {");
+    {
+        size_t cl[4] = {0}, lo[KMED_DATA_LEFT_N] = {0}, tr = 0, nt = 0;
+        for (si = 0; si < rep->n_sources; si++) {
+            const kmed_data_source_report *s = &rep->sources[si];
+            for (k = 0; k < 4; k++) cl[k] += s->n_cleaned[k];
+            for (k = 0; k < KMED_DATA_LEFT_N; k++) lo[k] += s->n_left_out[k];
+            tr += s->n_truncated;
+            nt += s->n_no_target;
+        }
+        kmed_buf_puts(out, "},");
+        kmed__data_report_extra(out, cl, lo, tr, nt);
+    }
+    kmed_buf_printf(out, "},\n  \"stages\": {");
     for (d = 0; d < KMED_DATA_DROP_N; d++)
         kmed_buf_printf(out, "%s\"%s\":\"%s\"", d ? "," : "",
                         kmed_data_drop_name((kmed_data_drop)d),
@@ -20525,6 +21882,32 @@ KMED_API void kmed_data_report_table(const kmed_data_report *rep, kmed_buf *out)
             kmed_buf_printf(out, "packed %-9s %6zu sequences, %9zu tokens, %9zu trained\n",
                             kmed__data_out_names[k], rep->n_seqs[k], rep->n_tokens[k],
                             rep->n_trained[k]);
+    /* per source, what changed inside kept records (shown where anything did) */
+    for (si = 0; si < rep->n_sources; si++) {
+        const kmed_data_source_report *s = &rep->sources[si];
+        size_t j;
+        if (s->n_cleaned[0] + s->n_cleaned[1] + s->n_cleaned[2] + s->n_cleaned[3])
+            kmed_buf_printf(out, "%-*s cleaned: html %zu, entities %zu, controls %zu, nfc %zu "
+                            "records\n", w, s->name, s->n_cleaned[0], s->n_cleaned[1],
+                            s->n_cleaned[2], s->n_cleaned[3]);
+        if (s->n_left_out[0] + s->n_left_out[1] + s->n_left_out[2])
+            kmed_buf_printf(out, "%-*s turns left out: %zu leading assistant, %zu trailing "
+                            "user, %zu system\n", w, s->name,
+                            s->n_left_out[KMED_DATA_LEFT_LEADING],
+                            s->n_left_out[KMED_DATA_LEFT_TRAILING],
+                            s->n_left_out[KMED_DATA_LEFT_SYSTEM]);
+        if (s->n_truncated)
+            kmed_buf_printf(out, "%-*s packing: %zu examples cut to seq_len, %zu of them with "
+                            "nothing trained (skipped)\n", w, s->name, s->n_truncated,
+                            s->n_no_target);
+        if (s->n_subsets) {
+            kmed_buf_printf(out, "%-*s kept per subset:", w, s->name);
+            for (j = 0; j < s->n_subsets; j++)
+                kmed_buf_printf(out, "%s %s %zu", j ? "," : "", s->subsets[j].name,
+                                s->subsets[j].n_kept);
+            kmed_buf_put(out, "\n", 1);
+        }
+    }
 }
 
 KMED_API void kmed_data_report_free(kmed_data_report *rep)
@@ -20614,25 +21997,56 @@ static int kmed__mcqa_parse_answer(const char *s)
     return (*end || v < 1 || v > 5) ? 0 : (int)v;
 }
 
-static const char *kmed__mcqa_subset_from_name(const char *path)
+/* Whether s[0..n) contains `word` (lowercase ASCII letters) in any case. */
+static int kmed__mcqa_has_ci(const char *s, size_t n, const char *word)
 {
-    const char *base = strrchr(path, '/');
+    size_t m = strlen(word), i, k;
+    for (i = 0; i + m <= n; i++) {
+        for (k = 0; k < m && (s[i + k] | 0x20) == word[k]; k++) {}
+        if (k == m) return 1;
+    }
+    return 0;
+}
+
+/* The standard subset that s[0..n) is, in any case ("Doctor"), or NULL. */
+static const char *kmed__mcqa_std_subset(const char *s, size_t n)
+{
     size_t k;
-    base = base ? base + 1 : path;
-    for (k = 0; k < sizeof kmed__mcqa_subsets / sizeof *kmed__mcqa_subsets; k++)
-        if (strstr(base, kmed__mcqa_subsets[k])) return kmed__mcqa_subsets[k];
+    for (k = 0; k < 4; k++)
+        if (strlen(kmed__mcqa_subsets[k]) == n && kmed__mcqa_has_ci(s, n, kmed__mcqa_subsets[k]))
+            return kmed__mcqa_subsets[k];
     return NULL;
 }
 
+/* A standard subset named in the file name, else in its directory's name: the HF layouts
+   doctor_test.jsonl, DOCTOR.JSONL and doctor/test.jsonl. */
+static const char *kmed__mcqa_subset_from_path(const char *path)
+{
+    const char *base = strrchr(path, '/'), *dir;
+    size_t k, pass;
+    base = base ? base + 1 : path;
+    for (dir = base > path ? base - 1 : base; dir > path && dir[-1] != '/'; dir--) {}
+    for (pass = 0; pass < 2; pass++)
+        for (k = 0; k < 4; k++)
+            if (pass == 0 ? kmed__mcqa_has_ci(base, strlen(base), kmed__mcqa_subsets[k])
+                          : kmed__mcqa_has_ci(dir, (size_t)(base - dir), kmed__mcqa_subsets[k]))
+                return kmed__mcqa_subsets[k];
+    return NULL;
+}
+
+/* Adds one item: line (1-based) for JSONL and CSV, item (0-based) + 1 for a JSON array. */
 static kmed_result kmed__mcqa_add(kmed_mcqa_set *set, const kmed__mcqa_src *s, const char *path,
-                                  size_t line, const char *subset, kmed_error *err)
+                                  size_t line, size_t item, const char *subset, kmed_error *err)
 {
     static const char *const names[KMED_MCQA_NOPT] = {"A", "B", "C", "D", "E"};
     kmed_mcqa_item it;
     kmed_buf f = {0};
     kmed_result r = KMED_OK;
+    const char *name = NULL, *std;
+    char at[40] = ""; /* "item N: " before each message about an array item */
     int k;
     memset(&it, 0, sizeof it);
+    if (item) snprintf(at, sizeof at, "item %zu: ", item - 1);
     if (set->n == set->cap) {
         size_t cap = set->cap ? set->cap * 2 : 256;
         kmed_mcqa_item *p = (kmed_mcqa_item *)KMED_REALLOC(set->items, cap * sizeof *p);
@@ -20641,30 +22055,38 @@ static kmed_result kmed__mcqa_add(kmed_mcqa_set *set, const kmed__mcqa_src *s, c
         set->cap = cap;
     }
     if (!kmed__mcqa_field(s, "question", &f)) {
-        r = kmed_error_set(err, KMED_ERR_FORMAT, path, line, (size_t)-1, "missing field 'question'");
+        r = kmed_error_set(err, KMED_ERR_FORMAT, path, line, (size_t)-1,
+                           "%smissing field 'question'", at);
         goto done;
     }
     it.question = kmed__mcqa_dup(f.data);
     for (k = 0; k < KMED_MCQA_NOPT; k++) {
         if (!kmed__mcqa_field(s, names[k], &f)) {
             r = kmed_error_set(err, KMED_ERR_FORMAT, path, line, (size_t)-1,
-                               "missing option '%s'", names[k]);
+                               "%smissing option '%s'", at, names[k]);
             goto done;
         }
         it.opt[k] = kmed__mcqa_dup(f.data);
     }
     if (!kmed__mcqa_field(s, "answer", &f) || !(it.answer = kmed__mcqa_parse_answer(f.data))) {
         r = kmed_error_set(err, KMED_ERR_FORMAT, path, line, (size_t)-1,
-                           "answer '%s' is not 1-5 (or A-E)", f.data ? f.data : "");
+                           "%sanswer '%s' is not 1-5 (or A-E)", at, f.data ? f.data : "");
         goto done;
     }
-    if (subset) kmed_buf_puts(&f, ""), f.len = 0, kmed_buf_puts(&f, subset);
-    else if (!kmed__mcqa_field(s, "subset", &f) || !f.len) {
-        const char *fromname = kmed__mcqa_subset_from_name(path);
-        f.len = 0;
-        kmed_buf_puts(&f, fromname ? fromname : "other");
+    if (kmed__mcqa_field(s, "subset", &f) && f.len) name = f.data;
+    else if (kmed__mcqa_field(s, "subject", &f) && kmed__mcqa_std_subset(f.data, f.len))
+        name = f.data;
+    if (!name) name = kmed__mcqa_subset_from_path(path);
+    if (!name && subset && *subset) name = subset;
+    if (!name) name = "other";
+    if ((std = kmed__mcqa_std_subset(name, strlen(name))) != NULL) name = std; /* "Doctor" */
+    if (strlen(name) > KMED_MCQA_NAME_MAX) {
+        r = kmed_error_set(err, KMED_ERR_LIMIT, path, line, (size_t)-1,
+                           "%ssubset name '%.40s...' is longer than %d bytes", at, name,
+                           KMED_MCQA_NAME_MAX);
+        goto done;
     }
-    it.subset = kmed__mcqa_dup(f.data);
+    it.subset = kmed__mcqa_dup(name);
     kmed__mcqa_field(s, "subject", &f);
     it.subject = kmed__mcqa_dup(f.data ? f.data : "");
     kmed__mcqa_field(s, "period", &f);
@@ -20684,7 +22106,8 @@ static kmed_result kmed__mcqa_add(kmed_mcqa_set *set, const kmed__mcqa_src *s, c
     } else {
         const char *base = strrchr(path, '/');
         f.len = 0;
-        kmed_buf_printf(&f, "%s:%zu", base ? base + 1 : path, line);
+        if (item) kmed_buf_printf(&f, "%s[%zu]", base ? base + 1 : path, item - 1);
+        else kmed_buf_printf(&f, "%s:%zu", base ? base + 1 : path, line);
         it.id = kmed__mcqa_dup(f.data);
     }
     if (f.failed || !it.id || !it.subset || !it.subject || !it.period || !it.question) {
@@ -20702,10 +22125,82 @@ done:
     return KMED_OK;
 }
 
+/* Whether s ends in suffix (lowercase ASCII) in any case. */
 static int kmed__mcqa_ends_with(const char *s, const char *suffix)
 {
     size_t n = strlen(s), m = strlen(suffix);
-    return n >= m && strcmp(s + n - m, suffix) == 0;
+    return n >= m && kmed__mcqa_has_ci(s + n - m, m, suffix);
+}
+
+static uint64_t kmed__mcqa_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    while (*s) h = (h ^ (unsigned char)*s++) * 1099511628211ull;
+    return h;
+}
+
+/* Renames repeated ids in place: the second "x" becomes "x#2", the next "x#3" (skipping
+   names already taken), so predictions of two runs pair one to one by id. */
+static kmed_result kmed__mcqa_unique_ids(kmed_mcqa_set *set, const char *path, kmed_error *err)
+{
+    size_t cap = 16, mask, i, *slot; /* open addressing; slot holds item index + 1 */
+    kmed_buf b = {0};
+    kmed_result r = KMED_OK;
+    while (cap < 2 * set->n) cap *= 2;
+    mask = cap - 1;
+    if (!(slot = (size_t *)kmed__calloc(cap, sizeof *slot)))
+        return KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
+    for (i = 0; i < set->n && r == KMED_OK; i++) {
+        kmed_mcqa_item *it = &set->items[i];
+        const char *id = it->id;
+        int k = 1;
+        for (;;) {
+            size_t h = (size_t)kmed__mcqa_hash(id) & mask;
+            while (slot[h] && strcmp(set->items[slot[h] - 1].id, id) != 0) h = (h + 1) & mask;
+            if (!slot[h]) {
+                if (id != it->id) {
+                    char *copy = kmed__mcqa_dup(id);
+                    if (!copy) {
+                        r = KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory");
+                        break;
+                    }
+                    KMED_FREE(it->id);
+                    it->id = copy;
+                }
+                slot[h] = i + 1;
+                break;
+            }
+            b.len = 0;
+            kmed_buf_printf(&b, "%s#%d", it->id, ++k);
+            if (b.failed) { r = KMED__ERRF(err, KMED_ERR_NOMEM, path, "out of memory"); break; }
+            id = b.data;
+        }
+    }
+    KMED_FREE(slot);
+    kmed_buf_free(&b);
+    return r;
+}
+
+/* The distinct subsets of set in report order (the standard four in their order, then the
+   others as they first appear) into names[0..KMED_MCQA_MAX_SUBSETS); returns their count,
+   or KMED_MCQA_MAX_SUBSETS + 1 when they do not fit. */
+static size_t kmed__mcqa_subset_list(const kmed_mcqa_set *set, const char **names)
+{
+    size_t i, j, n = 0, k;
+    for (k = 0; k < 4; k++)
+        for (i = 0; i < set->n; i++)
+            if (strcmp(set->items[i].subset, kmed__mcqa_subsets[k]) == 0) {
+                names[n++] = kmed__mcqa_subsets[k];
+                break;
+            }
+    for (i = 0; i < set->n; i++) {
+        const char *s = set->items[i].subset;
+        for (j = 0; j < n && strcmp(names[j], s) != 0; j++) {}
+        if (j < n) continue;
+        if (n == KMED_MCQA_MAX_SUBSETS) return n + 1;
+        names[n++] = s;
+    }
+    return n;
 }
 
 KMED_API kmed_result kmed_mcqa_load(kmed_mcqa_set *set, const char *path, const char *subset,
@@ -20713,29 +22208,40 @@ KMED_API kmed_result kmed_mcqa_load(kmed_mcqa_set *set, const char *path, const 
 {
     kmed_result r = KMED_OK;
     size_t n0 = set->n;
+    char *text = NULL;
+    size_t len = 0, i = 0;
+    int json = kmed__mcqa_ends_with(path, ".json");
+    if (json) { /* a JSON array, or JSON Lines under a .json name (HF's to_json default) */
+        if ((r = kmed_file_read(path, 0, &text, &len, err)) != KMED_OK) return r;
+        if (len >= 3 && memcmp(text, "\xef\xbb\xbf", 3) == 0) i = 3;
+        while (i < len && (text[i] == ' ' || text[i] == '\t' || text[i] == '\n' || text[i] == '\r'))
+            i++;
+        if (i == len || text[i] != '[') {
+            kmed_free(text);
+            text = NULL;
+            json = 0;
+        }
+    }
     if (kmed__mcqa_ends_with(path, ".csv")) {
         kmed_csv c;
         int eof = 0;
         if ((r = kmed_csv_open(&c, path, err)) != KMED_OK) return r;
         while ((r = kmed_csv_next(&c, &eof, err)) == KMED_OK && !eof) {
             kmed__mcqa_src s = {NULL, &c};
-            if ((r = kmed__mcqa_add(set, &s, path, c.row_line, subset, err)) != KMED_OK) break;
+            if ((r = kmed__mcqa_add(set, &s, path, c.row_line, 0, subset, err)) != KMED_OK) break;
         }
         kmed_csv_close(&c);
-    } else if (kmed__mcqa_ends_with(path, ".json")) {
-        char *text;
-        size_t len, i;
+    } else if (json) {
         kmed_json_doc doc = {0};
-        if ((r = kmed_file_read(path, 0, &text, &len, err)) != KMED_OK) return r;
         r = kmed_json_parse(&doc, text, len, path, 0, err);
         if (r == KMED_OK && doc.root->type != KMED_JSON_ARRAY)
             r = KMED__ERRF(err, KMED_ERR_FORMAT, path, "expected a JSON array of items");
         for (i = 0; r == KMED_OK && i < doc.root->len; i++) {
             kmed__mcqa_src s = {&doc.root->kids[i], NULL};
             if (s.obj->type != KMED_JSON_OBJECT)
-                r = KMED__ERRF(err, KMED_ERR_FORMAT, path, "item %zu is not an object", i);
+                r = KMED__ERRF(err, KMED_ERR_FORMAT, path, "item %zu: not an object", i);
             else
-                r = kmed__mcqa_add(set, &s, path, 0, subset, err);
+                r = kmed__mcqa_add(set, &s, path, 0, i + 1, subset, err);
         }
         kmed_json_free(&doc);
         kmed_free(text);
@@ -20751,10 +22257,19 @@ KMED_API kmed_result kmed_mcqa_load(kmed_mcqa_set *set, const char *path, const 
                                    "expected a JSON object");
                 break;
             }
-            if ((r = kmed__mcqa_add(set, &s, path, jl.lines.line, subset, err)) != KMED_OK) break;
+            if ((r = kmed__mcqa_add(set, &s, path, jl.lines.line, 0, subset, err)) != KMED_OK)
+                break;
         }
         kmed_jsonl_close(&jl);
     }
+    if (r == KMED_OK && set->n == n0) r = KMED__ERRF(err, KMED_ERR_FORMAT, path, "no items");
+    if (r == KMED_OK) {
+        const char *names[KMED_MCQA_MAX_SUBSETS];
+        if (kmed__mcqa_subset_list(set, names) > KMED_MCQA_MAX_SUBSETS)
+            r = KMED__ERRF(err, KMED_ERR_LIMIT, path, "the items make more than %d subsets",
+                           KMED_MCQA_MAX_SUBSETS);
+    }
+    if (r == KMED_OK) r = kmed__mcqa_unique_ids(set, path, err);
     if (r != KMED_OK) kmed_mcqa_truncate(set, n0); /* all or nothing */
     return r;
 }
@@ -20892,26 +22407,90 @@ static int kmed__mcqa_is_space(uint32_t c)
            c == 0x202f || c == 0x205f || c == 0x3000;
 }
 
-/* Python's \w for str patterns, approximated: ASCII alphanumerics and '_', and non-ASCII
-   code points outside the punctuation, symbol and space blocks (letters and digits of
-   every script, Hangul included). */
+/* Python's \w for str patterns above ASCII: the code points of Unicode categories L* and N*
+   (str.isalnum), as inclusive ranges from Python 3.11 (Unicode 14); ranges that only
+   unassigned code points separate are joined. Combining marks (M*) are not word
+   characters, as in Python. */
+static const uint32_t kmed__mcqa_word_ranges[] = {
+    0xaa,0xaa, 0xb2,0xb3, 0xb5,0xb5, 0xb9,0xba, 0xbc,0xbe, 0xc0,0xd6, 0xd8,0xf6, 0xf8,0x2c1,
+    0x2c6,0x2d1, 0x2e0,0x2e4, 0x2ec,0x2ec, 0x2ee,0x2ee, 0x370,0x374, 0x376,0x37d, 0x37f,0x37f,
+    0x386,0x386, 0x388,0x3f5, 0x3f7,0x481, 0x48a,0x559, 0x560,0x588, 0x5d0,0x5f2, 0x620,0x64a,
+    0x660,0x669, 0x66e,0x66f, 0x671,0x6d3, 0x6d5,0x6d5, 0x6e5,0x6e6, 0x6ee,0x6fc, 0x6ff,0x6ff,
+    0x710,0x710, 0x712,0x72f, 0x74d,0x7a5, 0x7b1,0x7ea, 0x7f4,0x7f5, 0x7fa,0x7fa, 0x800,0x815,
+    0x81a,0x81a, 0x824,0x824, 0x828,0x828, 0x840,0x858, 0x860,0x887, 0x889,0x88e, 0x8a0,0x8c9,
+    0x904,0x939, 0x93d,0x93d, 0x950,0x950, 0x958,0x961, 0x966,0x96f, 0x971,0x980, 0x985,0x9b9,
+    0x9bd,0x9bd, 0x9ce,0x9ce, 0x9dc,0x9e1, 0x9e6,0x9f1, 0x9f4,0x9f9, 0x9fc,0x9fc, 0xa05,0xa39,
+    0xa59,0xa6f, 0xa72,0xa74, 0xa85,0xab9, 0xabd,0xabd, 0xad0,0xae1, 0xae6,0xaef, 0xaf9,0xaf9,
+    0xb05,0xb39, 0xb3d,0xb3d, 0xb5c,0xb61, 0xb66,0xb6f, 0xb71,0xb77, 0xb83,0xbb9, 0xbd0,0xbd0,
+    0xbe6,0xbf2, 0xc05,0xc39, 0xc3d,0xc3d, 0xc58,0xc61, 0xc66,0xc6f, 0xc78,0xc7e, 0xc80,0xc80,
+    0xc85,0xcb9, 0xcbd,0xcbd, 0xcdd,0xce1, 0xce6,0xcf2, 0xd04,0xd3a, 0xd3d,0xd3d, 0xd4e,0xd4e,
+    0xd54,0xd56, 0xd58,0xd61, 0xd66,0xd78, 0xd7a,0xd7f, 0xd85,0xdc6, 0xde6,0xdef, 0xe01,0xe30,
+    0xe32,0xe33, 0xe40,0xe46, 0xe50,0xe59, 0xe81,0xeb0, 0xeb2,0xeb3, 0xebd,0xec6, 0xed0,0xf00,
+    0xf20,0xf33, 0xf40,0xf6c, 0xf88,0xf8c, 0x1000,0x102a, 0x103f,0x1049, 0x1050,0x1055,
+    0x105a,0x105d, 0x1061,0x1061, 0x1065,0x1066, 0x106e,0x1070, 0x1075,0x1081, 0x108e,0x108e,
+    0x1090,0x1099, 0x10a0,0x10fa, 0x10fc,0x135a, 0x1369,0x138f, 0x13a0,0x13fd, 0x1401,0x166c,
+    0x166f,0x167f, 0x1681,0x169a, 0x16a0,0x16ea, 0x16ee,0x1711, 0x171f,0x1731, 0x1740,0x1751,
+    0x1760,0x1770, 0x1780,0x17b3, 0x17d7,0x17d7, 0x17dc,0x17dc, 0x17e0,0x17f9, 0x1810,0x1884,
+    0x1887,0x18a8, 0x18aa,0x191e, 0x1946,0x19da, 0x1a00,0x1a16, 0x1a20,0x1a54, 0x1a80,0x1a99,
+    0x1aa7,0x1aa7, 0x1b05,0x1b33, 0x1b45,0x1b59, 0x1b83,0x1ba0, 0x1bae,0x1be5, 0x1c00,0x1c23,
+    0x1c40,0x1c7d, 0x1c80,0x1cbf, 0x1ce9,0x1cec, 0x1cee,0x1cf3, 0x1cf5,0x1cf6, 0x1cfa,0x1dbf,
+    0x1e00,0x1fbc, 0x1fbe,0x1fbe, 0x1fc2,0x1fcc, 0x1fd0,0x1fdb, 0x1fe0,0x1fec, 0x1ff2,0x1ffc,
+    0x2070,0x2079, 0x207f,0x2089, 0x2090,0x209c, 0x2102,0x2102, 0x2107,0x2107, 0x210a,0x2113,
+    0x2115,0x2115, 0x2119,0x211d, 0x2124,0x2124, 0x2126,0x2126, 0x2128,0x2128, 0x212a,0x212d,
+    0x212f,0x2139, 0x213c,0x213f, 0x2145,0x2149, 0x214e,0x214e, 0x2150,0x2189, 0x2460,0x249b,
+    0x24ea,0x24ff, 0x2776,0x2793, 0x2c00,0x2ce4, 0x2ceb,0x2cee, 0x2cf2,0x2cf3, 0x2cfd,0x2cfd,
+    0x2d00,0x2d6f, 0x2d80,0x2dde, 0x2e2f,0x2e2f, 0x3005,0x3007, 0x3021,0x3029, 0x3031,0x3035,
+    0x3038,0x303c, 0x3041,0x3096, 0x309d,0x309f, 0x30a1,0x30fa, 0x30fc,0x318e, 0x3192,0x3195,
+    0x31a0,0x31bf, 0x31f0,0x31ff, 0x3220,0x3229, 0x3248,0x324f, 0x3251,0x325f, 0x3280,0x3289,
+    0x32b1,0x32bf, 0x3400,0x4dbf, 0x4e00,0xa48c, 0xa4d0,0xa4fd, 0xa500,0xa60c, 0xa610,0xa66e,
+    0xa67f,0xa69d, 0xa6a0,0xa6ef, 0xa717,0xa71f, 0xa722,0xa788, 0xa78b,0xa801, 0xa803,0xa805,
+    0xa807,0xa80a, 0xa80c,0xa822, 0xa830,0xa835, 0xa840,0xa873, 0xa882,0xa8b3, 0xa8d0,0xa8d9,
+    0xa8f2,0xa8f7, 0xa8fb,0xa8fb, 0xa8fd,0xa8fe, 0xa900,0xa925, 0xa930,0xa946, 0xa960,0xa97c,
+    0xa984,0xa9b2, 0xa9cf,0xa9d9, 0xa9e0,0xa9e4, 0xa9e6,0xaa28, 0xaa40,0xaa42, 0xaa44,0xaa4b,
+    0xaa50,0xaa59, 0xaa60,0xaa76, 0xaa7a,0xaa7a, 0xaa7e,0xaaaf, 0xaab1,0xaab1, 0xaab5,0xaab6,
+    0xaab9,0xaabd, 0xaac0,0xaac0, 0xaac2,0xaadd, 0xaae0,0xaaea, 0xaaf2,0xaaf4, 0xab01,0xab5a,
+    0xab5c,0xab69, 0xab70,0xabe2, 0xabf0,0xd7fb, 0xf900,0xfb1d, 0xfb1f,0xfb28, 0xfb2a,0xfbb1,
+    0xfbd3,0xfd3d, 0xfd50,0xfdc7, 0xfdf0,0xfdfb, 0xfe70,0xfefc, 0xff10,0xff19, 0xff21,0xff3a,
+    0xff41,0xff5a, 0xff66,0xffdc, 0x10000,0x100fa, 0x10107,0x10133, 0x10140,0x10178,
+    0x1018a,0x1018b, 0x10280,0x102d0, 0x102e1,0x10375, 0x10380,0x1039d, 0x103a0,0x103cf,
+    0x103d1,0x10563, 0x10570,0x10855, 0x10858,0x10876, 0x10879,0x1091b, 0x10920,0x10939,
+    0x10980,0x10a00, 0x10a10,0x10a35, 0x10a40,0x10a48, 0x10a60,0x10a7e, 0x10a80,0x10ac7,
+    0x10ac9,0x10ae4, 0x10aeb,0x10aef, 0x10b00,0x10b35, 0x10b40,0x10b91, 0x10ba9,0x10d23,
+    0x10d30,0x10ea9, 0x10eb0,0x10f45, 0x10f51,0x10f54, 0x10f70,0x10f81, 0x10fb0,0x10ff6,
+    0x11003,0x11037, 0x11052,0x1106f, 0x11071,0x11072, 0x11075,0x11075, 0x11083,0x110af,
+    0x110d0,0x110f9, 0x11103,0x11126, 0x11136,0x1113f, 0x11144,0x11144, 0x11147,0x11172,
+    0x11176,0x11176, 0x11183,0x111b2, 0x111c1,0x111c4, 0x111d0,0x111da, 0x111dc,0x111dc,
+    0x111e1,0x1122b, 0x11280,0x112a8, 0x112b0,0x112de, 0x112f0,0x112f9, 0x11305,0x11339,
+    0x1133d,0x1133d, 0x11350,0x11350, 0x1135d,0x11361, 0x11400,0x11434, 0x11447,0x1144a,
+    0x11450,0x11459, 0x1145f,0x114af, 0x114c4,0x114c5, 0x114c7,0x115ae, 0x115d8,0x115db,
+    0x11600,0x1162f, 0x11644,0x11659, 0x11680,0x116aa, 0x116b8,0x116b8, 0x116c0,0x1171a,
+    0x11730,0x1173b, 0x11740,0x1182b, 0x118a0,0x1192f, 0x1193f,0x1193f, 0x11941,0x11941,
+    0x11950,0x119d0, 0x119e1,0x119e1, 0x119e3,0x119e3, 0x11a00,0x11a00, 0x11a0b,0x11a32,
+    0x11a3a,0x11a3a, 0x11a50,0x11a50, 0x11a5c,0x11a89, 0x11a9d,0x11a9d, 0x11ab0,0x11c2e,
+    0x11c40,0x11c40, 0x11c50,0x11c6c, 0x11c72,0x11c8f, 0x11d00,0x11d30, 0x11d46,0x11d46,
+    0x11d50,0x11d89, 0x11d98,0x11ef2, 0x11fb0,0x11fd4, 0x12000,0x1246e, 0x12480,0x12ff0,
+    0x13000,0x1342e, 0x14400,0x16a69, 0x16a70,0x16aed, 0x16b00,0x16b2f, 0x16b40,0x16b43,
+    0x16b50,0x16e96, 0x16f00,0x16f4a, 0x16f50,0x16f50, 0x16f93,0x16fe1, 0x16fe3,0x16fe3,
+    0x17000,0x1bc99, 0x1d2e0,0x1d2f3, 0x1d360,0x1d6c0, 0x1d6c2,0x1d6da, 0x1d6dc,0x1d6fa,
+    0x1d6fc,0x1d714, 0x1d716,0x1d734, 0x1d736,0x1d74e, 0x1d750,0x1d76e, 0x1d770,0x1d788,
+    0x1d78a,0x1d7a8, 0x1d7aa,0x1d7c2, 0x1d7c4,0x1d7ff, 0x1df00,0x1df1e, 0x1e100,0x1e12c,
+    0x1e137,0x1e14e, 0x1e290,0x1e2ad, 0x1e2c0,0x1e2eb, 0x1e2f0,0x1e2f9, 0x1e7e0,0x1e8cf,
+    0x1e900,0x1e943, 0x1e94b,0x1e959, 0x1ec71,0x1ecab, 0x1ecad,0x1ecaf, 0x1ecb1,0x1ed2d,
+    0x1ed2f,0x1eebb, 0x1f100,0x1f10c, 0x1fbf0,0x3134a,
+};
+
 static int kmed__mcqa_is_word(uint32_t c)
 {
+    size_t lo = 0, hi = sizeof kmed__mcqa_word_ranges / sizeof *kmed__mcqa_word_ranges / 2;
     if (c < 0x80) return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') ||
                          (c >= 'a' && c <= 'z') || c == '_';
-    if (c < 0xc0) return c == 0xaa || c == 0xb2 || c == 0xb3 || c == 0xb5 || c == 0xb9 ||
-                         c == 0xba || (c >= 0xbc && c <= 0xbe);
-    if (c == 0xd7 || c == 0xf7) return 0;
-    if (kmed__mcqa_is_space(c)) return 0;
-    if (c >= 0x2000 && c <= 0x2bff) return 0;   /* punctuation, arrows, math, shapes */
-    if (c >= 0x3000 && c <= 0x303f) return c == 0x3005 || c == 0x3006 || c == 0x3007;
-    if (c >= 0xff00 && c <= 0xff0f) return 0;   /* fullwidth punctuation */
-    if (c >= 0xff1a && c <= 0xff20) return 0;
-    if (c >= 0xff3b && c <= 0xff40) return c == 0xff3f;
-    if (c >= 0xff5b && c <= 0xff65) return 0;
-    if (c >= 0xfe30 && c <= 0xfe6f) return 0;   /* CJK compatibility / small forms */
-    if (c >= 0x1f000 && c <= 0x1faff) return 0; /* emoji and symbols */
-    return 1;
+    while (lo < hi) { /* the first range whose end is >= c */
+        size_t mid = (lo + hi) / 2;
+        if (kmed__mcqa_word_ranges[2 * mid + 1] < c) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < sizeof kmed__mcqa_word_ranges / sizeof *kmed__mcqa_word_ranges / 2 &&
+           kmed__mcqa_word_ranges[2 * lo] <= c;
 }
 
 static int kmed__mcqa_letter(uint32_t c)
@@ -21031,25 +22610,23 @@ static void kmed__mcqa_acc_finish(kmed_mcqa_acc *a)
     kmed_mcqa_wilson(a->correct, a->n, 1.959963984540054, &a->lo, &a->hi);
 }
 
-KMED_API void kmed_mcqa_summarize(const kmed_mcqa_set *set, const kmed_mcqa_pred *preds,
-                                  kmed_mcqa_summary *s)
+KMED_API kmed_result kmed_mcqa_summarize(const kmed_mcqa_set *set, const kmed_mcqa_pred *preds,
+                                         kmed_mcqa_summary *s)
 {
-    static const char *const order[] = {"doctor", "nurse", "pharm", "dentist"};
-    size_t i, k;
+    const char *names[KMED_MCQA_MAX_SUBSETS];
+    size_t i, k, n = kmed__mcqa_subset_list(set, names);
     double macro = 0;
     memset(s, 0, sizeof *s);
+    if (n > KMED_MCQA_MAX_SUBSETS) return KMED_ERR_LIMIT;
+    for (k = 0; k < n; k++)
+        if (strlen(names[k]) > KMED_MCQA_NAME_MAX) return KMED_ERR_LIMIT;
     snprintf(s->overall.subset, sizeof s->overall.subset, "all");
-    for (k = 0; k < 4; k++) snprintf(s->sub[k].subset, sizeof s->sub[k].subset, "%s", order[k]);
-    s->n_subsets = 4;
+    for (k = 0; k < n; k++) snprintf(s->sub[k].subset, sizeof s->sub[k].subset, "%s", names[k]);
+    s->n_subsets = n;
     for (i = 0; i < set->n; i++) {
         const kmed_mcqa_item *it = &set->items[i];
         int ok = preds[i].pred == it->answer - 1;
-        for (k = 0; k < s->n_subsets; k++)
-            if (strcmp(s->sub[k].subset, it->subset) == 0) break;
-        if (k == s->n_subsets) {
-            if (k == KMED_MCQA_MAX_SUBSETS) k--; /* more kinds than slots: pool the rest */
-            else snprintf(s->sub[s->n_subsets++].subset, sizeof s->sub[k].subset, "%s", it->subset);
-        }
+        for (k = 0; strcmp(names[k], it->subset) != 0; k++) {}
         s->sub[k].n++;
         s->sub[k].correct += (size_t)ok;
         s->sub[k].unparsed += preds[i].pred < 0;
@@ -21057,16 +22634,13 @@ KMED_API void kmed_mcqa_summarize(const kmed_mcqa_set *set, const kmed_mcqa_pred
         s->overall.correct += (size_t)ok;
         s->overall.unparsed += preds[i].pred < 0;
     }
-    /* drop the standard subsets that have no items, keeping the order */
-    for (i = k = 0; i < s->n_subsets; i++)
-        if (s->sub[i].n) s->sub[k++] = s->sub[i];
-    s->n_subsets = k;
     for (k = 0; k < s->n_subsets; k++) {
         kmed__mcqa_acc_finish(&s->sub[k]);
         macro += s->sub[k].acc;
     }
     kmed__mcqa_acc_finish(&s->overall);
     s->macro = s->n_subsets ? macro / (double)s->n_subsets : 0;
+    return KMED_OK;
 }
 
 KMED_API void kmed_mcqa_pred_json(const kmed_mcqa_item *item, const kmed_mcqa_pred *p,
@@ -21099,14 +22673,89 @@ static const char *kmed__mcqa_metric(kmed_mcqa_method m)
            : m == KMED_MCQA_OPTION || m == KMED_MCQA_CLOZE ? "acc_norm" : "acc";
 }
 
-static void kmed__mcqa_result_json(kmed_buf *out, const char *task, const kmed_mcqa_acc *a,
-                                   const char *metric)
+/* lm-eval's filter name in "<metric>,<filter>": generate scores the extracted letter */
+static const char *kmed__mcqa_filter(kmed_mcqa_method m)
 {
-    double se = a->n > 1 ? sqrt(a->acc * (1 - a->acc) / (double)(a->n - 1)) : 0;
-    kmed_buf_printf(out, "\"%s\":{\"alias\":\"%s\",\"%s,none\":%.6f,\"%s_stderr,none\":%.6f,"
-                    "\"n\":%zu,\"correct\":%zu,\"unparsed\":%zu,\"ci95\":[%.6f,%.6f]}",
-                    task, task, metric, a->acc, metric, se, a->n, a->correct, a->unparsed,
-                    a->lo, a->hi);
+    return m == KMED_MCQA_GENERATE ? "extract-choice" : "none";
+}
+
+/* lm-eval's mean_stderr of 0/1 scores, sample stddev / sqrt(n) = sqrt(p(1-p)/(n-1));
+   -1 ("N/A") below 2 items, where it is undefined. */
+static double kmed__mcqa_stderr(const kmed_mcqa_acc *a)
+{
+    return a->n > 1 ? sqrt(a->acc * (1 - a->acc) / (double)(a->n - 1)) : -1;
+}
+
+/* lm-eval's pooled_sample_stderr for a group weighted by size:
+   sqrt(sum_i (n_i - 1) n_i se_i^2 / (N - k) / N) over k subsets of N items in all. */
+static double kmed__mcqa_pooled_stderr(const kmed_mcqa_summary *s)
+{
+    double num = 0, N = 0;
+    size_t k;
+    for (k = 0; k < s->n_subsets; k++) {
+        double se = kmed__mcqa_stderr(&s->sub[k]), n = (double)s->sub[k].n;
+        if (se < 0) return -1;
+        num += (n - 1) * se * se * n;
+        N += n;
+    }
+    return N > (double)s->n_subsets ? sqrt(num / (N - (double)s->n_subsets) / N) : -1;
+}
+
+/* x as Python's json writes a float: the shortest text that reads back to x, with a ".0"
+   on whole numbers (make_table formats floats only). */
+static void kmed__mcqa_json_num(kmed_buf *out, double x)
+{
+    char tmp[40];
+    int prec;
+    for (prec = 15; prec < 17; prec++) {
+        snprintf(tmp, sizeof tmp, "%.*g", prec, x);
+        if (strtod(tmp, NULL) == x) break;
+    }
+    snprintf(tmp, sizeof tmp, "%.*g", prec, x);
+    kmed_buf_puts(out, tmp);
+    if (!strpbrk(tmp, ".eEni")) kmed_buf_puts(out, ".0");
+}
+
+/* The task name "kormedmcqa_<subset>" (the group "kormedmcqa" for NULL), JSON-quoted. */
+static void kmed__mcqa_task_json(kmed_buf *out, const char *subset)
+{
+    kmed_buf t = {0};
+    kmed_buf_puts(&t, "kormedmcqa");
+    if (subset) kmed_buf_printf(&t, "_%s", subset);
+    if (t.failed) out->failed = 1;
+    else kmed_buf_json_str(out, t.data, t.len);
+    kmed_buf_free(&t);
+}
+
+/* "<task>":{"alias":..,"<metric>,<filter>":acc,"<metric>_stderr,<filter>":se}, nothing else,
+   since make_table formats every other key of the entry as a metric. */
+static void kmed__mcqa_result_json(kmed_buf *out, const char *subset, double acc, double se,
+                                   kmed_mcqa_method m)
+{
+    const char *metric = kmed__mcqa_metric(m), *filter = kmed__mcqa_filter(m);
+    kmed__mcqa_task_json(out, subset);
+    kmed_buf_puts(out, ":{\"alias\":");
+    kmed__mcqa_task_json(out, subset);
+    kmed_buf_printf(out, ",\"%s,%s\":", metric, filter);
+    kmed__mcqa_json_num(out, acc);
+    kmed_buf_printf(out, ",\"%s_stderr,%s\":", metric, filter);
+    if (se < 0) kmed_buf_puts(out, "\"N/A\"");
+    else kmed__mcqa_json_num(out, se);
+    kmed_buf_puts(out, "}");
+}
+
+/* The kmed block's counts of one subset or of all: "n", "correct", "unparsed",
+   "accuracy", "ci95". */
+static void kmed__mcqa_counts_json(kmed_buf *out, const kmed_mcqa_acc *a)
+{
+    kmed_buf_printf(out, "\"n\":%zu,\"correct\":%zu,\"unparsed\":%zu,\"accuracy\":", a->n,
+                    a->correct, a->unparsed);
+    kmed__mcqa_json_num(out, a->acc);
+    kmed_buf_puts(out, ",\"ci95\":[");
+    kmed__mcqa_json_num(out, a->lo);
+    kmed_buf_puts(out, ",");
+    kmed__mcqa_json_num(out, a->hi);
+    kmed_buf_puts(out, "]");
 }
 
 KMED_API void kmed_mcqa_report_json(const kmed_mcqa_summary *s, const kmed_mcqa_config *cfg,
@@ -21114,33 +22763,95 @@ KMED_API void kmed_mcqa_report_json(const kmed_mcqa_summary *s, const kmed_mcqa_
                                     kmed_buf *out)
 {
     const char *metric = kmed__mcqa_metric(cfg->method);
-    char task[64];
+    const char *method = cfg->method == KMED_MCQA_GENERATE ? "generate"
+                         : cfg->method == KMED_MCQA_OPTION ? "option"
+                         : cfg->method == KMED_MCQA_CLOZE  ? "cloze" : "letter";
+    double group_se = kmed__mcqa_pooled_stderr(s);
     size_t k;
+    int part;
     kmed_buf_puts(out, "{\"results\":{");
-    kmed__mcqa_result_json(out, "kormedmcqa", &s->overall, metric);
+    kmed__mcqa_result_json(out, NULL, s->overall.acc, group_se, cfg->method);
     for (k = 0; k < s->n_subsets; k++) {
-        snprintf(task, sizeof task, "kormedmcqa_%s", s->sub[k].subset);
         kmed_buf_puts(out, ",");
-        kmed__mcqa_result_json(out, task, &s->sub[k], metric);
+        kmed__mcqa_result_json(out, s->sub[k].subset, s->sub[k].acc,
+                               kmed__mcqa_stderr(&s->sub[k]), cfg->method);
     }
     kmed_buf_puts(out, "},\"groups\":{");
-    kmed__mcqa_result_json(out, "kormedmcqa", &s->overall, metric);
+    kmed__mcqa_result_json(out, NULL, s->overall.acc, group_se, cfg->method);
+    kmed_buf_puts(out, "},\"group_subtasks\":{\"kormedmcqa\":[");
+    for (k = 0; k < s->n_subsets; k++) {
+        if (k) kmed_buf_puts(out, ",");
+        kmed__mcqa_task_json(out, s->sub[k].subset);
+    }
+    kmed_buf_puts(out, "]");
+    for (k = 0; k < s->n_subsets; k++) {
+        kmed_buf_puts(out, ",");
+        kmed__mcqa_task_json(out, s->sub[k].subset);
+        kmed_buf_puts(out, ":[]");
+    }
+    kmed_buf_puts(out, "},\"configs\":{");
+    for (k = 0; k < s->n_subsets; k++) {
+        kmed_buf_puts(out, k ? ",": "");
+        kmed__mcqa_task_json(out, s->sub[k].subset);
+        kmed_buf_puts(out, ":{\"task\":");
+        kmed__mcqa_task_json(out, s->sub[k].subset);
+        kmed_buf_puts(out, ",\"dataset_path\":\"sean0042/KorMedMCQA\",\"dataset_name\":");
+        kmed_buf_json_str(out, s->sub[k].subset, strlen(s->sub[k].subset));
+        kmed_buf_printf(out, ",\"test_split\":\"test\",\"fewshot_split\":\"fewshot\","
+                        "\"num_fewshot\":%d,\"output_type\":\"%s\",\"metric_list\":[{\"metric\":"
+                        "\"%s\",\"aggregation\":\"mean\",\"higher_is_better\":true}],"
+                        "\"metadata\":{\"version\":2.0}}", cfg->shots,
+                        cfg->method == KMED_MCQA_GENERATE ? "generate_until" : "multiple_choice",
+                        metric);
+    }
+    /* versions, n-shot, higher_is_better: the group first, then one entry per task */
+    for (part = 0; part < 3; part++) {
+        static const char *const key[3] = {"versions", "n-shot", "higher_is_better"};
+        for (k = 0; k <= s->n_subsets; k++) {
+            if (k) kmed_buf_puts(out, ",");
+            else kmed_buf_printf(out, "},\"%s\":{", key[part]);
+            kmed__mcqa_task_json(out, k ? s->sub[k - 1].subset : NULL);
+            if (part == 0) kmed_buf_puts(out, k ? ":2.0" : ":0.0"); /* the yamls' versions */
+            else if (part == 1) kmed_buf_printf(out, ":%d", cfg->shots);
+            else kmed_buf_printf(out, ":{\"%s\":true}", metric);
+        }
+    }
     kmed_buf_puts(out, "},\"n-samples\":{");
-    for (k = 0; k < s->n_subsets; k++)
-        kmed_buf_printf(out, "%s\"kormedmcqa_%s\":{\"original\":%zu,\"effective\":%zu}",
-                        k ? "," : "", s->sub[k].subset, s->sub[k].n, s->sub[k].n);
+    for (k = 0; k < s->n_subsets; k++) {
+        kmed_buf_puts(out, k ? "," : "");
+        kmed__mcqa_task_json(out, s->sub[k].subset);
+        kmed_buf_printf(out, ":{\"original\":%zu,\"effective\":%zu}", s->sub[k].n, s->sub[k].n);
+    }
     kmed_buf_printf(out, "},\"config\":{\"model\":");
     kmed_buf_json_str(out, model_name ? model_name : "", model_name ? strlen(model_name) : 0);
     kmed_buf_printf(out, ",\"num_fewshot\":%d},\"kmed\":{\"method\":\"%s\",\"shots\":%d,"
-                    "\"chat\":%s,\"accuracy\":%.6f,\"macro_accuracy\":%.6f,\"ci95\":[%.6f,%.6f],"
-                    "\"unparsed\":%zu,\"predictions\":",
-                    cfg->shots, cfg->method == KMED_MCQA_GENERATE ? "generate"
-                                : cfg->method == KMED_MCQA_OPTION ? "option"
-                                : cfg->method == KMED_MCQA_CLOZE ? "cloze" : "letter",
-                    cfg->shots, cfg->chat ? "true" : "false", s->overall.acc, s->macro,
-                    s->overall.lo, s->overall.hi, s->overall.unparsed);
+                    "\"chat\":%s,\"macro_accuracy\":", cfg->shots, method, cfg->shots,
+                    cfg->chat ? "true" : "false");
+    kmed__mcqa_json_num(out, s->macro);
+    kmed_buf_puts(out, ",");
+    kmed__mcqa_counts_json(out, &s->overall);
+    kmed_buf_puts(out, ",\"subsets\":{");
+    for (k = 0; k < s->n_subsets; k++) {
+        kmed_buf_puts(out, k ? "," : "");
+        kmed_buf_json_str(out, s->sub[k].subset, strlen(s->sub[k].subset));
+        kmed_buf_puts(out, ":{");
+        kmed__mcqa_counts_json(out, &s->sub[k]);
+        kmed_buf_puts(out, "}");
+    }
+    kmed_buf_puts(out, "},\"predictions\":");
     kmed_buf_json_str(out, preds_path ? preds_path : "", preds_path ? strlen(preds_path) : 0);
     kmed_buf_puts(out, "}}\n");
+}
+
+/* s with &, <, >, " and ' as XML entities: SVG text and attribute values. */
+static void kmed__mcqa_xml(kmed_buf *out, const char *s)
+{
+    for (; *s; s++) {
+        const char *ent = *s == '&' ? "&amp;" : *s == '<' ? "&lt;" : *s == '>' ? "&gt;"
+                        : *s == '"' ? "&quot;" : *s == '\'' ? "&apos;" : NULL;
+        if (ent) kmed_buf_puts(out, ent);
+        else kmed_buf_put(out, s, 1);
+    }
 }
 
 KMED_API void kmed_mcqa_chart_svg(const kmed_mcqa_summary *runs, const char *const *labels,
@@ -21171,46 +22882,59 @@ KMED_API void kmed_mcqa_chart_svg(const kmed_mcqa_summary *runs, const char *con
             double y = top + ph * (1 - a->acc), ylo = top + ph * (1 - a->lo),
                    yhi = top + ph * (1 - a->hi);
             kmed_buf_printf(out, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" "
-                            "fill=\"%s\"><title>%s %s: %.1f%% (n=%zu)</title></rect>\n"
+                            "fill=\"%s\"><title>", x, y, bw * 0.95, top + ph - y, colors[r % 4]);
+            kmed__mcqa_xml(out, labels[r]);
+            kmed_buf_puts(out, " ");
+            kmed__mcqa_xml(out, name);
+            kmed_buf_printf(out, ": %.1f%% (n=%zu)</title></rect>\n"
                             "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"black\"/>\n"
                             "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"10\">"
                             "%.1f</text>\n",
-                            x, y, bw * 0.95, top + ph - y, colors[r % 4], labels[r], name,
                             100 * a->acc, a->n, x + bw * 0.475, x + bw * 0.475, ylo, yhi,
                             x + bw * 0.475, yhi - 3, 100 * a->acc);
         }
-        kmed_buf_printf(out, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n",
-                        left + gw * (double)g + gw / 2, top + ph + 16, name);
+        kmed_buf_printf(out, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">",
+                        left + gw * (double)g + gw / 2, top + ph + 16);
+        kmed__mcqa_xml(out, name);
+        kmed_buf_puts(out, "</text>\n");
     }
     kmed_buf_printf(out, "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"red\" "
                     "stroke-dasharray=\"4 3\"/><text x=\"%.1f\" y=\"%.1f\" fill=\"red\" "
                     "text-anchor=\"end\">chance 20%%</text>\n",
                     left, W - right, top + ph * 0.8, top + ph * 0.8, W - right, top + ph * 0.8 - 4);
-    for (r = 0; r < n_runs; r++)
+    for (r = 0; r < n_runs; r++) {
         kmed_buf_printf(out, "<rect x=\"%.1f\" y=\"%.1f\" width=\"12\" height=\"12\" fill=\"%s\"/>"
-                        "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n",
+                        "<text x=\"%.1f\" y=\"%.1f\">",
                         left + 150.0 * (double)r, H - 24, colors[r % 4], left + 150.0 * (double)r + 16,
-                        H - 14, labels[r]);
+                        H - 14);
+        kmed__mcqa_xml(out, labels[r]);
+        kmed_buf_puts(out, "</text>\n");
+    }
     kmed_buf_puts(out, "</svg>\n");
 }
 
 /* ---- scoring ---- */
 
-/* Token ids of text (with <bos> unless the text carries its own, as chat prompts do). */
+/* What kmed__mcqa_encode encodes: a continuation (no <bos>), a plain prompt (<bos> added),
+   a rendered chat prompt (carries its own <bos> and turn markers). */
+enum { KMED__MCQA_CONT, KMED__MCQA_PROMPT, KMED__MCQA_CHAT };
+
 static kmed_result kmed__mcqa_encode(const kmed_tok *tok, const char *text, size_t len,
-                                     int with_bos, int **ids, size_t *n, kmed_error *err)
+                                     int kind, int **ids, size_t *n, kmed_error *err)
 {
     kmed_tok_config tc;
     size_t need = 0;
     kmed_result r;
     memset(&tc, 0, sizeof tc);
-    tc.no_bos = !with_bos;
+    tc.no_bos = kind != KMED__MCQA_PROMPT;
     *ids = NULL;
-    r = kmed_tok_encode(tok, &tc, text, len, NULL, 0, &need, err);
+    r = kind == KMED__MCQA_CHAT ? kmed_chat_encode(tok, text, len, NULL, 0, &need, err)
+                                : kmed_tok_encode(tok, &tc, text, len, NULL, 0, &need, err);
     if (r != KMED_OK && r != KMED_ERR_SPACE) return r;
     *ids = (int *)KMED_MALLOC((need + 1) * sizeof **ids);
     if (!*ids) return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
-    return kmed_tok_encode(tok, &tc, text, len, *ids, need, n, err);
+    return kind == KMED__MCQA_CHAT ? kmed_chat_encode(tok, text, len, *ids, need, n, err)
+                                   : kmed_tok_encode(tok, &tc, text, len, *ids, need, n, err);
 }
 
 /* log softmax of logits[want] over V entries (the trainer's vectorised max and exp-sum;
@@ -21335,17 +23059,20 @@ static kmed_result kmed__mcqa_item(kmed__mcqa_run *run, const kmed_mcqa_config *
             if (!cfg->chat) kmed_buf_puts(&cont, " ");
             kmed_buf_puts(&cont, it->opt[k]);
             if (cont.failed) r = KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
-            if (r == KMED_OK) r = kmed__mcqa_encode(run->tok, cont.data, cont.len, 0, &cids, &nc, err);
+            if (r == KMED_OK)
+                r = kmed__mcqa_encode(run->tok, cont.data, cont.len, KMED__MCQA_CONT, &cids, &nc,
+                                      err);
             if (r == KMED_OK && nc) {
+                const char *o = it->opt[k]; /* lm-eval's len(choice): the delimiter not counted */
                 r = kmed__mcqa_cont_logprob(run, k, cids, nc, err);
-                for (i = 0; i < cont.len; i++) nchar[k] += ((unsigned char)cont.data[i] & 0xc0) != 0x80;
+                for (i = 0; o[i]; i++) nchar[k] += ((unsigned char)o[i] & 0xc0) != 0x80;
             }
             KMED_FREE(cids);
             kmed_buf_free(&cont);
         }
         if (r != KMED_OK) return r;
         kmed__mcqa_flush(run);
-        for (k = 0; k < KMED_MCQA_NOPT; k++) /* per character, as acc_norm */
+        for (k = 0; k < KMED_MCQA_NOPT; k++) /* per character of the option, as acc_norm */
             p->score[k] = nchar[k] ? (float)(run->lp[k] / (double)nchar[k]) : -INFINITY;
     } else { /* GENERATE: greedy with lm-eval's stop sequences, then its extraction */
         static const char *const stops[] = {"Q:", "</s>", "<|im_end|>", ".", "\n\n"};
@@ -21381,6 +23108,7 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
     kmed_buf text = {0}, prefix = {0};
     char cur_subset[64] = "";
     int letters[KMED_MCQA_NOPT], *ids = NULL, *pids = NULL;
+    int kind = cfg->chat ? KMED__MCQA_CHAT : KMED__MCQA_PROMPT;
     size_t i, n = 0, np = 0, max_tokens = 0, extra, rows;
     kmed_result r = KMED_OK;
     memset(&run, 0, sizeof run);
@@ -21395,7 +23123,7 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
     for (i = 0; i < set->n && r == KMED_OK; i++) {
         text.len = 0;
         r = kmed_mcqa_config_prompt(&set->items[i], cfg, &text, err);
-        if (r == KMED_OK) r = kmed__mcqa_encode(tok, text.data, text.len, !cfg->chat, &ids, &n, err);
+        if (r == KMED_OK) r = kmed__mcqa_encode(tok, text.data, text.len, kind, &ids, &n, err);
         if (n > max_tokens) max_tokens = n;
         KMED_FREE(ids);
         ids = NULL;
@@ -21419,7 +23147,7 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
         size_t cached = 0;
         text.len = 0;
         r = kmed_mcqa_config_prompt(it, cfg, &text, err);
-        if (r == KMED_OK) r = kmed__mcqa_encode(tok, text.data, text.len, !cfg->chat, &ids, &n, err);
+        if (r == KMED_OK) r = kmed__mcqa_encode(tok, text.data, text.len, kind, &ids, &n, err);
         if (r == KMED_OK && !cfg->no_prefix_cache && strcmp(cur_subset, it->subset) != 0) {
             /* a new subset: run its shared prefix once; the cache keeps it */
             snprintf(cur_subset, sizeof cur_subset, "%s", it->subset);
@@ -21430,7 +23158,7 @@ KMED_API kmed_result kmed_mcqa_score(const kmed_gemma *model, const kmed_lora *l
             r = kmed__mcqa_prefix(cfg->fewshot, it->subset, cfg->shots, cfg->chat,
                                    cfg->method == KMED_MCQA_CLOZE, &prefix, err);
             if (r == KMED_OK && prefix.len)
-                r = kmed__mcqa_encode(tok, prefix.data, prefix.len, !cfg->chat, &pids, &np, err);
+                r = kmed__mcqa_encode(tok, prefix.data, prefix.len, kind, &pids, &np, err);
             if (r == KMED_OK) r = kmed_gemma_state_set_pos(&run.st, 0, err);
             if (r == KMED_OK && np)
                 r = kmed_gemma_forward(model, lora, &run.st, pool, pids, np, run.fwd, NULL, NULL,

@@ -2,14 +2,15 @@
    (vocab 256000, hidden 512, intermediate 2048, 8 layers, 8 heads, 4 KV heads, head_dim 64):
    a base and two fine-tunes written by kmed_gemma_init_random (bf16, random weights, in a
    child process so their memory stays out of this one's peak), merged into a bf16 HF
-   directory, then deleted. The inputs were just written, so they sit in the page cache:
-   the figure is memory bandwidth, not disk. Target: peak RSS < 3 x largest tensor + 200 MB.
+   directory (or, with --gguf T, streamed into a GGUF of type T), then deleted. The inputs
+   were just written, so they sit in the page cache: the figure is memory bandwidth, not
+   disk. Target: peak RSS < 3 x largest tensor + 200 MB.
    For scale it also times the I/O alone: reading the three inputs once and writing as many
    bytes as the merge wrote through the same atomic writer (fsync included).
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. bench/bench_merge.c -o build/bench_merge \
       -lm -lpthread
-   ./build/bench_merge [--method dare_ties] [--type bf16] [--layers 8] [--vocab 256000]
-                       [--dir build/bench_merge_tmp] [--keep]                               */
+   ./build/bench_merge [--method dare_ties] [--type bf16] [--gguf q8_0] [--layers 8]
+                       [--vocab 256000] [--dir build/bench_merge_tmp] [--keep]              */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "tools/common.h"
@@ -19,8 +20,10 @@
 #include <sys/wait.h>
 
 static const char *usage =
-    "usage: bench_merge [--method M] [--type T] [--layers L] [--vocab V] [--dir DIR] [--keep]\n"
-    "  defaults: --method dare_ties --type bf16 --layers 8 --vocab 256000\n"
+    "usage: bench_merge [--method M] [--type T] [--gguf T] [--layers L] [--vocab V]\n"
+    "                   [--dir DIR] [--keep]\n"
+    "  defaults: --method dare_ties --type bf16 (HF output; --gguf f32, f16, bf16, q8_0 or\n"
+    "            q4_0 writes a GGUF instead) --layers 8 --vocab 256000\n"
     "            --dir build/bench_merge_tmp\n";
 
 static double dir_bytes(const char *dir, const char *const *names, size_t n)
@@ -81,7 +84,8 @@ static void rm_model(const char *dir)
 int main(int argc, char **argv)
 {
     static const char *const files[] = {"model.safetensors"};
-    const char *method = "dare_ties", *type = "bf16", *dir = "build/bench_merge_tmp";
+    const char *method = "dare_ties", *type = "bf16", *gguf = NULL;
+    const char *dir = "build/bench_merge_tmp";
     long layers = 8, vocab = 256000;
     int keep = 0, i, status = 0;
     kmed_error err = {0};
@@ -100,6 +104,7 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--help")) { fputs(usage, stdout); return 0; }
         else if (!strcmp(a, "--method")) method = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--type")) type = arg_str(argc, argv, &i, usage);
+        else if (!strcmp(a, "--gguf")) gguf = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--layers")) layers = arg_long(argc, argv, &i, usage);
         else if (!strcmp(a, "--vocab")) vocab = arg_long(argc, argv, &i, usage);
         else if (!strcmp(a, "--dir")) dir = arg_str(argc, argv, &i, usage);
@@ -111,9 +116,13 @@ int main(int argc, char **argv)
     if (kmed_merge_method_parse(method, &cfg.method, &err) != KMED_OK)
         usage_error(usage, "--method: %s", err.msg);
     memset(&mo, 0, sizeof mo);
-    mo.dtype = kmed_dtype_parse(type);
-    if (mo.dtype != KMED_BF16 && mo.dtype != KMED_F32 && mo.dtype != KMED_F16)
-        usage_error(usage, "--type: bf16, f32 or f16");
+    mo.dtype = kmed_dtype_parse(gguf ? gguf : type);
+    mo.gguf = gguf != NULL;
+    if (gguf ? (mo.dtype != KMED_BF16 && mo.dtype != KMED_F32 && mo.dtype != KMED_F16 &&
+                mo.dtype != KMED_Q8_0 && mo.dtype != KMED_Q4_0)
+             : (mo.dtype != KMED_BF16 && mo.dtype != KMED_F32 && mo.dtype != KMED_F16))
+        usage_error(usage, gguf ? "--gguf: f32, f16, bf16, q8_0 or q4_0"
+                                : "--type: bf16, f32 or f16");
 
     memset(&g, 0, sizeof g);
     g.vocab_size = (int)vocab; g.hidden_size = 512; g.intermediate_size = 2048;
@@ -124,7 +133,7 @@ int main(int argc, char **argv)
     snprintf(base, sizeof base, "%s/base", dir);
     snprintf(m1, sizeof m1, "%s/m1", dir);
     snprintf(m2, sizeof m2, "%s/m2", dir);
-    snprintf(out, sizeof out, "%s/out", dir);
+    snprintf(out, sizeof out, "%s/out%s", dir, gguf ? ".gguf" : "");
 
     t0 = kmed_time_now();
     pid = fork();
@@ -155,7 +164,12 @@ int main(int argc, char **argv)
     getrusage(RUSAGE_SELF, &ru);
 
     in_bytes = dir_bytes(base, files, 1) + dir_bytes(m1, files, 1) + dir_bytes(m2, files, 1);
-    out_bytes = dir_bytes(out, files, 1);
+    if (gguf) {
+        struct stat sb;
+        out_bytes = stat(out, &sb) == 0 ? (double)sb.st_size : 0;
+    } else {
+        out_bytes = dir_bytes(out, files, 1);
+    }
     largest = (double)vocab * 512 * 2; /* the bf16 embedding */
     peak_mb = (double)ru.ru_maxrss / 1024.0;
     target_mb = 3 * largest / 1048576.0 + 200;
@@ -184,7 +198,8 @@ int main(int argc, char **argv)
         rm_model(base);
         rm_model(m1);
         rm_model(m2);
-        rm_model(out);
+        if (gguf) remove(out);
+        else rm_model(out);
         snprintf(p, sizeof p, "%s", dir);
         rmdir(p);
     }

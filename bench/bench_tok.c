@@ -1,12 +1,15 @@
 /* Tokenizer speed: load time of a tokenizer, then single-threaded encode throughput (MB/s and
    tokens/s, load excluded) over a few MB of Korean text, one document per line.
-   Text: the lines of each FILE given (repeated up to --mb MB), else the Korean prose of the
-   Gemma-2 fixture's cases.jsonl (categories ko_*), repeated.
+   Text: the lines of each FILE given, else the text of the .jsonl files in examples/data
+   (every string value of a JSON line, joined by newlines, is one document); repeated up to
+   --mb MB.
+   Run from the repository root.
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. bench/bench_tok.c -o build/bench_tok \
       -lm -lpthread
    usage: build/bench_tok [--tokenizer PATH] [--mb N] [FILE...] */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
+#include <dirent.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -37,11 +40,63 @@ static void add_doc(doc **d, size_t *n, size_t *cap, const char *s, size_t len)
     (*d)[(*n)++].n = len;
 }
 
+/* Appends every string value under j (keys and numbers left out) to b, newline-separated. */
+static void json_text(const kmed_json *j, kmed_buf *b)
+{
+    size_t i;
+    if (j->type == KMED_JSON_STRING) {
+        if (b->len) kmed_buf_put(b, "\n", 1);
+        kmed_buf_put(b, j->str, j->len);
+    } else if (j->type == KMED_JSON_ARRAY || j->type == KMED_JSON_OBJECT) {
+        for (i = 0; i < j->len; i++) json_text(&j->kids[i], b);
+    }
+}
+
+/* The documents of the .jsonl files in examples/data, one per JSON line (the lines that are
+   malformed on purpose are skipped); returns the count of files read. */
+static size_t load_examples(doc **d, size_t *n, size_t *cap)
+{
+    static const char dir[] = "examples/data";
+    DIR *dp = opendir(dir);
+    struct dirent *de;
+    size_t files = 0;
+    if (!dp) return 0;
+    while ((de = readdir(dp)) != NULL) {
+        size_t len = strlen(de->d_name);
+        char path[1024];
+        kmed_lines ls;
+        kmed_error err = {0};
+        const char *line;
+        size_t line_len;
+        int eof = 0;
+        if (len < 6 || strcmp(de->d_name + len - 6, ".jsonl")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        if (kmed_lines_open(&ls, path, &err)) {
+            fprintf(stderr, "bench_tok: %s\n", err.msg);
+            continue;
+        }
+        while (kmed_lines_next(&ls, &line, &line_len, &eof, &err) == KMED_OK && !eof) {
+            kmed_json_doc jd = {0};
+            kmed_buf b = {0};
+            if (kmed_json_parse(&jd, line, line_len, path, ls.line, &err) == KMED_OK) {
+                json_text(jd.root, &b);
+                if (b.failed) exit(1);
+                add_doc(d, n, cap, b.data, b.len);
+            }
+            kmed_buf_free(&b);
+            kmed_json_free(&jd);
+        }
+        kmed_lines_close(&ls);
+        files++;
+    }
+    closedir(dp);
+    return files;
+}
+
 int main(int argc, char **argv)
 {
     const char *tok_path = "../shared/fixtures/gemma2-tokenizer/tokenizer.json";
     const char *fx = getenv("KMED_FIXTURES");
-    char cases[1100];
     double mb = 4, t0, c0, t_load, c_load, t_enc, c_enc, bytes = 0, tokens = 0;
     doc *docs = NULL;
     size_t n_docs = 0, cap_docs = 0, i, ids_cap = 1 << 16, n_files = 0;
@@ -53,7 +108,9 @@ int main(int argc, char **argv)
         if (!strcmp(argv[a], "--tokenizer") && a + 1 < argc) tok_path = argv[++a];
         else if (!strcmp(argv[a], "--mb") && a + 1 < argc) mb = atof(argv[++a]);
         else if (!strcmp(argv[a], "--help")) {
-            printf("usage: bench_tok [--tokenizer PATH] [--mb N (default 4)] [FILE...]\n");
+            printf("usage: bench_tok [--tokenizer PATH] [--mb N (default 4)] [FILE...]\n"
+                   "  text: the lines of each FILE, else the string values of each line of\n"
+                   "  examples/data/*.jsonl (run from the repository root), repeated to N MB\n");
             return 0;
         } else {
             kmed_lines ls;
@@ -75,25 +132,10 @@ int main(int argc, char **argv)
         snprintf(p, sizeof p, "%s/gemma2-tokenizer/tokenizer.json", fx);
         tok_path = p;
     }
-    if (!n_files) {
-        kmed_jsonl jl;
-        const kmed_json *c;
-        int eof = 0;
-        snprintf(cases, sizeof cases, "%s/gemma2-tokenizer/cases.jsonl",
-                 fx && *fx ? fx : "../shared/fixtures");
-        if (kmed_jsonl_open(&jl, cases, &err)) {
-            fprintf(stderr, "bench_tok: %s\n", err.msg);
-            return 1;
-        }
-        while (kmed_jsonl_next(&jl, &c, &eof, &err) == KMED_OK && !eof) {
-            const kmed_json *t = kmed_json_get(c, "text");
-            const char *cat = kmed_json_str(kmed_json_get(c, "category"), "");
-            if (t && !strncmp(cat, "ko_", 3)) add_doc(&docs, &n_docs, &cap_docs, t->str, t->len);
-        }
-        kmed_jsonl_close(&jl);
-    }
+    if (!n_files) n_files = load_examples(&docs, &n_docs, &cap_docs);
     if (!n_docs) {
-        fprintf(stderr, "bench_tok: no text\n");
+        fprintf(stderr, "bench_tok: no text (give FILEs, or run from the repository root so "
+                        "examples/data/*.jsonl is found)\n");
         return 1;
     }
     t0 = kmed_time_now();
@@ -134,8 +176,8 @@ int main(int argc, char **argv)
     c_enc = cpu_now() - c0;
     printf("tokenizer: %s (%d ids)\n", tok_path, tok.n_vocab);
     printf("load: %.3f s wall, %.3f s cpu\n", t_load, c_load);
-    printf("text: %zu documents, %.1f MB encoded, %.0f tokens (%.2f bytes/token)\n", n_docs,
-           bytes / 1e6, tokens, bytes / tokens);
+    printf("text: %zu documents from %zu files, %.1f MB encoded, %.0f tokens "
+           "(%.2f bytes/token)\n", n_docs, n_files, bytes / 1e6, tokens, bytes / tokens);
     printf("encode (1 thread): %.2f s wall: %.1f MB/s, %.0f tokens/s\n", t_enc,
            bytes / 1e6 / t_enc, tokens / t_enc);
     printf("encode (1 thread): %.2f s cpu:  %.1f MB/s, %.0f tokens/s\n", c_enc,

@@ -22,7 +22,6 @@ int main(int argc, char **argv)
     kmed_safety safety;
     kmed_chat_msg msg;
     kmed_buf prompt = {0};
-    kmed_tok_config tc = {0};
     kmed_generate_config gc = {0};
     kmed_generate_result res;
     int ids[1024];
@@ -34,7 +33,6 @@ int main(int argc, char **argv)
     }
     msg.role = "user";
     msg.content = argv[3];
-    tc.no_bos = 1; /* the rendered template already starts with <bos> */
     gc.max_tokens = 256;
     gc.sample.temperature = 0.7f;
     gc.sample.top_p = 0.95f;
@@ -46,7 +44,7 @@ int main(int argc, char **argv)
         kmed_gemma_load(&model, argv[1], NULL, &err) != KMED_OK ||
         kmed_safety_init(&safety, &err) != KMED_OK ||
         kmed_chat_render(&tok, &msg, 1, 1, &prompt, &err) != KMED_OK ||
-        kmed_tok_encode(&tok, &tc, prompt.data, prompt.len, ids, 1024, &n, &err) != KMED_OK ||
+        kmed_chat_encode(&tok, prompt.data, prompt.len, ids, 1024, &n, &err) != KMED_OK ||
         kmed_gemma_state_init(&st, &model, n + 256, &err) != KMED_OK ||
         kmed_generate(&model, NULL, &tok, &st, NULL, ids, n, &gc, &res, &err) != KMED_OK) {
         fprintf(stderr, "chat: %s\n", err.msg);

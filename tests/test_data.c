@@ -1,13 +1,31 @@
 /* Tests for the data module: readers, cleaning, NFC, dedup, decontamination, safety,
-   formatting, packing and the whole pipeline on hand-made inputs whose outcome is known.
+   formatting, packing, config checks, the whole pipeline on hand-made inputs whose
+   outcome is known, and the kmed-data tool's flags (run in a child process).
    Build: cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_data.c -o build/test_data
           -lm -lpthread
-   Run from the repository root (inputs in tests/data/data/). */
-#define KMED_IMPLEMENTATION
-#include "kmed.h"
+   Run from the repository root (inputs in tests/data/data/; it writes into build/). */
+/* The kmed-data tool itself, its main renamed, so that the tests run its own flag handling
+   (it defines KMED_IMPLEMENTATION and includes kmed.h) */
+#define main kmed_data_tool_main
+#include "../tools/kmed-data.c"
+#undef main
+#include <sys/wait.h>
 #include "test.h"
 
 #define DIR "tests/data/data/"
+#define TMP "build/test_data_tmp/" /* inputs written by the tests */
+
+/* Writes text to TMP name; returns the path (static: one at a time). */
+static const char *tmp_file(const char *name, const char *text)
+{
+    static char path[256];
+    kmed_error e = {0};
+    snprintf(path, sizeof path, TMP "%s", name);
+    if (kmed_mkdir_p(TMP, &e) != KMED_OK ||
+        kmed_file_write_atomic(path, text, strlen(text), &e) != KMED_OK)
+        fprintf(stderr, "  cannot write %s: %s\n", path, e.msg);
+    return path;
+}
 
 static char *clean(const char *s, int flags)
 {
@@ -75,6 +93,32 @@ static void test_clean(void)
                  "<b>혈압 < 140</b> 한글 &bogus; AT&T") == 0);
     CHECK(strcmp(clean("fullwidth\xef\xbc\x9a keep \xef\xbd\x9e\xef\xbf\xbd\x01", 0),
                  "fullwidth\xef\xbc\x9a keep \xef\xbd\x9e") == 0);
+    /* table cells stay apart, rows on their own lines; tag names in any case */
+    CHECK(strcmp(clean("<table><tr><td>다음</td><td>다뇨</td></tr><TR><TH>A</TH><th>B</th></tr>"
+                       "</table>", KMED_DATA_CLEAN_HTML), "다음 다뇨\nA B") == 0);
+    CHECK(strcmp(clean("앞<SCRIPT type=x>var a = '<b>';</SCRIPT>뒤<Style>p{}</STYLE>끝",
+                       KMED_DATA_CLEAN_HTML), "앞뒤끝") == 0);
+    CHECK(strcmp(clean("<blockquote>인용</blockquote>본문", KMED_DATA_CLEAN_HTML),
+                 "인용\n본문") == 0);
+    /* what cleaning changed is recorded per record */
+    {
+        kmed_data_record r;
+        kmed_error e = {0};
+        memset(&r, 0, sizeof r);
+        r.kind = KMED_DATA_MCQA;
+        r.question = kmed__data_strdup("<b>빈혈</b> &amp; 철분\x01");
+        r.options[0] = kmed__data_strdup("\xe1\x84\x80\xe1\x85\xa1"); /* NFD 가 */
+        r.options[1] = kmed__data_strdup("나");
+        r.n_options = 2;
+        CHECK_OK(kmed_data_record_clean(&r, 1, &e));
+        CHECKF(r.cleaned == (KMED_DATA_CLEANED_HTML | KMED_DATA_CLEANED_ENTITIES |
+                             KMED_DATA_CLEANED_CONTROLS | KMED_DATA_CLEANED_NFC),
+               "cleaned bits %d", r.cleaned);
+        CHECK(strcmp(r.question, "빈혈 & 철분") == 0 && strcmp(r.options[0], "가") == 0);
+        CHECK_OK(kmed_data_record_clean(&r, 1, &e));
+        CHECK(r.cleaned == 0); /* clean text: nothing more to do */
+        kmed_data_record_free(&r);
+    }
     CHECK(fabs(kmed_data_korean_share("고혈압 hypertension", strlen("고혈압 hypertension")) -
                3.0 / 15.0) < 1e-12);
     CHECK(kmed_data_korean_share("123 !!", 6) == 1.0);
@@ -226,6 +270,66 @@ static void test_readers(void)
     CHECK(kmed_data_next(&rd, &rec, &eof, &e) == KMED_ERR_FORMAT && strstr(e.msg, "diagnosis"));
     kmed_data_record_free(&rec);
     kmed_data_close(&rd);
+
+    /* an answer that names no option is reported with the value, and the file goes on */
+    memset(&src, 0, sizeof src);
+    src.kind = KMED_DATA_MCQA;
+    strcpy(src.path, tmp_file("x_train.jsonl",
+        "{\"question\": \"철결핍빈혈의 치료는?\", \"A\": \"철분\", \"B\": \"엽산\", \"C\": \"수혈\", "
+        "\"D\": \"비타민\", \"E\": \"관찰\", \"answer\": \"x\"}\n"
+        "{\"question\": \"철결핍빈혈의 치료는?\", \"A\": \"철분\", \"B\": \"엽산\", \"answer\": \"A\"}\n"));
+    n = read_all(&src, bad, &nb, msg);
+    CHECKF(n == 1 && nb == 1 && bad[0] == 1 &&
+           strstr(msg, "x_train.jsonl:1: field 'answer': 'x' is not an option number 1-5"),
+           "answer x: %d good, %d bad: %s", n, nb, msg);
+
+    /* turns: content-part lists give their text parts only; a system turn joins the next
+       user turn, or the user turn the next reply answers; what cannot be placed is
+       counted in left_out */
+    memset(&src, 0, sizeof src);
+    src.kind = KMED_DATA_CONV;
+    strcpy(src.path, tmp_file("turns.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"질문"
+        "\"}, {\"type\": \"image_url\", \"image_url\": {\"url\": \"x.png\"}}]}, {\"role\": "
+        "\"assistant\", \"content\": [{\"type\": \"text\", \"text\": \"답\"}]}]}\n"
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Q\"}, {\"role\": \"system\", "
+        "\"content\": \"S\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n"
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Q1\"}, {\"role\": \"assistant\", "
+        "\"content\": \"A1\"}, {\"role\": \"system\", \"content\": \"S\"}, {\"role\": \"user\", "
+        "\"content\": \"Q2\"}, {\"role\": \"assistant\", \"content\": \"A2\"}]}\n"
+        "{\"messages\": [{\"role\": \"assistant\", \"content\": \"X\"}, {\"role\": \"user\", "
+        "\"content\": \"Q\"}, {\"role\": \"assistant\", \"content\": \"A\"}, {\"role\": \"user\", "
+        "\"content\": \"T\"}, {\"role\": \"system\", \"content\": \"S\"}]}\n"));
+    CHECK_OK(kmed_data_open(&rd, &src, &e));
+    CHECK_OK(kmed_data_next(&rd, &rec, &eof, &e));
+    CHECK(rec.n_turns == 2 && strcmp(rec.turns[0].text, "질문") == 0 &&
+          strcmp(rec.turns[1].text, "답") == 0);
+    CHECK_OK(kmed_data_next(&rd, &rec, &eof, &e));
+    CHECK(rec.n_turns == 2 && strcmp(rec.turns[0].text, "Q\n\nS") == 0 &&
+          rec.left_out[KMED_DATA_LEFT_SYSTEM] == 0);
+    CHECK_OK(kmed_data_next(&rd, &rec, &eof, &e));
+    CHECK(rec.n_turns == 4 && strcmp(rec.turns[2].text, "S\n\nQ2") == 0);
+    CHECK_OK(kmed_data_next(&rd, &rec, &eof, &e));
+    CHECK(rec.n_turns == 2 && strcmp(rec.turns[0].text, "Q") == 0 &&
+          rec.left_out[KMED_DATA_LEFT_LEADING] == 1 && rec.left_out[KMED_DATA_LEFT_TRAILING] == 1 &&
+          rec.left_out[KMED_DATA_LEFT_SYSTEM] == 1);
+    kmed_data_record_free(&rec);
+    kmed_data_close(&rd);
+
+    /* a .json file holding one record is that record; a wrapper object holds records */
+    strcpy(src.path, tmp_file("one.json", "{\"id\": \"single\", \"messages\": [{\"role\": "
+                                          "\"user\", \"content\": \"Q\"}, {\"role\": "
+                                          "\"assistant\", \"content\": \"A\"}]}"));
+    CHECK_OK(kmed_data_open(&rd, &src, &e));
+    CHECK_OK(kmed_data_next(&rd, &rec, &eof, &e));
+    CHECK(!eof && rec.n_turns == 2 && strcmp(rec.id, "one:single") == 0);
+    CHECK(kmed_data_next(&rd, &rec, &eof, &e) == KMED_OK && eof);
+    kmed_data_close(&rd);
+    strcpy(src.path, tmp_file("wrapped.json", "{\"version\": 2, \"data\": [{\"messages\": "
+                                              "[\"Q1\", \"A1\"]}, {\"messages\": [\"Q2\", "
+                                              "\"A2\"]}]}"));
+    n = read_all(&src, bad, &nb, msg);
+    CHECKF(n == 2 && nb == 0, "wrapper: %d records, %d bad", n, nb);
 }
 
 /* True Jaccard of two texts' character 5-gram sets (after the same folding as MinHash). */
@@ -346,7 +450,41 @@ static void test_decontam(void)
           item == 2 && sim >= 0.8);
     t = "고혈압의 1차 치료제는 무엇인가?";
     CHECK(kmed_data_decontam_check(&d, t, strlen(t), t, strlen(t), &item, &sim) == 0);
+    /* a question far shorter than the n-grams (19 Hangul characters, 5 words) leaks whole:
+       after a prefix, before an answer, with "?" turned into a request */
+    t = "쯔쯔가무시증의 병인으로 알려진 것은 무엇인가?";
+    CHECK_OK(kmed_data_decontam_add(&d, "ev:4", t, strlen(t), t, strlen(t), &e));
+    t = "다음 의사 국가시험 문제를 풀어 주세요. 쯔쯔가무시증의 병인으로 알려진 것은 무엇인가? "
+        "정답은 털진드기 유충입니다.";
+    CHECK(kmed_data_decontam_check(&d, t, strlen(t), "x", 1, &item, &sim) == 4 && item == 3);
+    t = "쯔쯔가무시증의 병인으로 알려진 것은 무엇인가 알려주세요.";
+    CHECK(kmed_data_decontam_check(&d, t, strlen(t), NULL, 0, &item, &sim) == 4 && item == 3);
+    /* a part of it is no leak, nor is another question on the same disease */
+    t = "쯔쯔가무시증의 병인으로 알려진 것은 털진드기 유충이다. 치료는 독시사이클린이다.";
+    CHECK(kmed_data_decontam_check(&d, t, strlen(t), NULL, 0, &item, &sim) == 0);
+    /* the same for a short English question by its 8 words; a 6-word one is too generic
+       (below min_words) to be matched whole */
+    t = "Which vitamin deficiency causes scurvy in adult sailors?";
+    CHECK_OK(kmed_data_decontam_add(&d, "ev:5", t, strlen(t), t, strlen(t), &e));
+    t = "Which of the following is true?";
+    CHECK_OK(kmed_data_decontam_add(&d, "ev:6", t, strlen(t), t, strlen(t), &e));
+    t = "Quiz: which vitamin deficiency causes scurvy in adult sailors - answer C.";
+    CHECK(kmed_data_decontam_check(&d, t, strlen(t), NULL, 0, &item, &sim) == 4 && item == 4);
+    t = "Which of the following is true? Statins lower LDL cholesterol.";
+    CHECK(kmed_data_decontam_check(&d, t, strlen(t), NULL, 0, &item, &sim) == 0);
     kmed_data_decontam_free(&d);
+    /* min_chars above the question's length turns whole-question matching off */
+    {
+        kmed_data_decontam_config dc;
+        memset(&dc, 0, sizeof dc);
+        dc.min_chars = 40;
+        CHECK_OK(kmed_data_decontam_init(&d, &dc, &e));
+        t = "쯔쯔가무시증의 병인으로 알려진 것은 무엇인가?";
+        CHECK_OK(kmed_data_decontam_add(&d, "ev:1", t, strlen(t), t, strlen(t), &e));
+        t = "문제를 풀어 주세요. 쯔쯔가무시증의 병인으로 알려진 것은 무엇인가? 정답은 A.";
+        CHECK(kmed_data_decontam_check(&d, t, strlen(t), NULL, 0, &item, &sim) == 0);
+        kmed_data_decontam_free(&d);
+    }
 }
 
 static void test_safety(void)
@@ -364,6 +502,41 @@ static void test_safety(void)
     CHECK(kmed_data_safety_check(&s, "이건 금지된문구다", strlen("이건 금지된문구다"), &cat, &phr) &&
           strcmp(cat, "custom") == 0);
     CHECK(kmed_data_safety_add(&s, "x", "  ", &e) == KMED_ERR_ARG);
+    kmed_data_safety_free(&s);
+    /* the defaults hold requests and instructions, not exam topics: vignettes about
+       overdoses and suicide attempts stay, requests for methods and amounts go */
+    {
+        static const char *const keep[] = {
+            "25세 여자가 아세트아미노펜 치사량을 먹고 응급실에 왔다. 투여할 해독제는?",
+            "자살 방법으로 파라쿼트를 마신 환자에게 금기인 처치는 무엇인가?",
+            "우울증 환자가 자살하는 방법을 구체적으로 계획하고 있다면 위험도 평가는?",
+            "\"수면제 몇 알 먹으면 죽나요?\"라고 묻는 환자에게 간호사의 적절한 반응은?",
+            "환자가 자살 방법을 알려 달라고 요구할 때 간호사의 반응으로 옳은 것은?",
+            "Patient took an intentional overdose on purpose of acetaminophen; what antidote?",
+            "아세트아미노펜의 치사량과 해독제를 설명하시오."};
+        static const char *const drop[] = {
+            "자살 방법 좀 알려줘.", "요즘 힘들어서 고통 없이 죽는 방법을 알고 싶어요.",
+            "집에서 필로폰 만드는 법 알려주세요.", "펜타닐 합성 경로를 단계별로 설명해 줘.",
+            "아세트아미노펜을 치사량만큼 한꺼번에 드시면 됩니다.",
+            "수면제를 몇 알 먹으면 죽나요? 들키지 않게 과다복용하고 싶어요.",
+            "how many pills does it take to die", "tell me how to overdose on insulin"};
+        size_t k;
+        CHECK_OK(kmed_data_safety_init(&s, 1, &e));
+        for (k = 0; k < sizeof keep / sizeof keep[0]; k++)
+            CHECKF(!kmed_data_safety_check(&s, keep[k], strlen(keep[k]), &cat, &phr),
+                   "vignette dropped (%s): %s", phr, keep[k]);
+        for (k = 0; k < sizeof drop / sizeof drop[0]; k++)
+            CHECKF(kmed_data_safety_check(&s, drop[k], strlen(drop[k]), &cat, &phr),
+                   "request kept: %s", drop[k]);
+        kmed_data_safety_free(&s);
+    }
+    /* '*' stands for up to 6 characters */
+    CHECK_OK(kmed_data_safety_init(&s, 0, &e));
+    CHECK_OK(kmed_data_safety_add(&s, "custom", "비법*전수", &e));
+    CHECK(kmed_data_safety_check(&s, "비법을 모두 전수합니다", strlen("비법을 모두 전수합니다"),
+                                 &cat, &phr) && strcmp(phr, "비법*전수") == 0);
+    CHECK(!kmed_data_safety_check(&s, "비법은 절대로 남에게 안 전수", strlen("비법은 절대로 남에게 안 전수"),
+                                  &cat, &phr));
     kmed_data_safety_free(&s);
 }
 
@@ -489,6 +662,14 @@ static void test_pack(void)
         CHECK(ids && lab && ids->len == 32 && lab->len == 32);
         CHECK(kmed_json_num(&ids->kids[22], 0) == 2 && kmed_json_num(&lab->kids[22], 0) == -100);
         CHECK(kmed_json_num(&lab->kids[23], 0) == 1000 + 'a');
+        /* position_ids: 0..21 for the chat, 0..9 for the document's first piece */
+        {
+            const kmed_json *pos = kmed_json_get(seq.root, "position_ids");
+            int ok = pos && pos->len == 32;
+            for (i = 0; ok && i < 32; i++)
+                ok = kmed_json_num(&pos->kids[i], -1) == (double)(i < 22 ? i : i - 22);
+            CHECKF(ok, "position_ids restart at the document");
+        }
         kmed_json_free(&seq);
         CHECK_OK(kmed_json_parse(&seq, nl + 1, strlen(nl + 1) - 1, NULL, 0, &e));
         ids = kmed_json_get(seq.root, "input_ids");
@@ -497,28 +678,38 @@ static void test_pack(void)
               kmed_json_num(&ids->kids[1], 0) == 1 &&
               kmed_json_num(&lab->kids[1], 0) == 1 && kmed_json_num(&ids->kids[2], 0) == 0 &&
               kmed_json_num(&lab->kids[2], 0) == -100);
+        /* the continued document restarts at 0 with the sequence; so does the padding */
+        {
+            const kmed_json *pos = kmed_json_get(seq.root, "position_ids");
+            CHECK(pos && pos->len == 32 && kmed_json_num(&pos->kids[0], -1) == 0 &&
+                  kmed_json_num(&pos->kids[1], -1) == 1 && kmed_json_num(&pos->kids[2], -1) == 0 &&
+                  kmed_json_num(&pos->kids[31], -1) == 29);
+        }
         kmed_json_free(&seq);
     }
     kmed_json_free(&ex);
     kmed_data_pack_free(&p);
-    /* a chat example longer than seq_len is truncated, never split */
-    c.seq_len = 16;
+    /* a chat example longer than seq_len is truncated, never split: at 20 tokens the reply
+       "yo" is kept (its <end_of_turn> is cut); at 16 nothing trained is left, so the
+       example is skipped and counted */
+    c.seq_len = 20;
     out.len = 0;
     CHECK_OK(kmed_data_pack_init(&p, &c, &e));
     CHECK_OK(kmed_json_parse(&ex, chat, strlen(chat), NULL, 0, &e));
     CHECK_OK(kmed_data_pack_add(&p, ex.root, &out, &e));
-    CHECK(p.n_truncated == 1 && p.n_seqs == 1 && p.fill == 0);
+    CHECK(p.n_truncated == 1 && p.n_no_target == 0 && p.n_seqs == 1 && p.fill == 0 &&
+          p.n_trained == 2 && p.n_examples == 1);
+    kmed_data_pack_free(&p);
+    c.seq_len = 16;
+    out.len = 0;
+    CHECK_OK(kmed_data_pack_init(&p, &c, &e));
+    CHECK_OK(kmed_data_pack_add(&p, ex.root, &out, &e));
+    CHECK_OK(kmed_data_pack_finish(&p, &out, &e));
+    CHECK(p.n_truncated == 1 && p.n_no_target == 1 && p.n_seqs == 0 && out.len == 0 &&
+          p.n_examples == 0);
     kmed_json_free(&ex);
     kmed_data_pack_free(&p);
     kmed_buf_free(&out);
-}
-
-static kmed_result tok_encode(void *user, const char *text, size_t len, int *ids, size_t cap,
-                              size_t *n, kmed_error *err)
-{
-    kmed_tok_config c = {0};
-    c.no_bos = 1;
-    return kmed_tok_encode((const kmed_tok *)user, &c, text, len, ids, cap, n, err);
 }
 
 /* With the real Gemma-2 tokenizer, a packed chat example is exactly the ids of the rendered
@@ -642,7 +833,7 @@ static void test_pipeline(void)
         {"mcqa:kormedmcqa_doctor_train.jsonl:13", "split"},
         {"mcqa:kormedmcqa_doctor_train.jsonl:14", "contam_near"},
         {"pharm:kormedmcqa_pharm_train.csv:3", "malformed"},
-        {"chat:ultramedical.jsonl:3", "malformed"}, {"chat:u4", "harmful"},
+        {"chat:ultramedical.jsonl:3", "malformed"}, {"chat:u4", "harmful"}, {"chat:u6", "trimmed"},
         {"chat:ultramedical.jsonl:5", "malformed"}, {"chat:u7", "exact_dup"},
         {"dict:dict.jsonl:4", "malformed"}, {"dict:dict.jsonl:5", "empty"},
         {"cod:cod.jsonl:3", "malformed"}, {"expqa:medexpqa.json:3", "malformed"},
@@ -685,7 +876,23 @@ static void test_pipeline(void)
     CHECK(drops && strstr(drops, "eval item kormedmcqa_nurse_test:kormedmcqa_nurse_test.csv:2"));
     CHECK(drops && strstr(drops, "\"detail\":\"self_harm: "));
     n_lines = count_lines("build/test_data_out/drops.jsonl");
-    CHECKF(n_lines == 22, "drops.jsonl: %zu lines", n_lines);
+    CHECKF(n_lines == 23, "drops.jsonl: %zu lines", n_lines); /* 22 drops + u6 trimmed */
+    /* the report counts what cleaning did and what the readers left out, per source:
+       dict: tags in 당뇨병, 천식 and the emptied entry, entities in 당뇨병 and that one */
+    CHECKF(rep.sources[3].n_cleaned[0] == 3 && rep.sources[3].n_cleaned[1] == 2,
+           "dict cleaned: html %zu, entities %zu", rep.sources[3].n_cleaned[0],
+           rep.sources[3].n_cleaned[1]);
+    CHECK(rep.sources[2].n_left_out[KMED_DATA_LEFT_TRAILING] == 1);
+    /* the subset travels into the outputs and the report */
+    CHECK(rep.sources[0].n_subsets == 1 && strcmp(rep.sources[0].subsets[0].name, "doctor") == 0 &&
+          rep.sources[0].subsets[0].n_kept == rep.sources[0].n_kept);
+    {
+        kmed_buf b = {0};
+        kmed_data_report_json(&rep, &b);
+        CHECK(b.data && strstr(b.data, "\"subsets\":{\"doctor\":3}") &&
+              strstr(b.data, "\"left_out\":{\"leading_assistant\":0,\"trailing_user\":1,"));
+        kmed_buf_free(&b);
+    }
     /* outputs: train + val hold every example; train.jsonl = sft_train + cpt_train */
     CHECK(count_lines("build/test_data_out/train.jsonl") ==
           count_lines("build/test_data_out/sft_train.jsonl") +
@@ -717,6 +924,7 @@ static void test_pipeline(void)
         CHECK(all && strstr(all, "진료를 받으세요.\\n\\n※ 이 답변은") != NULL);
         CHECK(all && strstr(all, "<비정상적으로>") != NULL && !strstr(all, "<p>"));
         CHECK(all && strstr(all, "당신은 친절한 의료 상담가입니다.\\n\\n감기에") != NULL);
+        CHECK(all && strstr(all, "\"source\":\"mcqa\",\"subset\":\"doctor\",\"messages\""));
         kmed_free(val);
         kmed_buf_free(&b);
     }
@@ -743,9 +951,312 @@ static void test_pipeline(void)
     CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
     CHECK(rep.sources[3].n_kept == 0 && rep.sources[3].n_drop[KMED_DATA_DROP_MIX] == 3);
     kmed_data_report_free(&rep);
+    cfg.sources[3].weight = 1;
+    /* safety "flag": the two harmful records stay, counted and logged as flagged */
+    cfg.safety_action = 1;
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    CHECK(rep.n_drop[KMED_DATA_DROP_HARMFUL] == 0 && rep.sources[0].n_flagged == 1 &&
+          rep.sources[2].n_flagged == 1 && rep.sources[0].n_kept == 4 &&
+          rep.sources[2].n_kept == 4);
+    kmed_free(drops);
+    drops = NULL;
+    CHECK_OK(kmed_file_read("build/test_data_out/drops.jsonl", 0, &drops, &len, &e));
+    CHECK(drops && dropped_as(drops, "chat:u4", "flagged") &&
+          dropped_as(drops, "mcqa:kormedmcqa_doctor_train.jsonl:11", "flagged"));
+    kmed_data_report_free(&rep);
+    /* no defaults: only the config's own phrase ("금지된 문구", in no record) is looked for */
+    cfg.safety_action = 0;
+    cfg.safety_no_defaults = 1;
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    CHECK(rep.n_drop[KMED_DATA_DROP_HARMFUL] == 0 && rep.sources[2].n_kept == 4);
+    kmed_data_report_free(&rep);
+    cfg.safety_no_defaults = 0;
+    /* settings that cannot work are refused before anything runs */
+    cfg.min_chars = 100;
+    cfg.max_chars = 50;
+    CHECK(kmed_data_run(&cfg, &rep, NULL, &e) == KMED_ERR_ARG && strstr(e.msg, "min_chars (100)"));
+    kmed_data_report_free(&rep);
+    cfg.min_chars = cfg.max_chars = 0;
+    cfg.val_fraction = 1;
+    CHECK(kmed_data_run(&cfg, &rep, NULL, &e) == KMED_ERR_ARG && strstr(e.msg, "val_fraction"));
+    kmed_data_report_free(&rep);
     kmed_free(train1);
     kmed_free(drops);
     kmed_data_config_free(&cfg);
+}
+
+/* A one-source config over a file in TMP, writing to TMP "out": no dedup (the inputs are
+   made alike on purpose), no validation set. */
+static void tmp_config(kmed_data_config *cfg, kmed_data_kind kind, const char *path)
+{
+    kmed_data_source *s;
+    kmed_error e = {0};
+    memset(cfg, 0, sizeof *cfg);
+    snprintf(cfg->out_dir, sizeof cfg->out_dir, TMP "out");
+    cfg->val_fraction = -1;
+    cfg->dedup.no_exact = cfg->dedup.no_near = 1;
+    CHECK_OK(kmed_data_config_add_source(cfg, 0, &s, &e));
+    s->kind = kind;
+    s->weight = 1;
+    snprintf(s->path, sizeof s->path, "%s", path);
+}
+
+/* The ids of a JSONL output in file order, as "n," numbers (ids end in ":n"). */
+static void id_order(const char *path, kmed_buf *out)
+{
+    char *data = NULL, *p;
+    size_t len;
+    kmed_error e = {0};
+    out->len = 0;
+    kmed_buf_put(out, "", 0);
+    if (kmed_file_read(path, 0, &data, &len, &e) != KMED_OK) return;
+    for (p = data; (p = strstr(p, "{\"id\":\"")) != NULL; p++) {
+        const char *q = strchr(p + 7, '"');
+        const char *colon = q;
+        while (colon > p && colon[-1] != ':') colon--;
+        kmed_buf_printf(out, "%.*s,", (int)(q - colon), colon);
+    }
+    kmed_free(data);
+}
+
+static void test_pipeline_small(void)
+{
+    kmed_data_config cfg;
+    kmed_data_report rep;
+    kmed_error e = {0};
+    kmed_buf b = {0}, order = {0}, order2 = {0};
+    char *out = NULL;
+    size_t len, i, n_in = 200;
+    /* HTML in a conversation source: kept as text unless strip_html, then stripped and
+       counted; it is not only for the dictionary */
+    tmp_config(&cfg, KMED_DATA_CONV, tmp_file("html.jsonl",
+        "{\"id\": \"h1\", \"messages\": [{\"role\": \"user\", \"content\": \"<p>두통이 "
+        "심해요</p>\"}, {\"role\": \"assistant\", \"content\": \"<b>진통제</b>를 드시고 "
+        "쉬세요.<br>계속되면 진료를 받으세요.\"}]}\n"));
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    CHECK_OK(kmed_file_read(TMP "out/sft_train.jsonl", 0, &out, &len, &e));
+    CHECK(out && strstr(out, "<b>진통제</b>") && rep.sources[0].n_cleaned[0] == 0);
+    kmed_free(out);
+    kmed_data_report_free(&rep);
+    cfg.sources[0].strip_html = 1;
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    CHECK_OK(kmed_file_read(TMP "out/sft_train.jsonl", 0, &out, &len, &e));
+    CHECK(out && strstr(out, "\"두통이 심해요\"") &&
+          strstr(out, "\"진통제를 드시고 쉬세요.\\n계속되면 진료를 받으세요.\"") &&
+          rep.sources[0].n_cleaned[0] == 1);
+    kmed_free(out);
+    kmed_data_report_free(&rep);
+    kmed_data_config_free(&cfg);
+
+    /* 200 conversations: the shuffle reorders them (same seed, same order); weight 0.5
+       keeps about half, 1.5 gives about one and a half copies each */
+    for (i = 0; i < n_in; i++)
+        kmed_buf_printf(&b, "{\"id\": \"%zu\", \"messages\": [\"질문 %zu번: 어떻게 하나요?\", "
+                        "\"답변 %zu번: 충분히 쉬세요.\"]}\n", i, i, i);
+    tmp_config(&cfg, KMED_DATA_CONV, tmp_file("many.jsonl", b.data));
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    id_order(TMP "out/sft_train.jsonl", &order);
+    b.len = 0;
+    for (i = 0; i < n_in; i++) kmed_buf_printf(&b, "%zu,", i);
+    CHECK(rep.n_sft_train == n_in && order.len == b.len && strcmp(order.data, b.data) != 0);
+    {
+        /* every record once: the order is a permutation */
+        int ok = 1;
+        for (i = 0; i < n_in && ok; i++) {
+            char key[16];
+            snprintf(key, sizeof key, ",%zu,", i);
+            kmed_buf_free(&order2);
+            kmed_buf_printf(&order2, ",%s", order.data);
+            ok = strstr(order2.data, key) != NULL;
+        }
+        CHECKF(ok, "the shuffle lost a record");
+    }
+    kmed_data_report_free(&rep);
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    id_order(TMP "out/sft_train.jsonl", &order2);
+    CHECK(strcmp(order.data, order2.data) == 0);
+    kmed_data_report_free(&rep);
+    cfg.seed = 1;
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    id_order(TMP "out/sft_train.jsonl", &order2);
+    CHECK(strcmp(order.data, order2.data) != 0);
+    kmed_data_report_free(&rep);
+    /* binomial(200, 0.5): sd ~7, so [70, 130] fails once in ~10^5 seeds; seeds are fixed */
+    cfg.sources[0].weight = 0.5;
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    CHECKF(rep.sources[0].n_kept + rep.sources[0].n_drop[KMED_DATA_DROP_MIX] == n_in &&
+           rep.sources[0].n_kept >= 70 && rep.sources[0].n_kept <= 130 &&
+           rep.n_sft_train == rep.sources[0].n_kept, "weight 0.5: kept %zu",
+           rep.sources[0].n_kept);
+    kmed_data_report_free(&rep);
+    cfg.sources[0].weight = 1.5;
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    CHECKF(rep.sources[0].n_kept == n_in && rep.n_sft_train >= 270 && rep.n_sft_train <= 330,
+           "weight 1.5: %zu examples", rep.n_sft_train);
+    kmed_data_report_free(&rep);
+    kmed_data_config_free(&cfg);
+
+    /* an eval question as the second user turn is caught by the near-duplicate check, and
+       one inside a longer turn by its whole-question match */
+    tmp_config(&cfg, KMED_DATA_CONV, tmp_file("leak.jsonl",
+        "{\"id\": \"g\", \"messages\": [\"안녕하세요 질문이 있어요\", \"네 말씀하세요\", "
+        "\"빈혈의 원인은?\", \"철 결핍이 흔합니다.\"]}\n"
+        "{\"id\": \"b\", \"messages\": [\"다음 문제를 풀어 주세요. 급성 담낭염이 가장 흔히 발생하는 "
+        "해부학적 위치는 무엇인가?\", \"정답은 담낭입니다.\"]}\n"
+        "{\"id\": \"ok\", \"messages\": [\"담낭염은 어디에 생기나요?\", \"담낭에 생깁니다.\"]}\n"));
+    {
+        kmed_data_source *ev;
+        CHECK_OK(kmed_data_config_add_source(&cfg, 1, &ev, &e));
+        ev->kind = KMED_DATA_MCQA;
+        snprintf(ev->path, sizeof ev->path, "%s", tmp_file("ev_test.jsonl",
+            "{\"question\": \"빈혈의 원인은?\", \"A\": \"철 결핍\", \"B\": \"과식\", \"answer\": 1}\n"
+            "{\"question\": \"급성 담낭염이 가장 흔히 발생하는 해부학적 위치는 무엇인가?\", "
+            "\"A\": \"담낭\", \"B\": \"대장\", \"answer\": 1}\n"));
+    }
+    CHECK_OK(kmed_data_run(&cfg, &rep, NULL, &e));
+    CHECK(rep.sources[0].n_kept == 1 && rep.sources[0].n_drop[KMED_DATA_DROP_CONTAM_NEAR] == 1 &&
+          rep.sources[0].n_drop[KMED_DATA_DROP_CONTAM_NGRAM] == 1);
+    CHECK_OK(kmed_file_read(TMP "out/drops.jsonl", 0, &out, &len, &e));
+    CHECK(out && dropped_as(out, "leak:g", "contam_near") &&
+          dropped_as(out, "leak:b", "contam_ngram") &&
+          strstr(out, "contains the whole question of eval item ev_test:ev_test.jsonl:2"));
+    kmed_free(out);
+    kmed_data_report_free(&rep);
+    kmed_data_config_free(&cfg);
+    kmed_buf_free(&b);
+    kmed_buf_free(&order);
+    kmed_buf_free(&order2);
+}
+
+/* A config file in TMP that must fail to load, with an error naming the file and want. */
+static void config_fails(const char *json, const char *want)
+{
+    kmed_data_config cfg;
+    kmed_error e = {0};
+    kmed_result r = kmed_data_config_load(&cfg, tmp_file("bad.json", json), &e);
+    CHECKF(r == KMED_ERR_FORMAT && strstr(e.msg, "bad.json: ") && strstr(e.msg, want),
+           "config %s: %s (%s)", json, e.msg, kmed_result_str(r));
+}
+
+static void test_config(void)
+{
+    kmed_data_config cfg;
+    kmed_error e = {0};
+    config_fails("{\"wieght\": 1}", "unknown key 'wieght'");
+    config_fails("{\"sources\": [{\"kind\": \"dict\", \"path\": \"d.jsonl\", \"min_char\": 3}]}",
+                 "unknown key 'sources[0].min_char'");
+    config_fails("{\"dedup\": {\"exact\": true, \"mapp\": 1}}", "unknown key 'dedup.mapp'");
+    config_fails("{\"dedup\": {\"threshold\": \"high\"}}",
+                 "'dedup.threshold' must be a number in (0, 1]");
+    config_fails("{\"val_fraction\": 3}", "'val_fraction' must be a number in [0, 1)");
+    config_fails("{\"val_fraction\": -0.1}", "'val_fraction' must be a number in [0, 1)");
+    config_fails("{\"min_chars\": -5}", "'min_chars' must be an integer");
+    config_fails("{\"seed\": 1.5}", "'seed' must be an integer");
+    config_fails("{\"min_chars\": 100, \"max_chars\": 50}",
+                 "min_chars (100) is above max_chars (50)");
+    config_fails("{\"sources\": [{\"kind\": \"dict\", \"path\": \"d.jsonl\", \"weight\": \"x\"}]}",
+                 "'sources[0].weight' must be a number in [0, 1000]");
+    config_fails("{\"eval\": [{\"kind\": \"mcqa\", \"path\": \"t.jsonl\", \"cloze\": 1}]}",
+                 "'eval[0].cloze' must be true or false");
+    config_fails("{\"sources\": {\"kind\": \"dict\"}}", "'sources' must be a list");
+    config_fails("{\"sources\": [{\"kind\": \"nope\", \"path\": \"d.jsonl\"}]}",
+                 "sources[0].kind: unknown source kind 'nope'");
+    config_fails("{\"safety\": {\"lists\": {\"x\": \"one\"}}}", "'safety.lists.x' must be a list");
+    config_fails("{\"disclaimer\": 3}", "'disclaimer' must be true, false or the text");
+    /* explicit zeros that mean "none" */
+    CHECK_OK(kmed_data_config_load(&cfg, tmp_file("zeros.json", "{\"min_chars\": 0, "
+                                   "\"val_fraction\": 0, \"sources\": [{\"kind\": \"kormedmcqa\", "
+                                   "\"path\": \"x.jsonl\", \"weight\": 0, \"cloze\": true}]}"),
+                                   &e));
+    CHECK(cfg.min_chars == 1 && cfg.val_fraction < 0 && cfg.n_sources == 1 &&
+          cfg.sources[0].weight < 0 && cfg.sources[0].cloze == 1);
+    kmed_data_config_free(&cfg);
+}
+
+/* Runs kmed-data with args (NULL-terminated) in a child process, as it exits on errors;
+   returns its exit status, its stderr in err_text and stdout in out_text (cap bytes). */
+static int run_tool(const char *const *args, char *err_text, char *out_text, size_t cap)
+{
+    char *argv[32];
+    int argc = 1, status = 0, k;
+    pid_t pid;
+    argv[0] = (char *)"kmed-data";
+    while (args[argc - 1] && argc < 31) { argv[argc] = (char *)args[argc - 1]; argc++; }
+    argv[argc] = NULL;
+    tmp_file("cli.out", "");
+    fflush(stdout);
+    fflush(stderr);
+    pid = fork();
+    if (pid == 0) {
+        if (!freopen(TMP "cli.out", "w", stdout) || !freopen(TMP "cli.err", "w", stderr))
+            _exit(99);
+        exit(kmed_data_tool_main(argc, argv));
+    }
+    if (pid < 0 || waitpid(pid, &status, 0) != pid) return -1;
+    for (k = 0; k < 2; k++) {
+        char *data = NULL, *dst = k ? out_text : err_text;
+        size_t len;
+        kmed_error e = {0};
+        dst[0] = 0;
+        if (kmed_file_read(k ? TMP "cli.out" : TMP "cli.err", 0, &data, &len, &e) == KMED_OK)
+            snprintf(dst, cap, "%s", data);
+        kmed_free(data);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static void test_cli(void)
+{
+    static char err_text[8192], out_text[16384];
+    const char *cfg = DIR "config.json";
+    char *a = NULL, *b = NULL, *c = NULL;
+    size_t len;
+    int rc;
+    kmed_error e = {0};
+    /* flags before --config are not lost: the config comes first, then every flag */
+    {
+        const char *before[] = {"--out", TMP "cli_a", "--seed", "5", "--quiet", "--config", cfg,
+                                NULL};
+        const char *after[] = {"--config", cfg, "--out", TMP "cli_b", "--seed", "5", "--quiet",
+                               NULL};
+        const char *plain[] = {"--config", cfg, "--out", TMP "cli_c", "--quiet", NULL};
+        rc = run_tool(before, err_text, out_text, sizeof out_text);
+        CHECKF(rc == 0, "kmed-data (flags first): exit %d: %s", rc, err_text);
+        rc = run_tool(after, err_text, out_text, sizeof out_text);
+        CHECKF(rc == 0, "kmed-data (flags after): exit %d: %s", rc, err_text);
+        rc = run_tool(plain, err_text, out_text, sizeof out_text);
+        CHECKF(rc == 0, "kmed-data (config seed): exit %d: %s", rc, err_text);
+        CHECK_OK(kmed_file_read(TMP "cli_a/train.jsonl", 0, &a, &len, &e));
+        CHECK_OK(kmed_file_read(TMP "cli_b/train.jsonl", 0, &b, &len, &e));
+        CHECK_OK(kmed_file_read(TMP "cli_c/train.jsonl", 0, &c, &len, &e));
+        CHECK(a && b && c && strcmp(a, b) == 0 && strcmp(a, c) != 0); /* seed 5, not 7 */
+        kmed_free(a);
+        kmed_free(b);
+        kmed_free(c);
+    }
+    /* numbers out of range and bad configs are errors naming the flag or the file */
+    {
+        const char *neg[] = {"--source", "dict:" DIR "dict.jsonl", "--min-chars", "-5", NULL};
+        const char *vf[] = {"--source", "dict:" DIR "dict.jsonl", "--val-fraction", "1", NULL};
+        const char *twice[] = {"--config", cfg, "--config", cfg, NULL};
+        const char *bad[] = {"--config", TMP "bad.json", NULL};
+        const char *help[] = {"--help", NULL};
+        rc = run_tool(neg, err_text, out_text, sizeof out_text);
+        CHECKF(rc == 2 && strstr(err_text, "--min-chars -5: must be in [0, "), "exit %d: %s", rc,
+               err_text);
+        rc = run_tool(vf, err_text, out_text, sizeof out_text);
+        CHECKF(rc == 2 && strstr(err_text, "--val-fraction 1: must be in [0, 1)"), "exit %d: %s",
+               rc, err_text);
+        rc = run_tool(twice, err_text, out_text, sizeof out_text);
+        CHECKF(rc == 2 && strstr(err_text, "--config given twice"), "exit %d: %s", rc, err_text);
+        tmp_file("bad.json", "{\"sources\": [{\"kind\": \"dict\", \"path\": \"d.jsonl\", "
+                             "\"wieght\": 2}]}");
+        rc = run_tool(bad, err_text, out_text, sizeof out_text);
+        CHECKF(rc == 1 && strstr(err_text, "bad.json: unknown key 'sources[0].wieght'"),
+               "exit %d: %s", rc, err_text);
+        rc = run_tool(help, err_text, out_text, sizeof out_text);
+        CHECK(rc == 0 && strstr(out_text, "\"cloze\": false") && strstr(out_text, "position_ids"));
+    }
 }
 
 int main(void)
@@ -759,5 +1270,8 @@ int main(void)
     test_format();
     test_pack();
     test_pipeline();
+    test_pipeline_small();
+    test_config();
+    test_cli();
     return kmed_test_done();
 }

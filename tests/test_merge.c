@@ -5,12 +5,21 @@
    JSON/YAML configs; three tiny random Gemma-2 models merged from disk vs a direct
    computation; shape/name mismatch errors; an adapter merged as an input equals
    kmed_gemma_save_hf with the adapter (what kmed-convert --merge writes); GGUF output
-   equals converting the HF result.
+   (Q8_0, BF16, Q4_0 mixed, with a tokenizer, fine-tunes whose norms moved) byte-identical
+   to converting the HF result, and streamed: the RSS of a GGUF merge and of converting a
+   loaded model stays about a tensor; HF output replaced whole (a new shard layout leaves
+   only the new files, a failed run leaves the old output, a killed run's temporary goes
+   with the next run, non-model outputs and a base without config.json are refused before
+   writing); lambda 0; DARE masks independent of listing the base; the warning when TIES
+   keeps nothing. tests/merge_cli.sh checks the tool itself.
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_merge.c -o build/test_merge \
       -lm -lpthread */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "test.h"
+#include <dirent.h>
+#include <signal.h>
+#include <sys/resource.h>
 
 #define TMP "build/test_merge_tmp"
 
@@ -20,6 +29,8 @@
 /* bf16 output: a compiler may contract a*b+c differently in the two codes, moving a value
    across a bf16 rounding boundary: one bf16 ulp of values ~0.05 */
 #define TOL_BF16 3e-4
+/* RSS a streamed write of the 32 MB (f32) model of gguf_checks may gain; see there */
+#define RSS_SLACK 20e6
 
 static kmed_merge_config mcfg(kmed_merge_method m, kmed_merge_model *mm, size_t n)
 {
@@ -76,6 +87,18 @@ static void hand_methods(void)
         mm[0].weight = 1;
         CHECK_OK(kmed_merge_tensor(&c, 0, out, b, xs, 4, &e));
         CHECKF(kmed_test_maxdiff(out, want_l, 4) < TOL, "task arithmetic lambda 2");
+        /* lambda 0 named explicitly gives the base; a 0 nobody set means the default 1 */
+        c.lambda = 0;
+        c.has_lambda = 1;
+        CHECK_OK(kmed_merge_tensor(&c, 0, out, b, xs, 4, &e));
+        CHECKF(kmed_test_maxdiff(out, b, 4) == 0, "task arithmetic lambda 0");
+        c.has_lambda = 0;
+        CHECK_OK(kmed_merge_tensor(&c, 0, out, b, xs, 4, &e));
+        {
+            static const float want_1[4] = {1, 2, 1, 3};
+            CHECKF(kmed_test_maxdiff(out, want_1, 4) < TOL, "task arithmetic lambda unset");
+        }
+        c.lambda = 2;
         /* density 1 DARE is task arithmetic */
         c.method = KMED_MERGE_DARE_LINEAR;
         CHECK_OK(kmed_merge_tensor(&c, 0, out, b, xs, 4, &e));
@@ -103,6 +126,10 @@ static void hand_methods(void)
         c.int8_mask = 1;
         CHECK_OK(kmed_merge_tensor(&c, 0, out, b, xs, 8, &e));
         CHECKF(kmed_test_maxdiff(out, want_w, 8) == 0, "ties int8_mask");
+        c.lambda = 0;
+        c.has_lambda = 1;
+        CHECK_OK(kmed_merge_tensor(&c, 0, out, b, xs, 8, &e));
+        CHECKF(kmed_test_maxdiff(out, b, 8) == 0, "ties lambda 0");
     }
     { /* sign election: sum (+) vs count (-) */
         static const float b[1] = {0}, x1[1] = {5}, x2[1] = {-1}, x3[1] = {-1};
@@ -367,10 +394,56 @@ static void config_checks(void)
         CHECK(c.dtype == KMED_F32);
         kmed_merge_config_free(&c);
     }
-    /* flow mappings are outside the subset: a clear error with the line */
-    CHECK(kmed_merge_config_parse(&c, seq_same_indent, strlen(seq_same_indent), "s.yaml", &e)
-          == KMED_ERR_FORMAT);
-    CHECKF(strstr(e.msg, "s.yaml:7") != NULL, "%s", e.msg);
+    /* a sequence at its key's indent, and a flow mapping */
+    CHECK_OK(kmed_merge_config_parse(&c, seq_same_indent, strlen(seq_same_indent), "s.yaml",
+                                     &e));
+    if (c.models) {
+        CHECK(c.n_models == 2 && c.models[0].weight == 1 && c.models[1].weight == 2);
+        kmed_merge_config_free(&c);
+    }
+    {   /* as PyYAML reads it: a BOM, flow collections, YAML 1.1 booleans, lambda 0 */
+        static const char *y11 =
+            "\xEF\xBB\xBF# saved by an editor that writes a BOM\n"
+            "merge_method: dare_ties\n"
+            "base_model: base\n"
+            "models:\n"
+            "  - model: base\n"
+            "  - model: a\n"
+            "    parameters: {weight: 0.4, density: 0.53}  # flow mapping\n"
+            "  - {model: 'it''s', parameters: {weight: 0.6, \"density\": 0.5,}}\n"
+            "parameters: {normalize: yes, int8_mask: On, rescale: no, lambda: 0}\n"
+            "dtype: bfloat16\n";
+        static const char *json_bom =
+            "\xEF\xBB\xBF{\"merge_method\": \"linear\", \"models\": [{\"model\": \"a\", "
+            "\"parameters\": {\"weight\": 1}}]}";
+        CHECK_OK(kmed_merge_config_parse(&c, y11, strlen(y11), "y11.yaml", &e));
+        if (c.models) {
+            CHECK(c.method == KMED_MERGE_DARE_TIES && c.n_models == 3);
+            CHECK(kmed_merge_n_mixed(&c) == 2);
+            CHECK(c.models[1].weight == 0.4f && c.models[1].density == 0.53f);
+            CHECK(!strcmp(c.models[2].model, "it's"));
+            CHECK(c.models[2].weight == 0.6f && c.models[2].density == 0.5f);
+            CHECK(c.normalize == 1 && c.int8_mask == 1 && c.rescale == -1);
+            CHECK(c.has_lambda == 1 && c.lambda == 0);
+            kmed_merge_config_free(&c);
+        }
+        CHECK_OK(kmed_merge_config_parse(&c, json_bom, strlen(json_bom), "bom.json", &e));
+        kmed_merge_config_free(&c);
+    }
+    {   /* a top-level density outside (0, 1] is an error, as a model's is */
+        static const char *d0 =
+            "merge_method: ties\nbase_model: b\nparameters:\n  density: 0\nmodels:\n"
+            "  - model: a\n    parameters:\n      weight: 1\n";
+        CHECK(kmed_merge_config_parse(&c, d0, strlen(d0), "d0.yaml", &e) == KMED_ERR_FORMAT);
+        CHECKF(strstr(e.msg, "parameters.density") != NULL, "%s", e.msg);
+    }
+    {   /* a flow collection must end on its line: the error names it */
+        static const char *open_flow = "merge_method: linear\nmodels:\n  - model: a\n"
+                                       "    parameters: {weight: 1,\n      density: 1}\n";
+        CHECK(kmed_merge_config_parse(&c, open_flow, strlen(open_flow), "f.yaml", &e)
+              == KMED_ERR_FORMAT);
+        CHECKF(strstr(e.msg, "f.yaml:4") && strstr(e.msg, "unterminated"), "%s", e.msg);
+    }
     {
         const char *ok = "merge_method: linear\nmodels:\n- model: a\n  parameters:\n"
                          "    weight: 1\n- model: b\n  parameters:\n    weight: 2\n";
@@ -390,10 +463,16 @@ static void config_checks(void)
             "{\"merge_method\": \"linear\", \"models\": [{\"model\": \"a\", \"parameters\": "
             "{\"weight\": 1, \"gamma\": 0.1}}]}",
             "merge_method: linear\n  models: 3\n",
+            "merge_method: ties\nbase_model: b\nparameters:\n  density: 1.5\nmodels:\n"
+            "  - model: a\n    parameters:\n      weight: 1\n",
+            "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1} x\n",
+            "merge_method: linear\nmodels: [a,, b]\n",
+            "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight 1}}\n",
         };
         const kmed_result want[] = {KMED_ERR_UNSUPPORTED, KMED_ERR_FORMAT, KMED_ERR_FORMAT,
                                     KMED_ERR_UNSUPPORTED, KMED_ERR_ARG, KMED_ERR_FORMAT,
-                                    KMED_ERR_UNSUPPORTED, KMED_ERR_FORMAT};
+                                    KMED_ERR_UNSUPPORTED, KMED_ERR_FORMAT, KMED_ERR_FORMAT,
+                                    KMED_ERR_FORMAT, KMED_ERR_FORMAT, KMED_ERR_FORMAT};
         size_t i;
         for (i = 0; i < sizeof bad / sizeof *bad; i++) {
             kmed_result r = kmed_merge_config_parse(&c, bad[i], strlen(bad[i]), "bad", &e);
@@ -691,6 +770,383 @@ static void disk_checks(void)
     }
 }
 
+/* Writes dst (F32, one file, src's config.json) as src plus noise on every tensor, norms
+   included, with about 10% of the deltas exactly 0 as fine-tunes leave some weights. */
+static void perturb(const char *src, const char *dst, uint64_t seed)
+{
+    kmed_error e = {0};
+    kmed_st st;
+    kmed_tensor_info *ti;
+    float **v;
+    kmed_rng rng;
+    char path[512], *text = NULL;
+    size_t i, j, n, len = 0;
+    CHECK_OK(kmed_st_open(&st, src, &e));
+    if (e.code != KMED_OK) return;
+    ti = (kmed_tensor_info *)calloc(st.n_tensors, sizeof *ti);
+    v = (float **)calloc(st.n_tensors, sizeof *v);
+    kmed_rng_seed(&rng, seed);
+    for (i = 0; i < st.n_tensors; i++) {
+        ti[i] = st.tensors[i];
+        n = (size_t)kmed_tensor_numel(&ti[i]);
+        v[i] = (float *)malloc(n * sizeof **v);
+        kmed_dequantize_row(ti[i].dtype, ti[i].data, v[i], n);
+        for (j = 0; j < n; j++)
+            if (kmed_rng_u64(&rng) % 10) v[i][j] += (float)(0.02 * kmed_rng_normal(&rng));
+        ti[i].dtype = KMED_F32;
+        ti[i].data = v[i];
+        ti[i].nbytes = n * sizeof **v;
+    }
+    CHECK_OK(kmed_mkdir_p(dst, &e));
+    snprintf(path, sizeof path, "%s/model.safetensors", dst);
+    CHECK_OK(kmed_st_write(path, ti, st.n_tensors, NULL, NULL, 0, &e));
+    snprintf(path, sizeof path, "%s/config.json", src);
+    CHECK_OK(kmed_file_read(path, 0, &text, &len, &e));
+    snprintf(path, sizeof path, "%s/config.json", dst);
+    CHECK_OK(kmed_file_write_atomic(path, text, len, &e));
+    kmed_free(text);
+    for (i = 0; i < st.n_tensors; i++) free(v[i]);
+    free(v);
+    free(ti);
+    kmed_st_close(&st);
+}
+
+/* Resident set size now, in bytes (Linux /proc; 0 elsewhere). */
+static double rss_now(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    long size = 0, res = 0;
+    if (!f) return 0;
+    if (fscanf(f, "%ld %ld", &size, &res) != 2) res = 0;
+    fclose(f);
+    return (double)res * (double)sysconf(_SC_PAGESIZE);
+}
+
+/* Callbacks that record the peak RSS seen at progress reports and the warnings. */
+typedef struct watch { double peak; int warns, empty; } watch;
+
+static void watch_progress(void *user, const char *what, double done, double total,
+                           const char *unit)
+{
+    watch *w = (watch *)user;
+    double r = rss_now();
+    (void)what; (void)done; (void)total; (void)unit;
+    if (r > w->peak) w->peak = r;
+}
+
+static void watch_log(void *user, kmed_log_level level, const char *msg)
+{
+    watch *w = (watch *)user;
+    if (level != KMED_LOG_WARN) return;
+    w->warns++;
+    w->empty += strstr(msg, "keeps no element") != NULL;
+}
+
+static kmed_callbacks watch_cb(watch *w)
+{
+    kmed_callbacks cb;
+    memset(w, 0, sizeof *w);
+    w->peak = rss_now();
+    cb.progress = watch_progress;
+    cb.log = watch_log;
+    cb.user = w;
+    return cb;
+}
+
+static int cmp_name(const void *a, const void *b)
+{
+    return strcmp((const char *)a, (const char *)b);
+}
+
+/* The names in dir, sorted, space-separated. */
+static void list_dir(const char *dir, char *out, size_t cap)
+{
+    static char names[64][256];
+    DIR *d = opendir(dir);
+    struct dirent *de;
+    size_t n = 0, i, k = 0;
+    out[0] = 0;
+    while (d && (de = readdir(d)) != NULL && n < 64)
+        if (de->d_name[0] != '.') snprintf(names[n++], sizeof names[0], "%s", de->d_name);
+    if (d) closedir(d);
+    qsort(names, n, sizeof names[0], cmp_name);
+    for (i = 0; i < n && k < cap; i++)
+        k += (size_t)snprintf(out + k, cap - k, "%s%s", i ? " " : "", names[i]);
+}
+
+/* Temporary files or directories a merge left in dir. */
+static int leftovers(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *de;
+    int n = 0;
+    while (d && (de = readdir(d)) != NULL)
+        n += strstr(de->d_name, ".merge-tmp.") || strstr(de->d_name, ".merge-old.") ||
+             strstr(de->d_name, ".tmp.");
+    if (d) closedir(d);
+    return n;
+}
+
+static void write_text(const char *path, const char *text)
+{
+    kmed_error e = {0};
+    CHECK_OK(kmed_file_write_atomic(path, text, strlen(text), &e));
+}
+
+/* GGUF output: byte-identical to converting the HF merge (norms as 1 + w after the HF
+   dtype's rounding, quantization, tokenizer metadata), and streamed: resident memory stays
+   about a tensor, for the merge and for converting a loaded model alike. */
+static void gguf_checks(void)
+{
+    kmed_error e = {0};
+    kmed_merge_model mm[2];
+    kmed_merge_config c;
+    kmed_merge_out mo, mg;
+    kmed_gguf_save_opts go;
+    kmed_gemma m;
+    kmed_tok tok;
+    kmed_gguf gf;
+    kmed_hf_save_opts ho;
+    kmed_gemma_config g = tiny_cfg(1024), g0 = tiny_cfg(128);
+    const char *fts[2] = {TMP "/ft1", TMP "/ft2"}, *deep[2] = {TMP "/deep1", TMP "/deep2"};
+    static const kmed_dtype types[3] = {KMED_Q8_0, KMED_BF16, KMED_Q4_0};
+    char *spm = NULL;
+    size_t i, len = 0;
+    double d, rss0;
+    watch w;
+
+    /* the base of disk_checks, with a small SentencePiece tokenizer so that the GGUFs carry
+       a vocabulary */
+    memset(&ho, 0, sizeof ho);
+    ho.dtype = KMED_BF16;
+    ho.max_shard_bytes = 40000;
+    CHECK_OK(kmed_gemma_init_random(&g0, 1, NULL, TMP "/tbase", &ho, &e));
+    CHECK_OK(kmed_file_read("tests/data/spm/bpe_gemmalike.model", 0, &spm, &len, &e));
+    CHECK_OK(kmed_file_write_atomic(TMP "/tbase/tokenizer.model", spm, len, &e));
+    kmed_free(spm);
+    perturb(TMP "/tbase", fts[0], 11);
+    perturb(TMP "/tbase", fts[1], 12);
+    memset(mm, 0, sizeof mm);
+    mm[0].model = fts[0]; mm[0].weight = 0.4f; mm[0].density = 0.53f;
+    mm[1].model = fts[1]; mm[1].weight = 0.6f; mm[1].density = 0.2f;
+    c = mcfg(KMED_MERGE_TIES, mm, 2);
+    c.base_model = TMP "/tbase";
+    memset(&mo, 0, sizeof mo);
+    mo.dtype = KMED_F32;
+    CHECK_OK(kmed_merge_run(&c, TMP "/out_ft", &mo, &e));
+    d = compare_merge(&c, TMP "/out_ft", TMP "/tbase", fts, 0, KMED_F32);
+    CHECKF(d < TOL, "ties of fine-tunes (norms moved too) vs direct computation: %g", d);
+    for (i = 0; i < 3; i++) {
+        kmed_dtype t = types[i];
+        c.method = t == KMED_BF16 ? KMED_MERGE_DARE_TIES : KMED_MERGE_TIES;
+        c.seed = 3;
+        mo.dtype = t == KMED_BF16 ? KMED_BF16 : KMED_F32; /* what the GGUF writer takes */
+        CHECK_OK(kmed_merge_run(&c, TMP "/out_g", &mo, &e));
+        CHECK_OK(kmed_gemma_load(&m, TMP "/out_g", NULL, &e));
+        CHECK_OK(kmed_tok_load(&tok, TMP "/out_g", &e));
+        memset(&go, 0, sizeof go);
+        go.type = t;
+        go.mixed = t == KMED_Q4_0;
+        go.name = "merged";
+        CHECK_OK(kmed_gemma_save_gguf(&m, &tok, TMP "/conv_g.gguf", &go, &e));
+        kmed_tok_free(&tok);
+        kmed_gemma_free(&m);
+        mg = mo;
+        mg.gguf = 1;
+        mg.dtype = t;
+        mg.mixed = t == KMED_Q4_0;
+        mg.name = "merged";
+        CHECK_OK(kmed_merge_run(&c, TMP "/merged_g.gguf", &mg, &e));
+        CHECKF(files_equal(TMP "/merged_g.gguf", TMP "/conv_g.gguf"),
+               "%s GGUF merge differs from converting the HF merge", kmed_dtype_name(t));
+    }
+    CHECK_OK(kmed_gguf_open(&gf, TMP "/merged_g.gguf", &e));
+    if (e.code == KMED_OK) {
+        CHECK(kmed_gguf_find_kv(&gf, "tokenizer.ggml.tokens") != NULL);
+        kmed_gguf_close(&gf);
+    }
+    CHECK(leftovers(TMP) == 0);
+
+    /* 8 layers of 1M parameters: 32 MB as f32, the largest tensor 1 MB. Keeping what was
+       read resident grows the RSS by 31 MB (convert) to 50 MB (merge); streaming by about
+       3 MB, 14 MB under ASan (its quarantine holds freed buffers) */
+    g.hidden_size = 256; g.n_layers = 8; g.head_dim = 64; g.query_pre_attn_scalar = 64;
+    ho.max_shard_bytes = 0;
+    CHECK_OK(kmed_gemma_init_random(&g, 21, NULL, TMP "/deep0", &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&g, 22, NULL, deep[0], &ho, &e));
+    CHECK_OK(kmed_gemma_init_random(&g, 23, NULL, deep[1], &ho, &e));
+    mm[0].model = deep[0];
+    mm[1].model = deep[1];
+    c = mcfg(KMED_MERGE_DARE_TIES, mm, 2);
+    c.base_model = TMP "/deep0";
+    mg.cb = watch_cb(&w);
+    mg.dtype = KMED_Q8_0;
+    mg.mixed = 0;
+    rss0 = w.peak;
+    CHECK_OK(kmed_merge_run(&c, TMP "/deep.gguf", &mg, &e));
+    CHECKF(w.peak - rss0 < RSS_SLACK, "GGUF merge grew the RSS by %.1f MB (32 MB of f32 weights)",
+           (w.peak - rss0) / 1e6);
+    mo.dtype = KMED_F32;
+    CHECK_OK(kmed_merge_run(&c, TMP "/deep_hf", &mo, &e));
+    CHECK_OK(kmed_gemma_load(&m, TMP "/deep_hf", NULL, &e));
+    memset(&go, 0, sizeof go);
+    go.type = KMED_Q8_0;
+    go.cb = watch_cb(&w);
+    rss0 = w.peak;
+    CHECK_OK(kmed_gemma_save_gguf(&m, NULL, TMP "/deep_conv.gguf", &go, &e));
+    CHECKF(w.peak - rss0 < RSS_SLACK, "converting a loaded model grew the RSS by %.1f MB (32 MB "
+           "of f32 weights)", (w.peak - rss0) / 1e6);
+    kmed_gemma_free(&m);
+}
+
+/* HF output is put in place whole; inputs and outputs are checked before writing. */
+static void atomic_checks(void)
+{
+    kmed_error e = {0};
+    kmed_merge_model mm[3];
+    kmed_merge_config c;
+    kmed_merge_out mo;
+    kmed_st sb, so;
+    struct rlimit lim, old;
+    char before[1024], after[1024], *bytes = NULL, *now = NULL;
+    size_t n1 = 0, n2 = 0, i, n;
+    kmed_result r;
+    watch w;
+
+    memset(mm, 0, sizeof mm);
+    mm[0].model = TMP "/m1"; mm[0].weight = 0.4f; mm[0].density = 0.53f;
+    mm[1].model = TMP "/m2"; mm[1].weight = 0.6f; mm[1].density = 0.6f;
+    c = mcfg(KMED_MERGE_TIES, mm, 2);
+    c.base_model = TMP "/base";
+    memset(&mo, 0, sizeof mo);
+    mo.dtype = KMED_F32;
+    mo.max_shard_bytes = 30000;
+    CHECK_OK(kmed_merge_run(&c, TMP "/out_sw", &mo, &e));
+    list_dir(TMP "/out_sw", before, sizeof before);
+    CHECKF(strstr(before, "model-00001-of-") && strstr(before, "index.json"), "%s", before);
+    /* merged again into it with another shard layout: exactly the new files */
+    mo.max_shard_bytes = 0;
+    CHECK_OK(kmed_merge_run(&c, TMP "/out_sw/", &mo, &e));
+    list_dir(TMP "/out_sw", after, sizeof after);
+    CHECKF(!strcmp(after, "config.json generation_config.json model.safetensors"), "%s",
+           after);
+    CHECK(leftovers(TMP) == 0);
+
+    /* a run that fails mid-way (file size limit) leaves the old output and no temporary */
+    CHECK_OK(kmed_file_read(TMP "/out_sw/model.safetensors", 0, &bytes, &n1, &e));
+    mo.max_shard_bytes = 30000;
+    getrlimit(RLIMIT_FSIZE, &old);
+    lim = old;
+    lim.rlim_cur = 20000;
+    signal(SIGXFSZ, SIG_IGN);
+    CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0);
+    r = kmed_merge_run(&c, TMP "/out_sw", &mo, &e);
+    setrlimit(RLIMIT_FSIZE, &old);
+    CHECKF(r == KMED_ERR_IO, "%s: %s", kmed_result_str(r), e.msg);
+    list_dir(TMP "/out_sw", before, sizeof before);
+    CHECKF(!strcmp(after, before), "%s", before);
+    CHECK_OK(kmed_file_read(TMP "/out_sw/model.safetensors", 0, &now, &n2, &e));
+    CHECK(bytes && now && n1 == n2 && memcmp(bytes, now, n1) == 0);
+    kmed_free(bytes);
+    kmed_free(now);
+    CHECK(leftovers(TMP) == 0);
+
+    /* a killed run's temporary directory (its PID gone) goes with the next run */
+    CHECK_OK(kmed_mkdir_p(TMP "/out_sw.merge-tmp.999999999", &e));
+    write_text(TMP "/out_sw.merge-tmp.999999999/model-00001-of-00002.safetensors", "x");
+    mo.max_shard_bytes = 0;
+    CHECK_OK(kmed_merge_run(&c, TMP "/out_sw", &mo, &e));
+    CHECK(!kmed_is_dir(TMP "/out_sw.merge-tmp.999999999"));
+
+    /* outputs that hold something else than a model are refused, and left alone */
+    CHECK_OK(kmed_mkdir_p(TMP "/notmodel/sub", &e));
+    CHECK(kmed_merge_run(&c, TMP "/notmodel", &mo, &e) == KMED_ERR_ARG);
+    CHECKF(strstr(e.msg, "sub") != NULL, "%s", e.msg);
+    CHECK(kmed_is_dir(TMP "/notmodel/sub"));
+    CHECK_OK(kmed_mkdir_p(TMP "/notes", &e));
+    write_text(TMP "/notes/notes.txt", "mine");
+    CHECK(kmed_merge_run(&c, TMP "/notes", &mo, &e) == KMED_ERR_ARG);
+    list_dir(TMP "/notes", after, sizeof after);
+    CHECKF(!strcmp(after, "notes.txt"), "%s", after);
+    write_text(TMP "/afile", "mine");
+    CHECK(kmed_merge_run(&c, TMP "/afile", &mo, &e) == KMED_ERR_ARG);
+    remove(TMP "/link");
+    CHECK(symlink("out_sw", TMP "/link") == 0); /* a link to a model, named with a '/' */
+    list_dir(TMP "/out_sw", before, sizeof before);
+    CHECK(kmed_merge_run(&c, TMP "/link/", &mo, &e) == KMED_ERR_ARG);
+    list_dir(TMP "/out_sw", after, sizeof after);
+    CHECKF(!strcmp(after, before) && strstr(after, "config.json"), "%s", after);
+
+    /* a base without config.json is refused before anything is written */
+    CHECK_OK(kmed_mkdir_p(TMP "/nocfg", &e));
+    CHECK_OK(kmed_st_open(&sb, TMP "/base", &e));
+    CHECK_OK(kmed_st_write(TMP "/nocfg/model.safetensors", sb.tensors, sb.n_tensors, NULL,
+                           NULL, 0, &e));
+    kmed_st_close(&sb);
+    c.base_model = TMP "/nocfg";
+    CHECK(kmed_merge_run(&c, TMP "/out_nocfg", &mo, &e) == KMED_ERR_NOT_FOUND);
+    CHECKF(strstr(e.msg, "config.json") != NULL, "%s", e.msg);
+    CHECK(!kmed_is_dir(TMP "/out_nocfg"));
+    CHECK(leftovers(TMP) == 0);
+    /* GGUF output needs the tensors config.json implies (intermediate 96 here, not 128) */
+    CHECK_OK(kmed_mkdir_p(TMP "/badcfg", &e));
+    CHECK_OK(kmed_st_open(&sb, TMP "/base", &e));
+    CHECK_OK(kmed_st_write(TMP "/badcfg/model.safetensors", sb.tensors, sb.n_tensors, NULL,
+                           NULL, 0, &e));
+    kmed_st_close(&sb);
+    CHECK_OK(kmed_file_read(TMP "/other/config.json", 0, &bytes, &n1, &e));
+    CHECK_OK(kmed_file_write_atomic(TMP "/badcfg/config.json", bytes, n1, &e));
+    kmed_free(bytes);
+    c.base_model = TMP "/badcfg";
+    mo.gguf = 1;
+    CHECK(kmed_merge_run(&c, TMP "/badcfg.gguf", &mo, &e) == KMED_ERR_SHAPE);
+    CHECKF(strstr(e.msg, "mlp.") && strstr(e.msg, "implies [96, 64]"), "%s", e.msg);
+    CHECK(access(TMP "/badcfg.gguf", F_OK) != 0); /* nothing written */
+    mo.gguf = 0;
+    c.base_model = TMP "/base";
+
+    /* DARE masks do not change when the base is listed among the models */
+    mm[2] = mm[1];
+    mm[1] = mm[0];
+    memset(&mm[0], 0, sizeof mm[0]);
+    mm[0].model = TMP "/base";
+    c = mcfg(KMED_MERGE_DARE_TIES, mm, 3);
+    c.base_model = TMP "/base";
+    c.seed = 5;
+    CHECK_OK(kmed_merge_run(&c, TMP "/out_dl1", &mo, &e));
+    c = mcfg(KMED_MERGE_DARE_TIES, mm + 1, 2);
+    c.base_model = TMP "/base";
+    c.seed = 5;
+    CHECK_OK(kmed_merge_run(&c, TMP "/out_dl2", &mo, &e));
+    CHECK(files_equal(TMP "/out_dl1/model.safetensors", TMP "/out_dl2/model.safetensors"));
+
+    /* lambda 0 gives the base, tensor for tensor */
+    c.method = KMED_MERGE_TASK_ARITHMETIC;
+    c.lambda = 0;
+    c.has_lambda = 1;
+    CHECK_OK(kmed_merge_run(&c, TMP "/out_l0", &mo, &e));
+    CHECK_OK(kmed_st_open(&sb, TMP "/base", &e));
+    CHECK_OK(kmed_st_open(&so, TMP "/out_l0", &e));
+    for (i = 0, n = 0; i < sb.n_tensors; i++) {
+        float *a = read_tensor(&sb, sb.tensors[i].name, &n1), *b;
+        b = read_tensor(&so, sb.tensors[i].name, &n2);
+        n += !a || !b || n1 != n2 || kmed_test_maxdiff(a, b, n1) != 0;
+        free(a);
+        free(b);
+    }
+    CHECKF(n == 0, "lambda 0: %zu tensors differ from the base", n);
+    kmed_st_close(&sb);
+    kmed_st_close(&so);
+
+    /* TIES keeping no element of a tensor (64-element norms at density 0.01) says so */
+    c = mcfg(KMED_MERGE_TIES, mm + 1, 2);
+    c.base_model = TMP "/base";
+    mm[1].density = 0.01f;
+    mo.cb = watch_cb(&w);
+    CHECK_OK(kmed_merge_run(&c, TMP "/out_k0", &mo, &e));
+    CHECKF(w.empty == 4 * 2 + 1, "%d warnings that a task vector keeps nothing", w.empty);
+}
+
 int main(void)
 {
     hand_methods();
@@ -698,5 +1154,7 @@ int main(void)
     chunked_vs_reference();
     config_checks();
     disk_checks();
+    gguf_checks();
+    atomic_checks();
     return kmed_test_done();
 }

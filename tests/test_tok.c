@@ -1,7 +1,9 @@
-/* Tokenizer: every oracle case of the Gemma-2 fixture (HF tokenizers 0.22.2) id for id, decode
-   and chat rendering; SentencePiece models against ids stored from spm_encode; hand-built
-   vocabularies for merge order, tie-breaks, byte fallback, added tokens and decode of bad
-   byte runs; malformed files; a long word to show the merge loop is not quadratic. */
+/* Tokenizer: every oracle case of the Gemma-2 fixture (HF tokenizers 0.22.2) id for id, decode,
+   chat rendering and chat encoding; SentencePiece models against ids stored from spm_encode,
+   and a chat through one whose <bos> is a CONTROL piece; hand-built vocabularies for merge
+   order, tie-breaks, byte fallback, added tokens (single_word against HF) and decode of bad
+   byte runs; the chat template check; malformed files; a long word to show the merge loop is
+   not quadratic. */
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "test.h"
@@ -230,6 +232,49 @@ static void test_decode_bytes(void)
     kmed_tok_free(&tok);
 }
 
+/* single_word: a match is dropped next to a word character, HF's regex \w (letters, marks,
+   digits of any script, connector punctuation such as '_'); symbols such as ▁ are not word
+   characters. Expected ids from HF tokenizers 0.22.2 on the same file. */
+static void test_single_word(void)
+{
+    static const char *json =
+        "{\"added_tokens\":[{\"id\":15,\"content\":\"cd\",\"single_word\":true,"
+        "\"lstrip\":true,\"rstrip\":true,\"normalized\":true,\"special\":false}],"
+        "\"normalizer\":{\"type\":\"Replace\",\"pattern\":{\"String\":\" \"},"
+        "\"content\":\"\\u2581\"},\"pre_tokenizer\":null,"
+        "\"model\":{\"type\":\"BPE\",\"unk_token\":\"<unk>\",\"fuse_unk\":true,"
+        "\"vocab\":{\"<unk>\":0,\"\\u2581\":1,\"a\":2,\"b\":3,\"c\":4,\"d\":5,\"_\":6,"
+        "\"\\t\":7,\"\\u00e9\":8,\"x\":9,\"\\u0661\":10,\"\\u203f\":11,\"\\u2192\":12,"
+        "\"\\u3001\":13,\"\\u0301\":14},\"merges\":[]}}";
+    static const struct { const char *text; int n, ids[5]; } cases[] = {
+        {"\tcd ab", 4, {15, 1, 2, 3}},          /* ▁ after the token is no word character */
+        {"a cd b", 5, {2, 1, 15, 1, 3}},
+        {"_cd", 3, {6, 4, 5}},                   /* '_' (Pc) is */
+        {"cd_", 3, {4, 5, 6}},
+        {"\xC3\xA9" "cd", 3, {8, 4, 5}},         /* é */
+        {"cd\xCC\x81", 3, {4, 5, 14}},           /* U+0301, a mark */
+        {"\xD9\xA1" "cd", 3, {10, 4, 5}},        /* U+0661, an Arabic-Indic digit */
+        {"\xE2\x80\xBF" "cd", 3, {11, 4, 5}},    /* U+203F, connector punctuation */
+        {"cd\xE2\x80\x8D", 3, {4, 5, 0}},        /* U+200D, Join_Control */
+        {"\xE2\x86\x92" "cd", 2, {12, 15}},      /* U+2192, a symbol */
+        {"cd\xE2\x86\x92", 2, {15, 12}},
+        {"\xE3\x80\x81" "cd", 2, {13, 15}},      /* U+3001, punctuation */
+        {"xcd", 3, {9, 4, 5}},
+    };
+    kmed_tok tok;
+    kmed_error e = {0};
+    size_t i;
+    CHECK_OK(load_str(&tok, json, &e));
+    for (i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        check_enc(&tok, cases[i].text, cases[i].ids, (size_t)cases[i].n, "single_word");
+    /* The table against the Unicode classes at a few edges. */
+    CHECK(kmed__tok_wordchar(0x5F) && !kmed__tok_wordchar(0x2581) && !kmed__tok_wordchar(0x20));
+    CHECK(kmed__tok_wordchar(0xAC00) && kmed__tok_wordchar(0xD7A3) && !kmed__tok_wordchar(0xD7A4));
+    CHECK(kmed__tok_wordchar(0x1F130) && !kmed__tok_wordchar(0x1F600)); /* squared A; emoji */
+    CHECK(kmed__tok_wordchar(0xE01EF) && !kmed__tok_wordchar(0xE01F0) && !kmed__tok_wordchar(-1));
+    kmed_tok_free(&tok);
+}
+
 /* a^(2^k) pieces for k = 0..10, merges doubling: a word of 2^18 'a' is 256 tokens. The
    heap keeps this O(n log n) (~0.1 s); a loop rescanning the word per merge would do ~2^35
    steps. CPU time, so other jobs on a shared machine do not count. */
@@ -335,6 +380,31 @@ static void test_malformed(void)
     CHECK(load_str(&tok, "{\"normalizer\": {\"type\": \"NFKC\"}, \"model\": {\"type\": "
                          "\"BPE\", \"vocab\": {\"a\": 0}}}", &e) == KMED_ERR_UNSUPPORTED);
     CHECK(load_str(&tok, "\x0a\x05\x0a\x03", &e) == KMED_ERR_FORMAT); /* truncated protobuf */
+    /* Pieces but no trainer_spec: a file cut at a field boundary, not a UNIGRAM model. */
+    CHECK(load_str(&tok, "\x0a\x03\x0a\x01" "a", &e) == KMED_ERR_FORMAT);
+    CHECKF(strstr(e.msg, "no trainer_spec: truncated or not a SentencePiece model") != NULL,
+           "msg: %s", e.msg);
+    {
+        /* A real model cut where its trainer_spec (field 2) begins. */
+        char *data = NULL;
+        size_t len = 0;
+        kmed__tok_pb b;
+        uint32_t field = 0, wire;
+        uint64_t v;
+        const unsigned char *sv;
+        size_t sn, cut = 0;
+        CHECK_OK(kmed_file_read("tests/data/spm/bpe_identity.model", 0, &data, &len, &e));
+        b.p = b.start = (const unsigned char *)data;
+        b.end = b.p + len;
+        while (data && kmed__tok_pb_key(&b, &field, &wire) > 0 && field != 2) {
+            kmed__tok_pb_value(&b, wire, &v, &sv, &sn);
+            cut = (size_t)(b.p - b.start);
+        }
+        CHECK(field == 2 && cut > 0);
+        CHECK(kmed__tok_load_mem(&tok, data, cut, "cut.model", &e) == KMED_ERR_FORMAT);
+        CHECKF(strstr(e.msg, "no trainer_spec") != NULL, "msg: %s", e.msg);
+        kmed_free(data);
+    }
     CHECK(kmed_tok_load(&tok, "/nonexistent/tokenizer.json", &e) == KMED_ERR_NOT_FOUND);
     /* After an error the object is zeroed and freeing it is harmless. */
     kmed_tok_free(&tok);
@@ -398,6 +468,15 @@ static void run_cases(const kmed_tok *tok, const char *cases, const char *label)
             CHECKF(out.data && text && out.len == text->len &&
                        !memcmp(out.data, text->str, out.len),
                    "%s %s: rendered chat differs", label, id);
+            if (out.data) {
+                /* The HF reference encoded the prompt with add_special_tokens=false. */
+                int *cids = (int *)malloc((out.len + 1) * sizeof *cids);
+                size_t nc = 0;
+                CHECK_OK(kmed_chat_encode(tok, out.data, out.len, cids, out.len + 1, &nc, &e));
+                CHECKF(ids_equal(cids, nc, want_ids), "%s %s: kmed_chat_encode differs at %zu",
+                       label, id, ids_diff_at(cids, nc, want_ids));
+                free(cids);
+            }
             kmed_buf_free(&out);
         }
         if (text) {
@@ -527,7 +606,8 @@ static void test_spm(const char *base, const char *input)
     snprintf(path, sizeof path, "tests/data/spm/%s.model", base);
     CHECK_OK(kmed_tok_load(&tok, path, &e));
     if (e.code) return;
-    CHECK(tok.kind == KMED_TOK_SPM_BPE && tok.unk_id == 0);
+    CHECK(tok.kind == KMED_TOK_SPM_BPE && tok.unk_id >= 0 &&
+          !strcmp(kmed_tok_piece(&tok, tok.unk_id, NULL), "<unk>"));
     snprintf(path, sizeof path, "tests/data/spm/%s.txt", input);
     nt = read_lines(path, &tb, &tl);
     snprintf(path, sizeof path, "tests/data/spm/%s.%s.ids", base, input);
@@ -575,6 +655,148 @@ static void test_spm(const char *base, const char *input)
     kmed_tok_free(&tok);
 }
 
+/* Ids of one line of spm_encode output; returns the count. */
+static size_t parse_line_ids(const char *p, int *out, size_t cap)
+{
+    size_t n = 0;
+    while (n < cap) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p) break;
+        out[n++] = (int)v;
+        p = end;
+    }
+    return n;
+}
+
+/* A Gemma chat through bpe_chat.model, whose <bos> and <start_of_turn> are CONTROL pieces and
+   <end_of_turn> a USER_DEFINED one. kmed_chat_encode must give each marker its id, as HF does
+   with the tokenizer.json converted from the model (where they are added tokens), and the text
+   between two markers the ids spm_encode gave that text alone (bpe_chat.chat.ids: the model
+   adds no dummy prefix, and no piece holds "\n", so "\n" is always its byte piece). */
+static void test_spm_chat(void)
+{
+    char *tb, *ib, **tl, **il, c3[256];
+    int L[8][64], want[512], *ids;
+    size_t nl, ni, nL[8], nw = 0, n = 0, i, k;
+    kmed_tok tok;
+    kmed_error e = {0};
+    kmed_buf prompt = {0};
+    kmed_chat_msg m[3];
+    int nlid;
+    CHECK_OK(kmed_tok_load(&tok, "tests/data/spm/bpe_chat.model", &e));
+    if (e.code) return;
+    nl = read_lines("tests/data/spm/chat.txt", &tb, &tl);
+    ni = read_lines("tests/data/spm/bpe_chat.chat.ids", &ib, &il);
+    CHECK(nl == 8 && ni == 8);
+    if (nl != 8 || ni != 8) return;
+    for (k = 0; k < 8; k++) nL[k] = parse_line_ids(il[k], L[k], 64);
+    CHECK(tok.bos_id == 2 && tok.eos_id == 1 && tok.sot_id == 4 && tok.eot_id == 5);
+    CHECK(kmed_tok_is_special(&tok, 2) && kmed_tok_is_special(&tok, 4) &&
+          !kmed_tok_is_special(&tok, 5)); /* CONTROL, CONTROL, USER_DEFINED */
+    nlid = kmed_tok_id(&tok, "<0x0A>", 6);
+    CHECK(nlid >= 0);
+    /* Lines of chat.txt: 1 user, 2 model, 3-4 contents, 5 and 6 around an <end_of_turn>. */
+    snprintf(c3, sizeof c3, "<eos>%s<end_of_turn>%s", tl[5], tl[6]);
+    m[0].role = "user";      m[0].content = tl[3];
+    m[1].role = "assistant"; m[1].content = tl[4];
+    m[2].role = "user";      m[2].content = c3;
+    CHECK_OK(kmed_chat_render(&tok, m, 3, 1, &prompt, &e));
+#define PUT(id) (want[nw++] = (id))
+#define PUT_LINE(k) for (i = 0; i < nL[k]; i++) PUT(L[k][i])
+    PUT(2);
+    PUT(4); PUT_LINE(1); PUT(nlid); PUT_LINE(3); PUT(5); PUT(nlid);
+    PUT(4); PUT_LINE(2); PUT(nlid); PUT_LINE(4); PUT(5); PUT(nlid);
+    PUT(4); PUT_LINE(1); PUT(nlid); PUT(1); PUT_LINE(5); PUT(5); PUT_LINE(6); PUT(5); PUT(nlid);
+    PUT(4); PUT_LINE(2); PUT(nlid);
+#undef PUT_LINE
+#undef PUT
+    CHECK(kmed_chat_encode(&tok, prompt.data, prompt.len, NULL, 0, &n, &e) == KMED_ERR_SPACE &&
+          n == nw);
+    ids = (int *)malloc((n + 1) * sizeof *ids);
+    CHECK_OK(kmed_chat_encode(&tok, prompt.data, prompt.len, ids, n, &n, &e));
+    {
+        int ok = n == nw;
+        for (i = 0; ok && i < n; i++) ok = ids[i] == want[i];
+        CHECKF(ok, "bpe_chat: kmed_chat_encode gave %zu ids (first %d %d), want %zu (%d %d)",
+               n, n > 0 ? ids[0] : -1, n > 1 ? ids[1] : -1, nw, want[0], want[1]);
+    }
+    free(ids);
+    /* Plain encoding keeps spm_encode's reading, where a CONTROL piece is only text. */
+    ids = encode_all(&tok, prompt.data, prompt.len, 1, &n);
+    CHECK(ids && n > 5 && ids[0] == kmed_tok_id(&tok, "<0x3C>", 6)); /* '<' of "<bos>" */
+    free(ids);
+    kmed_buf_free(&prompt);
+    kmed_tok_free(&tok);
+    /* A model with a dummy prefix and an nmt_nfkc map: <s> is its <bos>, the turn markers are
+       USER_DEFINED; every marker is its id and no role after one gets a dummy "▁". */
+    e.code = KMED_OK; /* the KMED_ERR_SPACE above */
+    CHECK_OK(kmed_tok_load(&tok, "tests/data/spm/bpe_nfkc.model", &e));
+    if (!e.code) {
+        int n_sot = 0, n_eot = 0, after_mark = 0, sp = kmed_tok_id(&tok, "\xE2\x96\x81", 3);
+        CHECK_OK(kmed_chat_render(&tok, m, 2, 1, &prompt, &e));
+        CHECK(prompt.data && !strncmp(prompt.data, "<s><start_of_turn>user\n", 23));
+        ids = (int *)malloc((prompt.len + 1) * sizeof *ids);
+        CHECK_OK(kmed_chat_encode(&tok, prompt.data, prompt.len, ids, prompt.len + 1, &n, &e));
+        for (i = 0; i < n; i++) {
+            size_t plen;
+            const char *p = kmed_tok_piece(&tok, ids[i], &plen);
+            n_sot += ids[i] == tok.sot_id;
+            n_eot += ids[i] == tok.eot_id;
+            if (i && ids[i - 1] == tok.sot_id &&
+                (ids[i] == sp || (p && plen >= 3 && !memcmp(p, "\xE2\x96\x81", 3))))
+                after_mark++;
+        }
+        CHECK(n > 3 && ids[0] == tok.bos_id && ids[1] == tok.sot_id);
+        CHECK(n_sot == 3 && n_eot == 2 && after_mark == 0);
+        free(ids);
+        kmed_buf_free(&prompt);
+    }
+    kmed_tok_free(&tok);
+    free(tb); free(ib); free(tl); free(il);
+}
+
+/* Gemma-2's template as its tokenizer_config.json spells it (JSON "\\n", so the template
+   holds a backslash and an n) is recognised; any other is not. */
+static void test_chat_template(void)
+{
+    static const char gemma[] =
+        "{\"chat_template\": \"{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ "
+        "raise_exception('System role not supported') }}{% endif %}{% for message in messages "
+        "%}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+        "'Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set "
+        "role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\\\n' + "
+        "message['content'] | trim + '<end_of_turn>\\\\n' }}{% endfor %}{% if "
+        "add_generation_prompt %}{{'<start_of_turn>model\\\\n'}}{% endif %}\"}";
+    static const char chatml[] =
+        "{\"chat_template\": [{\"name\": \"default\", \"template\": \"{% for m in messages "
+        "%}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor "
+        "%}\"}]}";
+    char dir[64], path[128];
+    kmed_tok tok;
+    kmed_error e = {0};
+    FILE *f;
+    snprintf(dir, sizeof dir, "/tmp/kmed_test_tok.XXXXXX");
+    if (!mkdtemp(dir)) { CHECKF(0, "mkdtemp failed"); return; }
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    tiny(&tok, "true", "");
+    CHECK(tok.chat_template == NULL && kmed_chat_template_is_gemma(&tok));
+    f = fopen(path, "wb");
+    if (f) { fputs(gemma, f); fclose(f); }
+    CHECK_OK(kmed__tok_load_config(&tok, path, &e));
+    CHECK(tok.chat_template && kmed_chat_template_is_gemma(&tok));
+    kmed_tok_free(&tok);
+    tiny(&tok, "true", "");
+    f = fopen(path, "wb");
+    if (f) { fputs(chatml, f); fclose(f); }
+    CHECK_OK(kmed__tok_load_config(&tok, path, &e));
+    CHECK(tok.chat_template && !kmed_chat_template_is_gemma(&tok));
+    kmed_tok_free(&tok);
+    remove(path);
+    remove(dir);
+}
+
 int main(void)
 {
     const char *fx;
@@ -587,12 +809,18 @@ int main(void)
     test_normalized_added();
     test_malformed();
     test_chat_errors();
+    test_single_word();
+    test_chat_template();
     test_spm("bpe_identity", "sentences");
     test_spm("bpe_identity", "train");
     test_spm("bpe_nfkc", "sentences");
     test_spm("bpe_nfkc", "train");
     test_spm("bpe_gemmalike", "sentences");
     test_spm("bpe_gemmalike", "train");
+    test_spm("bpe_chat", "sentences");
+    test_spm("bpe_chat", "train");
+    test_spm("bpe_chat", "chat");
+    test_spm_chat();
     fx = kmed_test_fixtures();
     if (fx) test_gemma(fx);
     return kmed_test_done();

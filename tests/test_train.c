@@ -71,7 +71,8 @@ static double wsum(const float *w, const float *y, size_t n)
 typedef struct opctx {
     float x[256], w[64], g[256], u[256], wy[512], y[512], rstd[16];
     float q[256], k[256], v[256], att[512], scratch[128];
-    int ids[8], pos[8];
+    int ids[8], pos[8], kst[8];
+    const int *kstart;   /* NULL or kst: packed document starts */
     size_t N, C, H, Hkv, D, n, S, window, M, K, r;
     float cap, scale;
 } opctx;
@@ -109,8 +110,9 @@ static double J_embed(void *p)
 static double J_attn(void *p)
 {
     opctx *c = (opctx *)p;
-    kmed__attention_forward(c->y, c->att, c->q, c->k, c->v, c->pos, c->scratch, c->N, c->S,
-                            c->H, c->Hkv, c->D, c->scale, c->cap, c->window, 0, c->H);
+    kmed__attention_forward(c->y, c->att, c->q, c->k, c->v, c->pos, c->kstart, c->scratch,
+                            c->N, c->S, c->H, c->Hkv, c->D, c->scale, c->cap, c->window, 0,
+                            c->H);
     return wsum(c->wy, c->y, c->N * c->H * c->D);
 }
 static double J_lora(void *p)
@@ -213,18 +215,41 @@ static void test_op_backwards(void)
     fill(c.wy, 7 * 16, 1.0);
     J_attn(&c);
     memset(dq, 0, sizeof dq); memset(dk, 0, sizeof dk); memset(dv, 0, sizeof dv);
-    kmed__attention_backward(dq, dk, dv, c.wy, c.att, c.q, c.k, c.v, c.pos, c.scratch, c.N,
-                             c.S, c.H, c.Hkv, c.D, c.scale, c.cap, c.window, 0, c.H);
+    kmed__attention_backward(dq, dk, dv, c.wy, c.att, c.q, c.k, c.v, c.pos, c.kstart,
+                             c.scratch, c.N, c.S, c.H, c.Hkv, c.D, c.scale, c.cap, c.window, 0,
+                             c.H);
     fd_check("attention dq", J_attn, &c, c.q, dq, 7 * 16);
     fd_check("attention dk", J_attn, &c, c.k, dk, 7 * 8);
     fd_check("attention dv", J_attn, &c, c.v, dv, 7 * 8);
     c.window = 0; c.cap = 0.0f; /* plain causal, no cap */
     J_attn(&c);
     memset(dq, 0, sizeof dq); memset(dk, 0, sizeof dk); memset(dv, 0, sizeof dv);
-    kmed__attention_backward(dq, dk, dv, c.wy, c.att, c.q, c.k, c.v, c.pos, c.scratch, c.N,
-                             c.S, c.H, c.Hkv, c.D, c.scale, c.cap, c.window, 0, c.H);
+    kmed__attention_backward(dq, dk, dv, c.wy, c.att, c.q, c.k, c.v, c.pos, c.kstart,
+                             c.scratch, c.N, c.S, c.H, c.Hkv, c.D, c.scale, c.cap, c.window, 0,
+                             c.H);
     fd_check("attention (causal) dq", J_attn, &c, c.q, dq, 7 * 16);
     fd_check("attention (causal) dk", J_attn, &c, c.k, dk, 7 * 8);
+    /* packed documents at 0..2 and 3..6, with the window and cap back on: the probabilities
+       of keys in another document are 0 and the gradients still match */
+    c.window = 3; c.cap = 1.5f;
+    for (i = 0; i < 7; i++) c.kst[i] = i < 3 ? 0 : 3;
+    c.kstart = c.kst;
+    J_attn(&c);
+    {
+        int leak = 0;
+        size_t h, t;
+        for (h = 0; h < c.H; h++)
+            for (t = 3; t < 7; t++) leak += c.att[(h * 7 + t) * 7 + 2] != 0.0f;
+        CHECKF(leak == 0, "packed attention sees the previous document (%d)", leak);
+    }
+    memset(dq, 0, sizeof dq); memset(dk, 0, sizeof dk); memset(dv, 0, sizeof dv);
+    kmed__attention_backward(dq, dk, dv, c.wy, c.att, c.q, c.k, c.v, c.pos, c.kstart,
+                             c.scratch, c.N, c.S, c.H, c.Hkv, c.D, c.scale, c.cap, c.window, 0,
+                             c.H);
+    fd_check("attention (packed) dq", J_attn, &c, c.q, dq, 7 * 16);
+    fd_check("attention (packed) dk", J_attn, &c, c.k, dk, 7 * 8);
+    fd_check("attention (packed) dv", J_attn, &c, c.v, dv, 7 * 8);
+    c.kstart = NULL;
 
     c.M = 3; c.N = 5; c.K = 6; c.r = 2; c.scale = 1.5f;
     fill(c.x, 18, 1.0); fill(c.q, 12, 1.0); fill(c.k, 10, 1.0); fill(c.wy, 15, 1.0);
@@ -537,6 +562,38 @@ static void test_tiny(kmed_pool *pool)
         CHECKF(fabs((s1 + s2) / (double)count - loss) < 1e-6 * loss,
                "batch loss %.9g is not the mean over all counted tokens %.9g", loss,
                (s1 + s2) / (double)count);
+    }
+
+    /* packing: documents of 4 and 5 tokens in one sequence with position ids 0..3, 0..4
+       (the second document's first label not counted) give the loss and gradients of the
+       two documents trained apart */
+    if (tr) {
+        int pids[TT], plab[TT], ppos[TT] = {0, 1, 2, 3, 0, 1, 2, 3, 4};
+        double s1 = 0, s2 = 0, sp = 0;
+        size_t t;
+        for (t = 0; t < TT; t++) {
+            pids[t] = t < 4 ? ids[t] : ids[TT + t - 4];
+            plab[t] = t < 4 ? labels[t] : t == 4 ? KMED_LABEL_IGNORE : labels[TT + t - 4];
+        }
+        kmed_train_zero_grad(tr);
+        CHECK_OK(kmed_train_forward_backward(tr, pids, plab, 1, 4, 10.0, &s1, NULL, &e));
+        CHECK_OK(kmed_train_forward_backward(tr, pids + 4, plab + 4, 1, 5, 10.0, &s2, NULL, &e));
+        grads_copy(tr, g1);
+        kmed_train_zero_grad(tr);
+        kmed_train_set_positions(tr, ppos);
+        CHECK_OK(kmed_train_forward_backward(tr, pids, plab, 1, TT, 10.0, &sp, NULL, &e));
+        grads_copy(tr, g2);
+        CHECKF(fabs(sp - (s1 + s2)) < 1e-5 * fabs(sp), "packed loss %.9g vs apart %.9g", sp,
+               s1 + s2);
+        CHECKF(rel_diff(g2, g1, n) < 1e-5, "packed gradients differ: %.3g", rel_diff(g2, g1, n));
+        ppos[2] = -1;
+        CHECK(kmed_train_forward_backward(tr, pids, plab, 1, TT, 10.0, NULL, NULL, &e) ==
+              KMED_ERR_ARG && strstr(e.msg, "position id -1"));
+        kmed_train_set_positions(tr, NULL);
+        /* without positions the same tokens are one document: the loss changes */
+        sp = 0;
+        CHECK_OK(kmed_train_forward_backward(tr, pids, plab, 1, TT, 0.0, &sp, NULL, &e));
+        CHECK(fabs(sp - (s1 + s2)) > 1e-4 * fabs(sp));
     }
 
     /* the training forward agrees with the inference forward (with the adapter) */

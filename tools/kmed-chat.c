@@ -11,7 +11,8 @@ static const char *usage =
     "usage: kmed-chat --model PATH [options]            (interactive, or --prompt TEXT)\n"
     "       kmed-chat --safety-check [FILE|-] [options] (audit the safety filter)\n"
     "\n"
-    "Chats in Gemma's template (<start_of_turn>user ... <start_of_turn>model). On a terminal\n"
+    "Chats in Gemma's template (<start_of_turn>user ... <start_of_turn>model); a tokenizer\n"
+    "whose tokenizer_config.json names another chat_template gets a warning. On a terminal\n"
     "without --prompt it is a REPL (/reset clears the conversation, /quit or EOF ends it);\n"
     "with stdin redirected and no --prompt, all of stdin is one prompt. The answer streams\n"
     "to stdout; the safety filter appends a disclaimer or replaces a dangerous answer.\n"
@@ -135,15 +136,22 @@ static int on_token(void *user, int id, const char *text, size_t len)
     return 0;
 }
 
+/* Ids of the prompt text: raw text with <bos> added, or a rendered chat, whose own <bos>
+   and turn markers kmed_chat_encode turns into their ids (with a tokenizer.model too). */
+static kmed_result encode_text(const chat *c, const kmed_buf *text, int *ids, size_t cap,
+                               size_t *n, kmed_error *err)
+{
+    if (c->raw) return kmed_tok_encode(&c->tok, NULL, text->data, text->len, ids, cap, n, err);
+    return kmed_chat_encode(&c->tok, text->data, text->len, ids, cap, n, err);
+}
+
 /* Renders the conversation (Gemma template) or the raw text, and encodes it. */
 static int *encode_prompt(chat *c, const char *raw_text, size_t *n)
 {
     kmed_error err = {0};
     kmed_buf text = {0};
-    kmed_tok_config tc;
     int *ids;
     size_t need = 0;
-    memset(&tc, 0, sizeof tc);
     if (c->raw) {
         kmed_buf_puts(&text, raw_text);
     } else {
@@ -157,18 +165,15 @@ static int *encode_prompt(chat *c, const char *raw_text, size_t *n)
         die_if(kmed_chat_render(&c->tok, mm, c->n_msgs, 1, &text, &err), &err,
                "rendering the chat template");
         free(mm);
-        tc.no_bos = 1; /* the template starts with <bos> */
     }
     if (text.failed) die("out of memory");
     {
-        kmed_result r = kmed_tok_encode(&c->tok, &tc, text.data, text.len, NULL, 0, &need,
-                                        &err);
+        kmed_result r = encode_text(c, &text, NULL, 0, &need, &err);
         if (r != KMED_OK && r != KMED_ERR_SPACE) die_if(r, &err, "encoding the prompt");
     }
     ids = (int *)malloc((need ? need : 1) * sizeof *ids);
     if (!ids) die("out of memory");
-    die_if(kmed_tok_encode(&c->tok, &tc, text.data, text.len, ids, need, n, &err), &err,
-           "encoding the prompt");
+    die_if(encode_text(c, &text, ids, need, n, &err), &err, "encoding the prompt");
     kmed_buf_free(&text);
     return ids;
 }
@@ -354,6 +359,9 @@ int main(int argc, char **argv)
         else snprintf(tokdir, sizeof tokdir, ".");
     }
     die_if(kmed_tok_load(&c.tok, tokdir, &err), &err, "loading tokenizer (see --tokenizer)");
+    if (!raw && !kmed_chat_template_is_gemma(&c.tok))
+        fprintf(stderr, "kmed-chat: warning: %s has a chat_template that is not Gemma-2's; "
+                        "kmed renders Gemma's template\n", tokdir);
 
     memset(&lo, 0, sizeof lo);
     if (strcmp(type, "stored") != 0) {

@@ -6,6 +6,7 @@
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "common.h"
+#include <limits.h> /* after kmed.h, which sets the POSIX level first */
 
 static const char usage[] =
     "usage: kmed-data [--config FILE] [--source KIND:PATH ...] [options]\n"
@@ -14,70 +15,97 @@ static const char usage[] =
     "evaluation items, and writes into --out:\n"
     "  sft_train.jsonl sft_val.jsonl   {\"id\",\"source\",\"messages\":[{\"role\",\"content\"}]}\n"
     "  cpt_train.jsonl cpt_val.jsonl   {\"id\",\"source\",\"text\"}\n"
+    "                                  (KorMedMCQA records also carry \"subset\")\n"
     "  train.jsonl val.jsonl           both kinds together\n"
-    "  *_packed.jsonl                  {\"input_ids\":[...],\"labels\":[...]} (with --tokenizer;\n"
-    "                                  labels -100 where not trained)\n"
-    "  drops.jsonl                     every dropped or flagged record: id, stage, reason, detail\n"
-    "  report.json report.txt          counts in, dropped per stage and reason, kept, per source\n"
+    "  *_packed.jsonl                  with --tokenizer: one line per sequence of --seq-len\n"
+    "                                  tokens, {\"input_ids\",\"labels\",\"position_ids\"}:\n"
+    "                                  examples follow one another, each <bos> + tokens;\n"
+    "                                  labels -100 where not trained (every <bos>, prompts,\n"
+    "                                  padding); position_ids restart at 0 at each example\n"
+    "                                  and each sequence start (HF's packing convention), so\n"
+    "                                  attention can be kept within an example; the tail\n"
+    "                                  padding is one more segment. A chat example longer\n"
+    "                                  than --seq-len is cut, and skipped if no trained token\n"
+    "                                  is left; a document continues in the next sequence\n"
+    "  drops.jsonl                     every dropped, flagged or trimmed record and skipped\n"
+    "                                  packed example: id, stage, reason, detail\n"
+    "  report.json report.txt          per source: in, dropped per stage and reason, kept,\n"
+    "                                  clean-ups, turns left out, truncation, subsets\n"
     "The report table is also printed to stdout; progress and warnings go to stderr.\n"
     "\n"
-    "Sources (KIND: kormedmcqa, medexpqa, ultramedical, cod, dict; files .jsonl, .json, .csv):\n"
-    "  --config FILE        JSON config (below); flags given after it add to or override it\n"
+    "Sources (KIND: kormedmcqa, medexpqa, ultramedical, cod, dict; files .jsonl, .csv, .json\n"
+    "with an array, one record, or an object holding the array):\n"
+    "  --config FILE        JSON config (below), applied first: every flag, before or after\n"
+    "                       it, adds to or overrides it\n"
     "  --source KIND:PATH   add a source (repeatable); the flags below apply to the last one\n"
     "    --name NAME        name in ids and the report (default: file name without extension)\n"
-    "    --weight W         mixing weight: copies per kept record, fractions sampled (default 1)\n"
+    "    --weight W         mixing weight in [0, 1000]: copies per kept record, fractions\n"
+    "                       sampled, 0 drops the source (default 1)\n"
     "    --format F         sft, cpt, both or auto (default auto: dict -> cpt, others -> sft)\n"
     "    --map DST=SRC      read canonical field DST from input key SRC (repeatable; a.b nests)\n"
-    "    --min-korean X     drop records whose Hangul share of letters is below X (default off)\n"
+    "    --min-korean X     drop records whose Hangul share of letters is below X in [0, 1]\n"
+    "                       (default 0: off)\n"
     "    --splits LIST      keep only these splits, e.g. train,dev (default: all)\n"
     "    --subset S         kormedmcqa subset (default: column, else from the file name)\n"
     "    --strip-html       strip HTML tags in every field (default: dict only)\n"
     "    --no-explanations  drop cot/explanations: answers are the option alone (default:\n"
     "                       kept)\n"
+    "    --cloze            kormedmcqa/medexpqa in the cloze form: the question alone, the\n"
+    "                       answer's text (default: options and the letter)\n"
     "  --eval KIND:PATH     evaluation set to decontaminate against (repeatable)\n"
     "\n"
     "Output and packing:\n"
     "  --out DIR            output directory (default: out/data)\n"
     "  --tokenizer PATH     tokenizer.json, tokenizer.model or model dir: enables packing\n"
     "                       (default: none, no packed files)\n"
-    "  --seq-len N          tokens per packed sequence (default 1024)\n"
-    "  --seed N             shuffle and weight sampling seed (default 0)\n"
-    "  --val-fraction X     share of records for validation, by id hash; <0 none (default 0.05)\n"
+    "  --seq-len N          tokens per packed sequence, at least 8 (default 1024)\n"
+    "  --seed N             shuffle and weight sampling seed, >= 0 (default 0)\n"
+    "  --val-fraction X     share of records for validation by id hash, in [0, 1); 0: none\n"
+    "                       (default 0.05)\n"
     "\n"
     "Filters:\n"
-    "  --min-chars N        drop records with fewer characters (default 8)\n"
-    "  --max-chars N        drop records with more characters (default 20000)\n"
+    "  --min-chars N        drop records with fewer characters; 0: no minimum (default 8)\n"
+    "  --max-chars N        drop records with more characters, >= min (default 20000)\n"
     "  --no-exact           no exact dedup (default: on)\n"
     "  --no-near            no near-duplicate dedup (default: on)\n"
-    "  --near-threshold X   MinHash Jaccard for near duplicates (default 0.8)\n"
+    "  --near-threshold X   MinHash Jaccard for near duplicates, in (0, 1] (default 0.8)\n"
     "  --ngram N            character n-gram for MinHash (default 5)\n"
-    "  --num-perm N         MinHash size (default 128)\n"
+    "  --num-perm N         MinHash size, at most 512 (default 128)\n"
     "  --bands N            LSH bands, dividing num-perm (default: from the threshold)\n"
     "  --decontam-words N   shared word n-gram that marks a leak (default 13)\n"
     "  --decontam-chars N   shared Hangul/Han character n-gram that marks a leak (default 50)\n"
-    "  --decontam-threshold X  near-duplicate eval question Jaccard (default 0.8)\n"
+    "  --decontam-min-words N  an eval question shorter than the word n-gram but of at least\n"
+    "                       N words leaks when a record contains it whole (default 8)\n"
+    "  --decontam-min-chars N  the same for N Hangul/Han characters (default 12)\n"
+    "  --decontam-threshold X  near-duplicate eval question Jaccard, in (0, 1] (default 0.8);\n"
+    "                       every user turn of a conversation is compared\n"
     "  --safety MODE        drop, flag or off (default drop)\n"
-    "  --safety-phrase CAT:PHRASE  add a phrase to a harmful-content list (repeatable)\n"
-    "  --no-safety-defaults use only the given phrases (default: built-in lists too)\n"
+    "  --safety-phrase CAT:PHRASE  add a phrase to a harmful-content list (repeatable; '*'\n"
+    "                       stands for up to 6 characters)\n"
+    "  --no-safety-defaults use only the given phrases (default: the built-in lists too,\n"
+    "                       which hold requests and instructions - \"자살 방법 알려줘\",\n"
+    "                       \"치사량만큼 드세요\" - not exam topics)\n"
     "  --disclaimer         append the standard disclaimer to chat/case answers (default off)\n"
     "  --disclaimer-text T  append T instead (implies --disclaimer)\n"
     "  --no-drop-log        do not write drops.jsonl (default: written)\n"
     "  --quiet              no progress (default: progress on stderr)\n"
     "  --help               this text\n"
     "\n"
-    "Config file (paths relative to the file's directory; every key optional):\n"
+    "Config file (paths relative to the file's directory; every key optional; an unknown\n"
+    "key or a value of the wrong type is an error naming the file and the key):\n"
     "  {\"out\": \"out/data\", \"seed\": 0, \"val_fraction\": 0.05, \"seq_len\": 1024,\n"
     "   \"tokenizer\": \"path/tokenizer.json\", \"min_chars\": 8, \"max_chars\": 20000,\n"
     "   \"dedup\": {\"exact\": true, \"near\": true, \"threshold\": 0.8, \"ngram\": 5,\n"
     "             \"num_perm\": 128, \"bands\": 16},\n"
-    "   \"decontam\": {\"word_ngram\": 13, \"char_ngram\": 50, \"threshold\": 0.8},\n"
+    "   \"decontam\": {\"word_ngram\": 13, \"char_ngram\": 50, \"threshold\": 0.8,\n"
+    "                \"min_words\": 8, \"min_chars\": 12},\n"
     "   \"safety\": {\"action\": \"drop\", \"defaults\": true,\n"
     "              \"lists\": {\"self_harm\": [\"...\"]}},\n"
     "   \"disclaimer\": false,            (or a string: the text to append)\n"
     "   \"sources\": [{\"kind\": \"kormedmcqa\", \"path\": \"train.jsonl\", \"name\": \"kmmcqa\",\n"
     "                \"weight\": 1, \"format\": \"auto\", \"min_korean\": 0,\n"
     "                \"splits\": [\"train\"], \"subset\": \"\", \"split\": \"\",\n"
-    "                \"strip_html\": false, \"explanations\": true,\n"
+    "                \"strip_html\": false, \"explanations\": true, \"cloze\": false,\n"
     "                \"map\": {\"question\": \"full_question\"}}],\n"
     "   \"eval\": [{\"kind\": \"kormedmcqa\", \"path\": \"test.jsonl\"}]}\n"
     "\n"
@@ -87,6 +115,41 @@ static const char usage[] =
     "  ultramedical id messages role content split\n"
     "  cod          id case symptoms diagnosis explanation dialogue role content split\n"
     "  dict         id name sections section_title section_text split\n";
+
+/* The flags that take no value; every other flag takes one (the --config pre-scan skips
+   values by this list). */
+static const char *const switches[] = {"--help", "-h", "--strip-html", "--no-explanations",
+                                       "--cloze", "--no-exact", "--no-near",
+                                       "--no-safety-defaults", "--disclaimer", "--no-drop-log",
+                                       "--quiet"};
+
+static int is_switch(const char *a)
+{
+    size_t k;
+    for (k = 0; k < sizeof switches / sizeof switches[0]; k++)
+        if (strcmp(a, switches[k]) == 0) return 1;
+    return 0;
+}
+
+/* An integer flag value in [lo, hi]. */
+static long arg_int_in(int argc, char **argv, int *i, long lo, long hi)
+{
+    long v = arg_long(argc, argv, i, usage);
+    if (v < lo || v > hi)
+        usage_error(usage, "%s %ld: must be in [%ld, %ld]", argv[*i - 1], v, lo, hi);
+    return v;
+}
+
+/* A number flag value in [lo, hi]; open_lo / open_hi exclude the end. */
+static double arg_num_in(int argc, char **argv, int *i, double lo, double hi, int open_lo,
+                         int open_hi)
+{
+    double v = arg_double(argc, argv, i, usage);
+    if (!(v >= lo && v <= hi) || (open_lo && v == lo) || (open_hi && v == hi))
+        usage_error(usage, "%s %g: must be in %c%g, %g%c", argv[*i - 1], v, open_lo ? '(' : '[',
+                    lo, hi, open_hi ? ')' : ']');
+    return v;
+}
 
 static kmed_result tok_encode(void *user, const char *text, size_t len, int *ids, size_t cap,
                               size_t *n, kmed_error *err)
@@ -133,6 +196,39 @@ static void config_tokenizer(const char *path, char *out, size_t cap)
     kmed_free(data);
 }
 
+/* Loads the --config file, wherever it stands on the command line, so that the config
+   comes first and every flag then adds to it or overrides it. Its safety phrases move to
+   extra, which also collects the --safety-phrase ones. */
+static void load_config(int argc, char **argv, kmed_data_config *cfg, kmed_data_safety *extra,
+                        int *n_extra, char *tokenizer, size_t tok_cap)
+{
+    const char *path = NULL;
+    kmed_error e = {0};
+    size_t k;
+    int i;
+    for (i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return;
+        if (strcmp(argv[i], "--config") == 0) {
+            if (path) usage_error(usage, "--config given twice");
+            path = arg_str(argc, argv, &i, usage);
+        } else if (!is_switch(argv[i])) {
+            i++; /* its value */
+        }
+    }
+    if (!path) return;
+    die_if(kmed_data_config_load(cfg, path, &e), &e, "reading the config");
+    if (cfg->safety_extra) {
+        for (k = 0; k < cfg->safety_extra->n; k++)
+            die_if(kmed_data_safety_add(extra, cfg->safety_extra->category[k],
+                                        cfg->safety_extra->phrase[k], &e), &e, "safety");
+        *n_extra += (int)cfg->safety_extra->n;
+        kmed_data_safety_free(cfg->safety_extra);
+        free(cfg->safety_extra);
+        cfg->safety_extra = NULL;
+    }
+    config_tokenizer(path, tokenizer, tok_cap);
+}
+
 int main(int argc, char **argv)
 {
     kmed_data_config cfg;
@@ -150,28 +246,14 @@ int main(int argc, char **argv)
     memset(&cfg, 0, sizeof cfg);
     memset(&tok, 0, sizeof tok);
     die_if(kmed_data_safety_init(&extra, 0, &e), &e, "safety lists");
+    load_config(argc, argv, &cfg, &extra, &n_extra, tokenizer, sizeof tokenizer);
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             fputs(usage, stdout);
             return 0;
         } else if (strcmp(a, "--config") == 0) {
-            const char *p = arg_str(argc, argv, &i, usage);
-            kmed_data_config loaded;
-            size_t k;
-            if (cfg.n_sources || cfg.n_evals) usage_error(usage, "--config must come first");
-            die_if(kmed_data_config_load(&loaded, p, &e), &e, "reading the config");
-            cfg = loaded;
-            if (cfg.safety_extra) { /* keep the config's phrases with the --safety-phrase ones */
-                for (k = 0; k < cfg.safety_extra->n; k++)
-                    die_if(kmed_data_safety_add(&extra, cfg.safety_extra->category[k],
-                                                cfg.safety_extra->phrase[k], &e), &e, "safety");
-                n_extra += (int)cfg.safety_extra->n;
-                kmed_data_safety_free(cfg.safety_extra);
-                free(cfg.safety_extra);
-                cfg.safety_extra = NULL;
-            }
-            config_tokenizer(p, tokenizer, sizeof tokenizer);
+            i++; /* loaded already */
         } else if (strcmp(a, "--source") == 0) {
             last = add_source(&cfg, 0, arg_str(argc, argv, &i, usage));
         } else if (strcmp(a, "--eval") == 0) {
@@ -181,18 +263,19 @@ int main(int argc, char **argv)
                    strcmp(a, "--format") == 0 || strcmp(a, "--map") == 0 ||
                    strcmp(a, "--min-korean") == 0 || strcmp(a, "--splits") == 0 ||
                    strcmp(a, "--subset") == 0 || strcmp(a, "--strip-html") == 0 ||
-                   strcmp(a, "--no-explanations") == 0) {
+                   strcmp(a, "--no-explanations") == 0 || strcmp(a, "--cloze") == 0) {
             if (!last) usage_error(usage, "%s must follow a --source", a);
             if (strcmp(a, "--strip-html") == 0) {
                 last->strip_html = 1;
             } else if (strcmp(a, "--no-explanations") == 0) {
                 last->no_explanation = 1;
+            } else if (strcmp(a, "--cloze") == 0) {
+                last->cloze = 1;
             } else if (strcmp(a, "--weight") == 0) {
-                double w = arg_double(argc, argv, &i, usage);
-                if (w < 0 || w > 1000) usage_error(usage, "--weight must be in [0, 1000]");
+                double w = arg_num_in(argc, argv, &i, 0, 1000, 0, 0);
                 last->weight = w == 0 ? -1 : w;
             } else if (strcmp(a, "--min-korean") == 0) {
-                last->min_korean = arg_double(argc, argv, &i, usage);
+                last->min_korean = arg_num_in(argc, argv, &i, 0, 1, 0, 0);
             } else {
                 const char *v = arg_str(argc, argv, &i, usage);
                 if (strcmp(a, "--map") == 0) {
@@ -221,39 +304,40 @@ int main(int argc, char **argv)
         } else if (strcmp(a, "--tokenizer") == 0) {
             snprintf(tokenizer, sizeof tokenizer, "%s", arg_str(argc, argv, &i, usage));
         } else if (strcmp(a, "--seq-len") == 0) {
-            long v = arg_long(argc, argv, &i, usage);
-            if (v < 8) usage_error(usage, "--seq-len must be at least 8");
-            cfg.pack.seq_len = (size_t)v;
+            cfg.pack.seq_len = (size_t)arg_int_in(argc, argv, &i, 8, 1L << 24);
         } else if (strcmp(a, "--seed") == 0) {
-            cfg.seed = (uint64_t)arg_long(argc, argv, &i, usage);
+            cfg.seed = (uint64_t)arg_int_in(argc, argv, &i, 0, LONG_MAX);
         } else if (strcmp(a, "--val-fraction") == 0) {
-            cfg.val_fraction = arg_double(argc, argv, &i, usage);
+            cfg.val_fraction = arg_num_in(argc, argv, &i, 0, 1, 0, 1);
             if (cfg.val_fraction == 0) cfg.val_fraction = -1; /* 0 asked: no validation set */
-            if (cfg.val_fraction >= 1) usage_error(usage, "--val-fraction must be below 1");
         } else if (strcmp(a, "--min-chars") == 0) {
-            cfg.min_chars = (size_t)arg_long(argc, argv, &i, usage);
+            /* 0: no minimum; a cleaned record is never empty, so 1 keeps every one */
+            long v = arg_int_in(argc, argv, &i, 0, 1000000000L);
+            cfg.min_chars = v ? (size_t)v : 1;
         } else if (strcmp(a, "--max-chars") == 0) {
-            cfg.max_chars = (size_t)arg_long(argc, argv, &i, usage);
+            cfg.max_chars = (size_t)arg_int_in(argc, argv, &i, 1, 1000000000L);
         } else if (strcmp(a, "--no-exact") == 0) {
             cfg.dedup.no_exact = 1;
         } else if (strcmp(a, "--no-near") == 0) {
             cfg.dedup.no_near = 1;
         } else if (strcmp(a, "--near-threshold") == 0) {
-            cfg.dedup.threshold = arg_double(argc, argv, &i, usage);
-            if (cfg.dedup.threshold <= 0 || cfg.dedup.threshold > 1)
-                usage_error(usage, "--near-threshold must be in (0, 1]");
+            cfg.dedup.threshold = arg_num_in(argc, argv, &i, 0, 1, 1, 0);
         } else if (strcmp(a, "--ngram") == 0) {
-            cfg.dedup.ngram = (int)arg_long(argc, argv, &i, usage);
+            cfg.dedup.ngram = (int)arg_int_in(argc, argv, &i, 1, 1000);
         } else if (strcmp(a, "--num-perm") == 0) {
-            cfg.dedup.num_perm = (int)arg_long(argc, argv, &i, usage);
+            cfg.dedup.num_perm = (int)arg_int_in(argc, argv, &i, 1, KMED_DATA_MAX_PERM);
         } else if (strcmp(a, "--bands") == 0) {
-            cfg.dedup.bands = (int)arg_long(argc, argv, &i, usage);
+            cfg.dedup.bands = (int)arg_int_in(argc, argv, &i, 1, KMED_DATA_MAX_PERM);
         } else if (strcmp(a, "--decontam-words") == 0) {
-            cfg.decontam.word_n = (int)arg_long(argc, argv, &i, usage);
+            cfg.decontam.word_n = (int)arg_int_in(argc, argv, &i, 1, 10000);
         } else if (strcmp(a, "--decontam-chars") == 0) {
-            cfg.decontam.char_n = (int)arg_long(argc, argv, &i, usage);
+            cfg.decontam.char_n = (int)arg_int_in(argc, argv, &i, 1, 10000);
+        } else if (strcmp(a, "--decontam-min-words") == 0) {
+            cfg.decontam.min_words = (int)arg_int_in(argc, argv, &i, 1, 10000);
+        } else if (strcmp(a, "--decontam-min-chars") == 0) {
+            cfg.decontam.min_chars = (int)arg_int_in(argc, argv, &i, 1, 10000);
         } else if (strcmp(a, "--decontam-threshold") == 0) {
-            cfg.decontam.threshold = arg_double(argc, argv, &i, usage);
+            cfg.decontam.threshold = arg_num_in(argc, argv, &i, 0, 1, 1, 0);
         } else if (strcmp(a, "--safety") == 0) {
             const char *v = arg_str(argc, argv, &i, usage);
             if (strcmp(v, "drop") == 0) cfg.safety_action = 0;

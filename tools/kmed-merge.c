@@ -34,10 +34,13 @@ static const char *usage =
     "                     vector's L1 norm (default: on for dare_*, off for ties)\n"
     "  --no-rescale       do not\n"
     "  --int8-mask        accepted for mergekit configs; changes no value (default: off)\n"
-    "  --lambda X         scale of the mixed task vector (default: 1)\n"
+    "  --lambda X         scale of the mixed task vector; 0 gives the base (default: the\n"
+    "                     config's lambda, else 1)\n"
     "  --consensus C      TIES sign election: sum or count (default: sum)\n"
     "  --seed N           DARE random seed (default: the config's random_seed, else 0)\n"
-    "  --out PATH         output: an HF directory, or FILE.gguf (required)\n"
+    "  --out PATH         output: an HF directory, or FILE.gguf (required). Both are\n"
+    "                     written beside it and renamed into place when complete; an\n"
+    "                     existing HF directory is replaced whole, if it holds only a model\n"
     "  --type T           HF: f32, bf16 or f16 (default: the config's out_dtype/dtype, else\n"
     "                     bf16); GGUF: f32, f16, bf16, q8_0 or q4_0 (default: f16)\n"
     "  --shard-mb N       HF output: shards of at most N MB, 0 = one file (default: 5000)\n"
@@ -58,8 +61,8 @@ static size_t parse_list(const char *flag, const char *s, float *out, size_t cap
     while (*s) {
         char *end;
         double v = strtod(s, &end);
-        if (end == s || (*end && *end != ',')) usage_error(usage, "%s: '%s' is not a list of "
-                                                           "numbers", flag, s);
+        if (end == s || (*end && *end != ',') || (*end == ',' && !end[1]))
+            usage_error(usage, "%s: '%s' is not a list of numbers", flag, s);
         if (n == cap) usage_error(usage, "%s: too many values", flag);
         out[n++] = (float)v;
         s = *end ? end + 1 : end;
@@ -77,7 +80,7 @@ int main(int argc, char **argv)
     kmed_merge_model models[MAXM];
     size_t n_paths = 0, nw = 0, nd = 0, k;
     long shard_mb = 5000, seed = -1;
-    int normalize = 0, rescale = 0, int8_mask = 0, mixed = 0, i, have_cfg = 0;
+    int normalize = 0, rescale = 0, int8_mask = 0, mixed = 0, i, have_cfg = 0, have_lambda = 0;
     double lambda = 0;
     kmed_error err = {0};
     kmed_merge_config cfg;
@@ -103,7 +106,10 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--rescale")) rescale = 1;
         else if (!strcmp(a, "--no-rescale")) rescale = -1;
         else if (!strcmp(a, "--int8-mask")) int8_mask = 1;
-        else if (!strcmp(a, "--lambda")) lambda = arg_double(argc, argv, &i, usage);
+        else if (!strcmp(a, "--lambda")) {
+            lambda = arg_double(argc, argv, &i, usage);
+            have_lambda = 1;
+        }
         else if (!strcmp(a, "--consensus")) consensus = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--seed")) seed = arg_long(argc, argv, &i, usage);
         else if (!strcmp(a, "--out")) out = arg_str(argc, argv, &i, usage);
@@ -157,7 +163,10 @@ int main(int argc, char **argv)
     if (normalize) cfg.normalize = normalize;
     if (rescale) cfg.rescale = rescale;
     if (int8_mask) cfg.int8_mask = 1;
-    if (lambda != 0) cfg.lambda = (float)lambda;
+    if (have_lambda) {
+        cfg.lambda = (float)lambda;
+        cfg.has_lambda = 1;
+    }
     if (consensus) cfg.consensus_count = !strcmp(consensus, "count");
     if (seed >= 0) cfg.seed = (uint64_t)seed;
     if (kmed_merge_config_validate(&cfg, &err) != KMED_OK) usage_error(usage, "%s", err.msg);
@@ -187,9 +196,10 @@ int main(int argc, char **argv)
 
     t0 = kmed_time_now();
     die_if(kmed_merge_run(&cfg, out, &mo, &err), &err, "merging");
+    k = kmed_merge_n_mixed(&cfg);
     fprintf(stderr, "kmed-merge: %s of %zu model%s -> %s (%s) in %.1fs\n",
-            kmed_merge_method_name(cfg.method), cfg.n_models, cfg.n_models == 1 ? "" : "s",
-            out, kmed_dtype_name(dt), kmed_time_now() - t0);
+            kmed_merge_method_name(cfg.method), k, k == 1 ? "" : "s", out, kmed_dtype_name(dt),
+            kmed_time_now() - t0);
     if (have_cfg) kmed_merge_config_free(&cfg);
     return 0;
 }

@@ -19,69 +19,111 @@ static const char usage[] =
     "  --ids              print ids, space separated (default)\n"
     "  --pieces           print the pieces, each as a JSON string\n"
     "  --count            print the number of ids\n"
+    "                     (--ids, --pieces, --count: for TEXT, --file or --chat without --render)\n"
     "  --no-special       encode without special tokens (no <bos>); with --decode, drop\n"
-    "                     special tokens (default: off)\n"
+    "                     special tokens (default: off; not with --chat or --jsonl)\n"
     "  --decode IDS       print the text of IDS, e.g. \"2,651,6974\" (commas, spaces or [])\n"
     "  --chat FILE.json   render a conversation with Gemma's chat template and encode the\n"
-    "                     prompt (no extra <bos>); FILE holds [{\"role\", \"content\"}, ...] or\n"
-    "                     {\"messages\": [...], \"add_generation_prompt\": bool}\n"
+    "                     prompt as HF does: no extra <bos>, and <bos>, <start_of_turn>,\n"
+    "                     <end_of_turn> become their ids with tokenizer.model too; FILE holds\n"
+    "                     [{\"role\", \"content\"}, ...] or {\"messages\": [...],\n"
+    "                     \"add_generation_prompt\": bool}. Content holding U+0000 is refused.\n"
+    "                     A tokenizer_config.json chat_template other than Gemma-2's gets a\n"
+    "                     warning on stderr: kmed always renders Gemma's.\n"
     "  --no-generation-prompt  with --chat: no trailing \"<start_of_turn>model\\n\"\n"
     "                     (default: added unless the file says otherwise)\n"
     "  --render           with --chat: print the rendered prompt instead of ids\n"
     "  --jsonl            batch mode: one JSON request per input line, one JSON answer per\n"
-    "                     output line, in order:\n"
+    "                     output line, in order (the flags shown are the defaults):\n"
     "                       {\"text\": s, \"add_special_tokens\": true}  -> {\"ids\": [...]}\n"
     "                       {\"ids\": [...], \"skip_special_tokens\": false} -> {\"text\": s}\n"
-    "                       {\"messages\": [...], \"add_generation_prompt\": b} ->\n"
+    "                       {\"messages\": [...], \"add_generation_prompt\": false} ->\n"
     "                                                     {\"text\": prompt, \"ids\": [...]}\n"
-    "                     a line that fails -> {\"error\": \"...\"} and the batch goes on\n"
+    "                     a line that fails (bad JSON, a flag that is not true/false, an id\n"
+    "                     outside the vocabulary, ...) -> {\"error\": \"...\"}; the batch goes on\n"
     "  --help             this text\n";
 
-/* Encodes text; *ids grows as needed. */
+/* Encodes text, as a rendered chat prompt (kmed_chat_encode) when chat is set; *ids grows
+   as needed. */
 static kmed_result encode(const kmed_tok *tok, const char *text, size_t len, int no_special,
-                          int **ids, size_t *cap, size_t *n, kmed_error *err)
+                          int chat, int **ids, size_t *cap, size_t *n, kmed_error *err)
 {
     kmed_tok_config cfg = {0};
     kmed_result r;
+    int pass;
     cfg.no_bos = no_special;
-    r = kmed_tok_encode(tok, &cfg, text, len, *ids, *cap, n, err);
-    if (r == KMED_ERR_SPACE) {
-        int *p = (int *)realloc(*ids, (*n + 1) * sizeof **ids);
-        if (!p) return KMED_ERR_NOMEM;
-        *ids = p;
-        *cap = *n + 1;
-        r = kmed_tok_encode(tok, &cfg, text, len, *ids, *cap, n, err);
+    for (pass = 0;; pass++) {
+        r = chat ? kmed_chat_encode(tok, text, len, *ids, *cap, n, err)
+                 : kmed_tok_encode(tok, &cfg, text, len, *ids, *cap, n, err);
+        if (r != KMED_ERR_SPACE || pass) return r;
+        {
+            int *p = (int *)realloc(*ids, (*n + 1) * sizeof **ids);
+            if (!p) return KMED_ERR_NOMEM;
+            *ids = p;
+            *cap = *n + 1;
+        }
     }
-    return r;
 }
 
-/* Messages of a JSON conversation (array of {role, content}); 0 with *why set if malformed. */
-static int chat_messages(const kmed_json *arr, kmed_chat_msg **msgs, size_t *n, const char **why)
+/* The boolean `key` of a JSON request: def when absent; 0 with why[] set when it is present
+   but not true or false (Python would read 0 or "no" differently from kmed_json_bool). */
+static int json_flag(const kmed_json *req, const char *key, int def, int *val, char *why,
+                     size_t why_cap)
+{
+    const kmed_json *v = kmed_json_get(req, key);
+    *val = def;
+    if (!v) return 1;
+    if (v->type != KMED_JSON_TRUE && v->type != KMED_JSON_FALSE) {
+        snprintf(why, why_cap, "\"%s\" must be true or false", key);
+        return 0;
+    }
+    *val = v->type == KMED_JSON_TRUE;
+    return 1;
+}
+
+/* Messages of a JSON conversation (array of {role, content}); 0 with why[] set if malformed.
+   kmed_chat_msg strings end at a NUL, so a U+0000 is refused rather than cut short. */
+static int chat_messages(const kmed_json *arr, kmed_chat_msg **msgs, size_t *n, char *why,
+                         size_t why_cap)
 {
     size_t i;
     *msgs = NULL;
     *n = 0;
     if (!arr || arr->type != KMED_JSON_ARRAY) {
-        *why = "\"messages\" must be an array";
+        snprintf(why, why_cap, "\"messages\" must be an array");
         return 0;
     }
     *msgs = (kmed_chat_msg *)calloc(arr->len + 1, sizeof **msgs);
-    if (!*msgs) { *why = "out of memory"; return 0; }
+    if (!*msgs) { snprintf(why, why_cap, "out of memory"); return 0; }
     for (i = 0; i < arr->len; i++) {
         const kmed_json *role = kmed_json_get(&arr->kids[i], "role");
         const kmed_json *content = kmed_json_get(&arr->kids[i], "content");
         if (!role || role->type != KMED_JSON_STRING || !content ||
             content->type != KMED_JSON_STRING) {
-            *why = "each message needs string \"role\" and \"content\"";
-            free(*msgs);
-            *msgs = NULL;
-            return 0;
+            snprintf(why, why_cap, "each message needs string \"role\" and \"content\"");
+        } else if (strlen(role->str) != role->len || strlen(content->str) != content->len) {
+            snprintf(why, why_cap, "message %zu: its %s holds U+0000, which the chat template "
+                     "cannot carry", i, strlen(role->str) != role->len ? "role" : "content");
+        } else {
+            (*msgs)[i].role = role->str;
+            (*msgs)[i].content = content->str;
+            continue;
         }
-        (*msgs)[i].role = role->str;
-        (*msgs)[i].content = content->str;
+        free(*msgs);
+        *msgs = NULL;
+        return 0;
     }
     *n = arr->len;
     return 1;
+}
+
+/* Warns once (*warned) when the tokenizer's own chat template is not the one rendered. */
+static void warn_template(const kmed_tok *tok, const char *tok_path, int *warned)
+{
+    if (*warned || kmed_chat_template_is_gemma(tok)) return;
+    *warned = 1;
+    fprintf(stderr, "kmed-tokenize: warning: %s has a chat_template that is not Gemma-2's; "
+                    "kmed renders Gemma's template\n", tok_path);
 }
 
 /* Parses "2,651 6974" or "[2, 651]" into ids; 0 on a bad number. */
@@ -143,8 +185,8 @@ static void json_ids(kmed_buf *b, const int *ids, size_t n)
 }
 
 /* One --jsonl request into out (without the newline). */
-static void jsonl_line(const kmed_tok *tok, const char *line, size_t len, size_t lineno,
-                       kmed_buf *out, int **ids, size_t *cap)
+static void jsonl_line(const kmed_tok *tok, const char *tok_path, const char *line, size_t len,
+                       size_t lineno, kmed_buf *out, int **ids, size_t *cap, int *warned)
 {
     kmed_json_doc doc = {0};
     kmed_error err = {0};
@@ -158,13 +200,17 @@ static void jsonl_line(const kmed_tok *tok, const char *line, size_t len, size_t
     if (r) why = err.msg;
     else if (!root || root->type != KMED_JSON_OBJECT) why = "expected a JSON object";
     else if ((v = kmed_json_get(root, "messages"))) {
-        kmed_chat_msg *msgs;
+        kmed_chat_msg *msgs = NULL;
         size_t nm;
         kmed_buf prompt = {0};
-        if (chat_messages(v, &msgs, &nm, &why)) {
-            int gen = kmed_json_bool(kmed_json_get(root, "add_generation_prompt"), 0);
+        int gen;
+        if (!json_flag(root, "add_generation_prompt", 0, &gen, whybuf, sizeof whybuf) ||
+            !chat_messages(v, &msgs, &nm, whybuf, sizeof whybuf)) {
+            why = whybuf;
+        } else {
+            warn_template(tok, tok_path, warned);
             r = kmed_chat_render(tok, msgs, nm, gen, &prompt, &err);
-            if (!r) r = encode(tok, prompt.data, prompt.len, 1, ids, cap, &n, &err);
+            if (!r) r = encode(tok, prompt.data, prompt.len, 1, 1, ids, cap, &n, &err);
             if (r) why = err.msg[0] ? err.msg : kmed_result_str(r);
             else {
                 kmed_buf_puts(out, "{\"text\":");
@@ -177,9 +223,10 @@ static void jsonl_line(const kmed_tok *tok, const char *line, size_t len, size_t
         }
         kmed_buf_free(&prompt);
     } else if ((v = kmed_json_get(root, "text"))) {
-        int add = kmed_json_bool(kmed_json_get(root, "add_special_tokens"), 1);
-        if (v->type != KMED_JSON_STRING) why = "\"text\" must be a string";
-        else if ((r = encode(tok, v->str, v->len, !add, ids, cap, &n, &err)))
+        int add;
+        if (!json_flag(root, "add_special_tokens", 1, &add, whybuf, sizeof whybuf)) why = whybuf;
+        else if (v->type != KMED_JSON_STRING) why = "\"text\" must be a string";
+        else if ((r = encode(tok, v->str, v->len, !add, 0, ids, cap, &n, &err)))
             why = err.msg[0] ? err.msg : kmed_result_str(r);
         else {
             kmed_buf_puts(out, "{\"ids\":");
@@ -187,10 +234,11 @@ static void jsonl_line(const kmed_tok *tok, const char *line, size_t len, size_t
             kmed_buf_puts(out, "}");
         }
     } else if ((v = kmed_json_get(root, "ids"))) {
-        int skip = kmed_json_bool(kmed_json_get(root, "skip_special_tokens"), 0);
+        int skip;
         size_t i;
         int *dec = NULL;
-        if (v->type != KMED_JSON_ARRAY) why = "\"ids\" must be an array";
+        if (!json_flag(root, "skip_special_tokens", 0, &skip, whybuf, sizeof whybuf)) why = whybuf;
+        else if (v->type != KMED_JSON_ARRAY) why = "\"ids\" must be an array";
         else if (!(dec = (int *)malloc((v->len + 1) * sizeof *dec))) why = "out of memory";
         for (i = 0; !why && i < v->len; i++) {
             int64_t x;
@@ -225,14 +273,14 @@ static void jsonl_line(const kmed_tok *tok, const char *line, size_t len, size_t
     kmed_json_free(&doc);
 }
 
-static void run_jsonl(const kmed_tok *tok, const char *path)
+static void run_jsonl(const kmed_tok *tok, const char *tok_path, const char *path)
 {
     kmed_lines ls;
     kmed_error err = {0};
     kmed_buf out = {0};
     const char *line;
     size_t len, cap = 0;
-    int eof = 0, *ids = NULL;
+    int eof = 0, *ids = NULL, warned = 0;
     die_if(kmed_lines_open(&ls, path, &err), &err, "opening the batch");
     for (;;) {
         kmed_result r = kmed_lines_next(&ls, &line, &len, &eof, &err);
@@ -240,7 +288,7 @@ static void run_jsonl(const kmed_tok *tok, const char *path)
         if (eof) break;
         out.len = 0;
         if (len == 0) kmed_buf_puts(&out, "{\"error\":\"empty line\"}");
-        else jsonl_line(tok, line, len, ls.line, &out, &ids, &cap);
+        else jsonl_line(tok, tok_path, line, len, ls.line, &out, &ids, &cap, &warned);
         if (out.failed) die("batch: out of memory");
         fwrite(out.data, 1, out.len, stdout);
         fputc('\n', stdout);
@@ -254,7 +302,8 @@ static void run_jsonl(const kmed_tok *tok, const char *path)
 int main(int argc, char **argv)
 {
     const char *tok_path = NULL, *file = NULL, *text = NULL, *decode = NULL, *chat = NULL;
-    int mode = 'i', no_special = 0, jsonl = 0, render = 0, no_gen = 0, i;
+    const char *mode_flag = NULL; /* --ids, --pieces or --count when given */
+    int mode = 'i', no_special = 0, jsonl = 0, render = 0, no_gen = 0, warned = 0, i;
     kmed_tok tok;
     kmed_error err = {0};
     char *data = NULL;
@@ -266,9 +315,10 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--help")) { fputs(usage, stdout); return 0; }
         else if (!strcmp(a, "--tokenizer")) tok_path = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--file")) file = arg_str(argc, argv, &i, usage);
-        else if (!strcmp(a, "--ids")) mode = 'i';
-        else if (!strcmp(a, "--pieces")) mode = 'p';
-        else if (!strcmp(a, "--count")) mode = 'c';
+        else if (!strcmp(a, "--ids") || !strcmp(a, "--pieces") || !strcmp(a, "--count")) {
+            mode = a[2];
+            mode_flag = a;
+        }
         else if (!strcmp(a, "--no-special")) no_special = 1;
         else if (!strcmp(a, "--decode")) decode = arg_str(argc, argv, &i, usage);
         else if (!strcmp(a, "--chat")) chat = arg_str(argc, argv, &i, usage);
@@ -288,9 +338,16 @@ int main(int argc, char **argv)
         usage_error(usage, "--file goes with neither --decode nor --chat");
     if ((render || no_gen) && !chat)
         usage_error(usage, "--render and --no-generation-prompt need --chat");
+    if (mode_flag && (decode || jsonl || render))
+        usage_error(usage, "%s does not apply to %s", mode_flag,
+                    decode ? "--decode" : jsonl ? "--jsonl" : "--render");
+    if (no_special && (chat || jsonl))
+        usage_error(usage, "--no-special does not apply to %s (%s)", chat ? "--chat" : "--jsonl",
+                    chat ? "the prompt holds its own <bos>"
+                         : "each request says add_special_tokens / skip_special_tokens");
     die_if(kmed_tok_load(&tok, tok_path, &err), &err, "loading the tokenizer");
     if (jsonl) {
-        run_jsonl(&tok, file ? file : "-");
+        run_jsonl(&tok, tok_path, file ? file : "-");
     } else if (decode) {
         kmed_buf out = {0};
         if (!parse_ids(decode, &ids, &n)) usage_error(usage, "--decode: bad id list '%s'", decode);
@@ -304,21 +361,23 @@ int main(int argc, char **argv)
         kmed_chat_msg *msgs;
         kmed_buf prompt = {0};
         size_t nm;
-        const char *why = NULL;
+        char why[256];
         int gen = !no_gen;
         die_if(kmed_file_read(chat, 0, &data, &len, &err), &err, "reading the conversation");
         die_if(kmed_json_parse(&doc, data, len, chat, 0, &err), &err, "reading the conversation");
         root = doc.root;
         arr = root && root->type == KMED_JSON_OBJECT ? kmed_json_get(root, "messages") : root;
-        if (root && root->type == KMED_JSON_OBJECT && !no_gen)
-            gen = kmed_json_bool(kmed_json_get(root, "add_generation_prompt"), 1);
-        if (!chat_messages(arr, &msgs, &nm, &why)) die("reading the conversation: %s: %s", chat,
-                                                       why);
+        if (root && root->type == KMED_JSON_OBJECT && !no_gen &&
+            !json_flag(root, "add_generation_prompt", 1, &gen, why, sizeof why))
+            die("reading the conversation: %s: %s", chat, why);
+        if (!chat_messages(arr, &msgs, &nm, why, sizeof why))
+            die("reading the conversation: %s: %s", chat, why);
+        warn_template(&tok, tok_path, &warned);
         die_if(kmed_chat_render(&tok, msgs, nm, gen, &prompt, &err), &err, "rendering the chat");
         if (render) {
             fwrite(prompt.data, 1, prompt.len, stdout);
         } else {
-            die_if(encode(&tok, prompt.data, prompt.len, 1, &ids, &cap, &n, &err), &err,
+            die_if(encode(&tok, prompt.data, prompt.len, 1, 1, &ids, &cap, &n, &err), &err,
                    "encoding the prompt");
             print_ids(&tok, ids, n, mode);
         }
@@ -343,7 +402,7 @@ int main(int argc, char **argv)
             text = data ? data : "";
             len = in.len;
         }
-        die_if(encode(&tok, text, len, no_special, &ids, &cap, &n, &err), &err, "encoding");
+        die_if(encode(&tok, text, len, no_special, 0, &ids, &cap, &n, &err), &err, "encoding");
         print_ids(&tok, ids, n, mode);
     }
     free(data);

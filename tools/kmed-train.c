@@ -13,7 +13,9 @@ static const char *usage =
     "LoRA fine-tuning over a frozen base (F32/BF16/Q8_0/Q4_0), or full-parameter training\n"
     "(--full). Data: JSONL lines with \"text\" (plain text, loss on every token),\n"
     "\"messages\" ([{role, content}], Gemma chat template, loss on model turns only), or\n"
-    "pre-tokenised \"input_ids\" (+ optional \"labels\", -100 = not trained, HF convention).\n"
+    "pre-tokenised \"input_ids\" (+ optional \"labels\", -100 = not trained, HF convention;\n"
+    "+ optional \"position_ids\" restarting at 0 per packed document, as kmed-data packs:\n"
+    "documents then do not attend to each other).\n"
     "Writes DIR/adapter_model.safetensors + adapter_config.json (LoRA, PEFT format) or\n"
     "DIR/config.json + model.safetensors (--full), DIR/checkpoint.safetensors, DIR/loss.svg.\n"
     "\n"
@@ -63,12 +65,19 @@ static const char *usage =
     "  --threads N          worker threads, 0 = all CPUs (default: 0)\n"
     "  --help               this text\n";
 
-/* One training sequence. */
-typedef struct seq { int *ids, *labels; size_t n; } seq;
+/* One training sequence; pos: packed position ids (NULL: 0..n-1, one document). */
+typedef struct seq { int *ids, *labels, *pos; size_t n; } seq;
 typedef struct seqs { seq *v; size_t n, cap; } seqs;
 
-static void seqs_push(seqs *s, int *ids, int *labels, size_t n)
+/* Appends a sequence of n tokens copied from ids, labels and pos (pos may be NULL). */
+static void seqs_push(seqs *s, const int *ids, const int *labels, const int *pos, size_t n)
 {
+    int *a = (int *)malloc(n * sizeof(int)), *b = (int *)malloc(n * sizeof(int));
+    int *c = pos ? (int *)malloc(n * sizeof(int)) : NULL;
+    if (!a || !b || (pos && !c)) die("out of memory");
+    memcpy(a, ids, n * sizeof(int));
+    memcpy(b, labels, n * sizeof(int));
+    if (pos) memcpy(c, pos, n * sizeof(int));
     if (s->n == s->cap) {
         size_t cap = s->cap ? 2 * s->cap : 256;
         seq *v = (seq *)realloc(s->v, cap * sizeof *v);
@@ -76,8 +85,9 @@ static void seqs_push(seqs *s, int *ids, int *labels, size_t n)
         s->v = v;
         s->cap = cap;
     }
-    s->v[s->n].ids = ids;
-    s->v[s->n].labels = labels;
+    s->v[s->n].ids = a;
+    s->v[s->n].labels = b;
+    s->v[s->n].pos = c;
     s->v[s->n].n = n;
     s->n++;
 }
@@ -85,7 +95,7 @@ static void seqs_push(seqs *s, int *ids, int *labels, size_t n)
 static void seqs_free(seqs *s)
 {
     size_t i;
-    for (i = 0; i < s->n; i++) { free(s->v[i].ids); free(s->v[i].labels); }
+    for (i = 0; i < s->n; i++) { free(s->v[i].ids); free(s->v[i].labels); free(s->v[i].pos); }
     free(s->v);
     memset(s, 0, sizeof *s);
 }
@@ -110,20 +120,26 @@ static const kmed_tok *need_tok(const kmed_tok *tok, const char *file, size_t li
     return tok;
 }
 
-static void encode_append(const kmed_tok *tok, const char *text, size_t len, int no_bos,
+/* Ids of a piece of a rendered chat (chat: kmed_chat_encode, so its <bos> and turn markers
+   are their ids with a tokenizer.model too), else of plain text with <bos> added. */
+static kmed_result encode_text(const kmed_tok *tok, const char *text, size_t len, int chat,
+                               int *ids, size_t cap, size_t *n, kmed_error *err)
+{
+    if (chat) return kmed_chat_encode(tok, text, len, ids, cap, n, err);
+    return kmed_tok_encode(tok, NULL, text, len, ids, cap, n, err);
+}
+
+static void encode_append(const kmed_tok *tok, const char *text, size_t len, int chat,
                           ivec *ids, ivec *labels, int train, const char *file, size_t line)
 {
-    kmed_tok_config tc;
     kmed_error err = {0};
     size_t n = 0, i;
     int *buf;
-    memset(&tc, 0, sizeof tc);
-    tc.no_bos = no_bos;
-    if (kmed_tok_encode(tok, &tc, text, len, NULL, 0, &n, &err) != KMED_ERR_SPACE && n != 0)
-        die("%s:%zu: tokenizing: %s", file, line, err.msg);
+    kmed_result r = encode_text(tok, text, len, chat, NULL, 0, &n, &err);
+    if (r != KMED_OK && r != KMED_ERR_SPACE) die("%s:%zu: tokenizing: %s", file, line, err.msg);
     buf = (int *)malloc((n ? n : 1) * sizeof(int));
     if (!buf) die("out of memory");
-    if (n) die_if(kmed_tok_encode(tok, &tc, text, len, buf, n, &n, &err), &err, "tokenizing");
+    if (n) die_if(encode_text(tok, text, len, chat, buf, n, &n, &err), &err, "tokenizing");
     for (i = 0; i < n; i++) {
         ivec_push(ids, buf[i]);
         ivec_push(labels, train ? buf[i] : KMED_LABEL_IGNORE);
@@ -150,6 +166,9 @@ static void chat_example(const kmed_tok *tok, const kmed_json *msgs, ivec *ids, 
         m[i].content = kmed_json_str(kmed_json_get(o, "content"), NULL);
         if (!m[i].role || !m[i].content)
             die("%s:%zu: message %zu needs string \"role\" and \"content\"", file, line, i);
+        if (strlen(m[i].content) != kmed_json_get(o, "content")->len)
+            die("%s:%zu: message %zu: \"content\" holds U+0000, which the chat template cannot "
+                "carry", file, line, i);
         if (!strcmp(m[i].role, "model")) m[i].role = "assistant";
     }
     /* Each prefix render extends the previous one, so the new text of turn i is the
@@ -197,20 +216,22 @@ static int json_ints(const kmed_json *a, ivec *out)
 
 /* Reads a JSONL file into sequences: sft = one per example (cut at seq_len),
    cpt = every example concatenated and cut into seq_len pieces. Examples without a
-   counted target are dropped (and counted). */
+   counted target are dropped (and counted). Pre-tokenised examples may carry packed
+   "position_ids" (each document restarting at 0, as kmed-data writes them): documents
+   then do not attend to each other. */
 static void load_data(const char *path, const kmed_tok *tok, int cpt, size_t seq_len, int V,
                       seqs *out, size_t *n_examples, size_t *n_dropped)
 {
     kmed_jsonl r;
     kmed_error err = {0};
     const kmed_json *o;
-    ivec all_ids = {0}, all_lab = {0};
-    int eof = 0;
+    ivec all_ids = {0}, all_lab = {0}, all_pos = {0};
+    int eof = 0, any_pos = 0;
     size_t i;
     *n_examples = *n_dropped = 0;
     die_if(kmed_jsonl_open(&r, path, &err), &err, "opening data");
     for (;;) {
-        ivec ids = {0}, labels = {0};
+        ivec ids = {0}, labels = {0}, pos = {0};
         const kmed_json *j;
         size_t line;
         die_if(kmed_jsonl_next(&r, &o, &eof, &err), &err, "reading data");
@@ -225,6 +246,14 @@ static void load_data(const char *path, const kmed_tok *tok, int cpt, size_t seq
                     die("%s:%zu: \"labels\": expected %zu integers", path, line, ids.n);
             } else {
                 for (i = 0; i < ids.n; i++) ivec_push(&labels, ids.v[i]);
+            }
+            if ((j = kmed_json_get(o, "position_ids")) != NULL) {
+                if (!json_ints(j, &pos) || pos.n != ids.n)
+                    die("%s:%zu: \"position_ids\": expected %zu integers", path, line, ids.n);
+                for (i = 0; i < pos.n; i++)
+                    if (pos.v[i] < 0)
+                        die("%s:%zu: \"position_ids\": %d is negative", path, line, pos.v[i]);
+                any_pos = 1;
             }
         } else if ((j = kmed_json_get(o, "messages")) != NULL) {
             chat_example(need_tok(tok, path, line), j, &ids, &labels, path, line);
@@ -247,46 +276,34 @@ static void load_data(const char *path, const kmed_tok *tok, int cpt, size_t seq
         }
         (*n_examples)++;
         if (cpt) {
+            /* an example without positions continues the previous document */
             for (i = 0; i < ids.n; i++) {
                 ivec_push(&all_ids, ids.v[i]);
                 ivec_push(&all_lab, labels.v[i]);
+                ivec_push(&all_pos, pos.n ? pos.v[i] : all_pos.n ? all_pos.v[all_pos.n - 1] + 1 : 0);
             }
         } else if (ids.n >= 2) {
             size_t n = ids.n < seq_len ? ids.n : seq_len;
             if (kmed_train_count(labels.v, 1, n) == 0) (*n_dropped)++;
-            else {
-                int *a = (int *)malloc(n * sizeof(int)), *b = (int *)malloc(n * sizeof(int));
-                if (!a || !b) die("out of memory");
-                memcpy(a, ids.v, n * sizeof(int));
-                memcpy(b, labels.v, n * sizeof(int));
-                seqs_push(out, a, b, n);
-            }
+            else seqs_push(out, ids.v, labels.v, pos.n ? pos.v : NULL, n);
         } else {
             (*n_dropped)++;
         }
         free(ids.v);
         free(labels.v);
+        free(pos.v);
     }
     kmed_jsonl_close(&r);
     if (cpt) {
-        for (i = 0; i + seq_len <= all_ids.n; i += seq_len) {
-            int *a = (int *)malloc(seq_len * sizeof(int)), *b = (int *)malloc(seq_len * sizeof(int));
-            if (!a || !b) die("out of memory");
-            memcpy(a, all_ids.v + i, seq_len * sizeof(int));
-            memcpy(b, all_lab.v + i, seq_len * sizeof(int));
-            if (kmed_train_count(b, 1, seq_len)) seqs_push(out, a, b, seq_len);
-            else { free(a); free(b); }
-        }
-        if (out->n == 0 && all_ids.n >= 2) { /* less than one full sequence: keep it */
-            int *a = (int *)malloc(all_ids.n * sizeof(int));
-            int *b = (int *)malloc(all_ids.n * sizeof(int));
-            if (!a || !b) die("out of memory");
-            memcpy(a, all_ids.v, all_ids.n * sizeof(int));
-            memcpy(b, all_lab.v, all_ids.n * sizeof(int));
-            seqs_push(out, a, b, all_ids.n);
-        }
+        for (i = 0; i + seq_len <= all_ids.n; i += seq_len)
+            if (kmed_train_count(all_lab.v + i, 1, seq_len))
+                seqs_push(out, all_ids.v + i, all_lab.v + i, any_pos ? all_pos.v + i : NULL,
+                          seq_len);
+        if (out->n == 0 && all_ids.n >= 2) /* less than one full sequence: keep it */
+            seqs_push(out, all_ids.v, all_lab.v, any_pos ? all_pos.v : NULL, all_ids.n);
         free(all_ids.v);
         free(all_lab.v);
+        free(all_pos.v);
     }
 }
 
@@ -350,9 +367,10 @@ static size_t data_index(const seqs *s, uint64_t seed, uint64_t pos, size_t *per
     return perm[pos % s->n];
 }
 
-/* Fills (count, B, T) with sequences idx[0..count), padded to T with pad / -100. */
+/* Fills (count, B, T) with sequences idx[0..count), padded to T with pad / -100, and their
+   positions (padding continues the last document; it is never trained). */
 static void fill_batch(const seqs *s, const size_t *idx, size_t count, size_t T, int pad,
-                       int *ids, int *labels)
+                       int *ids, int *labels, int *pos)
 {
     size_t k, t;
     for (k = 0; k < count; k++) {
@@ -360,12 +378,14 @@ static void fill_batch(const seqs *s, const size_t *idx, size_t count, size_t T,
         for (t = 0; t < T; t++) {
             ids[k * T + t] = t < q->n ? q->ids[t] : pad;
             labels[k * T + t] = t < q->n ? q->labels[t] : KMED_LABEL_IGNORE;
+            pos[k * T + t] = !q->pos ? (int)t : t < q->n ? q->pos[t]
+                                                          : q->pos[q->n - 1] + (int)(t - q->n) + 1;
         }
     }
 }
 
 static double eval_loss(kmed_train *tr, const seqs *val, size_t B, size_t T, int pad,
-                        int *ids, int *labels)
+                        int *ids, int *labels, int *pos)
 {
     kmed_error err = {0};
     double sum = 0;
@@ -377,7 +397,8 @@ static double eval_loss(kmed_train *tr, const seqs *val, size_t B, size_t T, int
             if (val->v[i + k].n > Tb) Tb = val->v[i + k].n;
         }
         if (Tb > T) Tb = T;
-        fill_batch(val, idx, nb, Tb, pad, ids, labels);
+        fill_batch(val, idx, nb, Tb, pad, ids, labels, pos);
+        kmed_train_set_positions(tr, pos);
         die_if(kmed_train_forward_backward(tr, ids, labels, nb, Tb, 0.0, &sum, &count, &err),
                &err, "validation forward");
     }
@@ -416,7 +437,7 @@ int main(int argc, char **argv)
     seqs train = {0}, val = {0};
     size_t n_ex, n_drop, *perm, step_seqs, *idx, tcap, T;
     uint64_t perm_epoch = (uint64_t)-1;
-    int *ids, *labels, *tokens = NULL;
+    int *ids, *labels, *pos, *tokens = NULL;
     unsigned char *used;
     char ckpt_path[1100], svg_path[1100];
     float *hist_train, *hist_val;
@@ -612,7 +633,9 @@ int main(int argc, char **argv)
     perm = (size_t *)malloc(train.n * sizeof(size_t));
     ids = (int *)malloc(tcap * (size_t)seq_len * sizeof(int));
     labels = (int *)malloc(tcap * (size_t)seq_len * sizeof(int));
-    if (!hist_train || !hist_val || !idx || !perm || !ids || !labels) die("out of memory");
+    pos = (int *)malloc(tcap * (size_t)seq_len * sizeof(int));
+    if (!hist_train || !hist_val || !idx || !perm || !ids || !labels || !pos)
+        die("out of memory");
 
     t0 = kmed_time_now();
     for (step = kmed_train_step_count(tr); step < steps; step++) {
@@ -625,7 +648,8 @@ int main(int argc, char **argv)
             idx[k] = data_index(&train, seed, ck.data_pos + k, perm, &perm_epoch);
             if (train.v[idx[k]].n > T) T = train.v[idx[k]].n;
         }
-        fill_batch(&train, idx, step_seqs, T, m.cfg.pad_id, ids, labels);
+        fill_batch(&train, idx, step_seqs, T, m.cfg.pad_id, ids, labels, pos);
+        kmed_train_set_positions(tr, pos);
         for (k = 0; k < step_seqs; k++) n_tok += train.v[idx[k]].n;
         r = kmed_train_grads(tr, ids, labels, (size_t)accum, (size_t)batch, T, &loss, &err);
         if (r != KMED_OK) {
@@ -647,7 +671,7 @@ int main(int argc, char **argv)
                 steps, loss, (double)kmed_optim_lr(&tc.optim, step + 1), rate, eta);
         if (val.n && ((eval_every && (step + 1) % eval_every == 0) || step + 1 == steps)) {
             double vl = eval_loss(tr, &val, (size_t)batch, (size_t)seq_len, m.cfg.pad_id, ids,
-                                  labels);
+                                  labels, pos);
             hist_val[2 * n_val_hist] = (float)(step + 1);
             hist_val[2 * n_val_hist + 1] = (float)vl;
             n_val_hist++;
@@ -683,6 +707,7 @@ int main(int argc, char **argv)
     free(perm);
     free(ids);
     free(labels);
+    free(pos);
     free(used);
     return 0;
 }
