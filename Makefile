@@ -17,7 +17,7 @@ BENCHES = build/bench_kernels build/bench_tok build/bench_train build/bench_data
           build/bench_merge build/kmed-bench
 EXAMPLES = build/quickstart build/trainer build/chat
 
-.PHONY: all tools test test-asan fuzz crash-test bench demo clean
+.PHONY: all tools test test-asan test-valgrind fuzz crash-test bench demo clean
 
 all: tools $(EXAMPLES)
 tools: $(TOOLS)
@@ -77,6 +77,9 @@ test: $(TESTS)
 
 test-asan:
 	bash tests/sanitize.sh
+
+test-valgrind:
+	bash tests/valgrind.sh
 
 FUZZ_SECONDS = 30
 fuzz:
