@@ -41,8 +41,17 @@ build/test_%: tests/test_%.c tests/test.h $(SRC)
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-# test_data also runs kmed-data's own flag handling (it includes the tool)
+# tests that also run a tool's own main (they include it) or build another program
 build/test_data: tests/test_data.c tests/test.h tools/kmed-data.c tools/common.h $(SRC)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/test_io_bin: tests/test_io_bin.c tests/test.h tools/kmed-inspect.c tools/common.h $(SRC)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/test_io_text: tests/test_io_text.c tests/test.h tools/kmed-chat.c tools/common.h $(SRC)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/test_core: tests/test_core.c tests/test.h tests/include_order.c $(SRC)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the same tests built the other ways STYLE.md asks for

@@ -9,6 +9,13 @@
    and include "kmed.h" without the define everywhere else. Build with
    `cc -std=c99 -O2 -march=native app.c -lm -lpthread`.
 
+   Include order: the implementation needs POSIX.1-2008 (mmap, fsync, clock_gettime) and
+   asks for it itself (_POSIX_C_SOURCE) when it is the first include of its .c file. The C
+   library fixes its feature set at the first system header, so under a strict -std=c99 a
+   file that includes <stdio.h> or any other system header (for allocation hooks, say)
+   before the implementation must `#define _POSIX_C_SOURCE 200809L` above that include, or
+   be built with -D_POSIX_C_SOURCE=200809L; otherwise kmed.h stops with an #error saying so.
+
    Quick start (the core of examples/quickstart.c, which the tests build and run):
 
        kmed_error err = {0};
@@ -43,7 +50,8 @@
 
    Config macros (define before the implementation include):
        KMED_MALLOC/KMED_REALLOC/KMED_FREE  allocation hooks; define all three or none
-       KMED_ASSERT(x)       internal invariant check (default: assert)
+       KMED_ASSERT(x)       internal invariants, and the PRECONDITIONs of the void row and
+                            matmul calls (whole Q8_0/Q4_0 blocks) (default: assert)
        KMED_NO_THREADS      kmed_pool runs every parallel-for serially
        KMED_USE_OPENBLAS    f32 GEMMs go to cblas_sgemm (link -lopenblas)
        KMED_STATIC          all API functions become static
@@ -170,8 +178,11 @@ KMED_API void kmed_buf_printf(kmed_buf *b, const char *fmt, ...)
     ;
 /* Appends s[0..n) as a quoted JSON string ("\u00XX" for control bytes; UTF-8 kept). */
 KMED_API void kmed_buf_json_str(kmed_buf *b, const char *s, size_t n);
-/* Appends a float as the shortest decimal that reads back to the same float. */
+/* Append a float (double) as the shortest decimal that reads back to the same value, with
+   '.' as the decimal point whatever setlocale(LC_NUMERIC) says; NaN and inf as null.
+   (kmed_buf_printf's %f/%g follow the locale: use these for JSON numbers.) */
 KMED_API void kmed_buf_json_f32(kmed_buf *b, float x);
+KMED_API void kmed_buf_json_f64(kmed_buf *b, double x);
 KMED_API void kmed_buf_free(kmed_buf *b);
 
 /* ---- files (io helpers every module uses) ---- */
@@ -276,19 +287,25 @@ typedef struct kmed_lines {
     size_t in_pos_, in_len_;
     int eof_;              /* private: end of input reached */
     int crlf_;             /* private: the last line returned ended in "\r\n" */
+    kmed_result failed_;   /* private: KMED_ERR_IO or KMED_ERR_NOMEM once reading failed */
+    int errno_;            /* private: errno of the failed read */
 } kmed_lines;
-/* Opens path ("-" = stdin). Close with kmed_lines_close. */
+/* Opens path ("-" = stdin); a directory is refused (KMED_ERR_IO). Close with
+   kmed_lines_close. */
 KMED_API kmed_result kmed_lines_open(kmed_lines *r, const char *path, kmed_error *err);
 /* Next line into *s and *len (NUL-terminated, valid until the next call; it may hold NUL
    bytes of its own). *eof = 1 at end (s NULL). A line over KMED_MAX_LINE_BYTES is skipped
-   and reported as KMED_ERR_LIMIT; the reader goes on with the next line. */
+   and reported as KMED_ERR_LIMIT; the reader goes on with the next line. A read error
+   (KMED_ERR_IO) or KMED_ERR_NOMEM is final: every later call returns it again, so a loop
+   that goes on after an error must stop on these (only FORMAT and LIMIT let it go on). */
 KMED_API kmed_result kmed_lines_next(kmed_lines *r, const char **s, size_t *len, int *eof,
                                      kmed_error *err);
 KMED_API void kmed_lines_close(kmed_lines *r);
 
 /* JSONL: each non-blank line is one JSON value. kmed_jsonl_next frees the previous doc and
    parses the next line into r->doc. A malformed line returns KMED_ERR_FORMAT naming
-   file:line; the reader stays usable, so callers may report it and go on. */
+   file:line; the reader stays usable, so callers may report it and go on (not after
+   KMED_ERR_IO or KMED_ERR_NOMEM, which kmed_lines_next makes final). */
 typedef struct kmed_jsonl { kmed_lines lines; kmed_json_doc doc; } kmed_jsonl;
 KMED_API kmed_result kmed_jsonl_open(kmed_jsonl *r, const char *path, kmed_error *err);
 KMED_API kmed_result kmed_jsonl_next(kmed_jsonl *r, const kmed_json **value, int *eof,
@@ -366,8 +383,9 @@ KMED_API size_t kmed_dtype_bytes(kmed_dtype t, uint64_t n);
 
 /* safetensors: a single file, or a directory holding model.safetensors.index.json and its
    shards (or a single *.safetensors file). Everything is mmapped; tensor data is never
-   copied. The header is fully validated: JSON, dtype names, shape × dtype size ==
-   end - begin, offsets inside the data area, no overlaps. */
+   copied. The header is fully validated as HF's safetensors does: JSON, dtype names
+   (upper case; a name kmed cannot size is refused), shape × dtype size == end - begin, and
+   the tensors cover the data area exactly (no gaps, overlaps or trailing bytes). */
 typedef struct kmed_st {
     size_t n_tensors;
     kmed_tensor_info *tensors;   /* sorted as stored: shard by shard, file order */
@@ -470,9 +488,17 @@ typedef struct kmed_gguf_writer {
 } kmed_gguf_writer;
 KMED_API kmed_result kmed_gguf_writer_open(kmed_gguf_writer *w, const char *path,
                                            size_t alignment, kmed_error *err);
+/* Scalars, one call per GGUF value type. */
+KMED_API void kmed_gguf_add_u8(kmed_gguf_writer *w, const char *key, uint8_t v);
+KMED_API void kmed_gguf_add_i8(kmed_gguf_writer *w, const char *key, int8_t v);
+KMED_API void kmed_gguf_add_u16(kmed_gguf_writer *w, const char *key, uint16_t v);
+KMED_API void kmed_gguf_add_i16(kmed_gguf_writer *w, const char *key, int16_t v);
 KMED_API void kmed_gguf_add_u32(kmed_gguf_writer *w, const char *key, uint32_t v);
 KMED_API void kmed_gguf_add_i32(kmed_gguf_writer *w, const char *key, int32_t v);
+KMED_API void kmed_gguf_add_u64(kmed_gguf_writer *w, const char *key, uint64_t v);
+KMED_API void kmed_gguf_add_i64(kmed_gguf_writer *w, const char *key, int64_t v);
 KMED_API void kmed_gguf_add_f32(kmed_gguf_writer *w, const char *key, float v);
+KMED_API void kmed_gguf_add_f64(kmed_gguf_writer *w, const char *key, double v);
 KMED_API void kmed_gguf_add_bool(kmed_gguf_writer *w, const char *key, int v);
 KMED_API void kmed_gguf_add_str(kmed_gguf_writer *w, const char *key, const char *s);
 /* Arrays of scalars: `data` holds n packed values of `type` (not STRING/ARRAY). */
@@ -509,8 +535,11 @@ KMED_API float kmed_f16_to_f32(uint16_t h);
 KMED_API uint16_t kmed_f32_to_f16(float f);
 
 /* Row conversion between f32 and any computable dtype (F32, F16, BF16, Q8_0, Q4_0).
-   n must be a multiple of KMED_QK for the block types. Quantization reproduces GGML's
-   reference quantizer bit for bit. */
+   Quantization reproduces GGML's reference quantizer bit for bit.
+   PRECONDITION (a caller bug, not an error return): t is computable and, for Q8_0/Q4_0,
+   n is a multiple of KMED_QK. Checked by KMED_ASSERT, which aborts by default and does
+   nothing under NDEBUG (then a partial block is left unwritten). The same holds for the
+   dimension along the blocks (K) in kmed_matmul, kmed_matmul_dx and kmed_dot_row. */
 KMED_API void kmed_quantize_row(kmed_dtype t, const float *x, void *y, size_t n);
 KMED_API void kmed_dequantize_row(kmed_dtype t, const void *x, float *y, size_t n);
 /* 1 if kmed can compute with this weight dtype. */
@@ -537,8 +566,9 @@ enum {
                           weights, to BF16 for BF16 weights): faster, not bit-comparable
                           with the f32 reference path */
 };
-/* y[M,N] = x[M,K] · W[N,K]^T, W row-major in dtype wt (F32, F16, BF16, Q8_0, Q4_0; K a
-   multiple of KMED_QK for the block types). Without KMED_MM_FAST the activations stay
+/* y[M,N] = x[M,K] · W[N,K]^T, W row-major in dtype wt (F32, F16, BF16, Q8_0, Q4_0;
+   PRECONDITION: K a multiple of KMED_QK for the block types, checked by KMED_ASSERT as
+   for kmed_quantize_row). Without KMED_MM_FAST the activations stay
    f32 and each weight row is converted exactly; the result equals the scalar reference up
    to summation order. Parallel over N. */
 KMED_API void kmed_matmul(kmed_pool *pool, float *y, const float *x, const void *w,
@@ -2146,6 +2176,7 @@ KMED_API void kmed_mcqa_chart_svg(const kmed_mcqa_summary *runs, const char *con
 /* ==== kmed_core: result codes, errors, logging, rng, buffers, files ==== */
 
 #include <errno.h>
+#include <locale.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -2156,6 +2187,15 @@ KMED_API void kmed_mcqa_chart_svg(const kmed_mcqa_summary *runs, const char *con
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
+
+/* A system header included before kmed.h under -std=c99 fixed the C library's feature set
+   without POSIX, and defining _POSIX_C_SOURCE now cannot bring it back. Declaring the
+   hidden functions here instead would bind to the wrong symbols where the library renames
+   them (64-bit time_t and off_t on 32-bit targets). */
+#if !defined(CLOCK_MONOTONIC)
+#error "kmed: a system header came before the implementation under -std=c99 and hid POSIX:" \
+       "include kmed.h first, or define _POSIX_C_SOURCE 200809L above the first include"
+#endif
 
 KMED_API const char *kmed_result_str(kmed_result r)
 {
@@ -2373,17 +2413,34 @@ KMED_API void kmed_buf_json_str(kmed_buf *b, const char *s, size_t n)
     kmed_buf_put(b, "\"", 1);
 }
 
-KMED_API void kmed_buf_json_f32(kmed_buf *b, float x)
+/* The shortest "%.*g" text of x, from prec up to max_prec digits, that reads back as x
+   (compared as a float when f32 is set). snprintf and strtod both use LC_NUMERIC's decimal
+   point, so the round-trip check holds in any locale; JSON wants '.', swapped in last. */
+static void kmed__buf_json_num(kmed_buf *b, double x, int prec, int max_prec, int f32)
 {
-    char tmp[32];
-    int prec;
+    char tmp[40];
+    const struct lconv *lc;
+    const char *dp, *at = NULL;
     if (!isfinite(x)) { kmed_buf_puts(b, "null"); return; } /* JSON has no NaN/inf */
-    for (prec = 6; prec <= 9; prec++) {
-        snprintf(tmp, sizeof tmp, "%.*g", prec, (double)x);
-        if ((float)strtod(tmp, NULL) == x) break;
+    for (; prec <= max_prec; prec++) {
+        double back;
+        snprintf(tmp, sizeof tmp, "%.*g", prec, x);
+        back = strtod(tmp, NULL);
+        if (f32 ? (float)back == (float)x : back == x) break;
     }
-    kmed_buf_puts(b, tmp);
+    lc = localeconv();
+    dp = lc && lc->decimal_point && *lc->decimal_point ? lc->decimal_point : ".";
+    if (strcmp(dp, ".") != 0) at = strstr(tmp, dp);
+    if (!at) { kmed_buf_puts(b, tmp); return; }
+    kmed_buf_put(b, tmp, (size_t)(at - tmp));
+    kmed_buf_puts(b, ".");
+    kmed_buf_puts(b, at + strlen(dp));
 }
+
+/* 9 significant digits always give a float back, 17 a double */
+KMED_API void kmed_buf_json_f32(kmed_buf *b, float x) { kmed__buf_json_num(b, x, 6, 9, 1); }
+
+KMED_API void kmed_buf_json_f64(kmed_buf *b, double x) { kmed__buf_json_num(b, x, 15, 17, 0); }
 
 KMED_API void kmed_buf_free(kmed_buf *b)
 {
@@ -3252,6 +3309,16 @@ KMED_API kmed_result kmed_lines_open(kmed_lines *r, const char *path, kmed_error
         r->owns_f = 1;
         snprintf(r->name, sizeof r->name, "%s", path);
     }
+    {
+        /* fopen takes a directory on Linux (and stdin may be one); only reads would fail */
+        struct stat sb;
+        if (fstat(fileno(r->f), &sb) == 0 && S_ISDIR(sb.st_mode)) {
+            kmed_result res = KMED__ERRF(err, KMED_ERR_IO, r->name,
+                                         "is a directory, not a file of lines");
+            kmed_lines_close(r);
+            return res;
+        }
+    }
     r->in_ = (char *)KMED_MALLOC(KMED__LINES_CHUNK + 1); /* +1: room to NUL-terminate */
     if (!r->in_) {
         kmed_lines_close(r);
@@ -3277,6 +3344,21 @@ static int kmed__lines_append(kmed_lines *r, size_t *blen, const char *s, size_t
     return 1;
 }
 
+/* Records a read error or NOMEM (code) and reports it; later calls report it again, since
+   retrying a failed read would fail the same way forever, or silently skip data. */
+static kmed_result kmed__lines_fail(kmed_lines *r, kmed_result code, kmed_error *err)
+{
+    if (!r->failed_) {
+        r->failed_ = code;
+        r->errno_ = errno;
+    }
+    if (r->failed_ == KMED_ERR_NOMEM)
+        return kmed_error_set(err, KMED_ERR_NOMEM, r->name, r->line + 1, (size_t)-1,
+                              "out of memory for a long line (reading stopped)");
+    return kmed_error_set(err, r->failed_, r->name, r->line + 1, (size_t)-1,
+                          "read failed: %s", strerror(r->errno_));
+}
+
 KMED_API kmed_result kmed_lines_next(kmed_lines *r, const char **s, size_t *len, int *eof,
                                      kmed_error *err)
 {
@@ -3286,6 +3368,7 @@ KMED_API kmed_result kmed_lines_next(kmed_lines *r, const char **s, size_t *len,
     *len = 0;
     *eof = 0;
     if (!r->f || !r->in_) return KMED__ERR(err, KMED_ERR_STATE, "kmed_lines_next: not open");
+    if (r->failed_) return kmed__lines_fail(r, r->failed_, err);
     for (;;) {
         char *start, *nl;
         size_t avail, take;
@@ -3294,9 +3377,7 @@ KMED_API kmed_result kmed_lines_next(kmed_lines *r, const char **s, size_t *len,
             if (r->eof_) break;
             got = fread(r->in_, 1, KMED__LINES_CHUNK, r->f);
             if (got == 0) {
-                if (ferror(r->f))
-                    return kmed_error_set(err, KMED_ERR_IO, r->name, r->line + 1, (size_t)-1,
-                                          "read failed: %s", strerror(errno));
+                if (ferror(r->f)) return kmed__lines_fail(r, KMED_ERR_IO, err);
                 r->eof_ = 1;
                 break;
             }
@@ -3324,8 +3405,7 @@ KMED_API kmed_result kmed_lines_next(kmed_lines *r, const char **s, size_t *len,
         spilled = 1;
         if (!too_long && take > KMED_MAX_LINE_BYTES - blen) too_long = 1;
         if (!too_long && !kmed__lines_append(r, &blen, start, take))
-            return kmed_error_set(err, KMED_ERR_NOMEM, r->name, r->line + 1, (size_t)-1,
-                                  "out of memory for a %zu-byte line", blen + take);
+            return kmed__lines_fail(r, KMED_ERR_NOMEM, err);
         r->in_pos_ += take + (nl ? 1 : 0);
         if (nl) break;
     }
@@ -3714,17 +3794,20 @@ static kmed_result kmed__iob_write_zeros(kmed_afile *af, size_t n, kmed_error *e
 
 /* ---- safetensors: reading ---- */
 
-/* safetensors dtype names with their element sizes; kmed computes with the first group,
-   the others are listed as KMED_DTYPE_UNKNOWN but still size-checked. */
-typedef struct kmed__st_dtype { const char *name; kmed_dtype t; unsigned size; } kmed__st_dtype;
+/* The safetensors dtype names (HF's Dtype, upper case) with their element sizes in bits;
+   kmed computes with the first group, the others are listed as KMED_DTYPE_UNKNOWN but
+   still size-checked. A name not here is refused: its size is unknown. */
+typedef struct kmed__st_dtype { const char *name; kmed_dtype t; unsigned bits; } kmed__st_dtype;
 static const kmed__st_dtype kmed__st_dtypes[] = {
-    {"F32", KMED_F32, 4}, {"F16", KMED_F16, 2}, {"BF16", KMED_BF16, 2}, {"I8", KMED_I8, 1},
-    {"I32", KMED_I32, 4}, {"I64", KMED_I64, 8}, {"U8", KMED_U8, 1}, {"F64", KMED_F64, 8},
-    {"BOOL", KMED_BOOL, 1},
-    {"I16", KMED_DTYPE_UNKNOWN, 2}, {"U16", KMED_DTYPE_UNKNOWN, 2},
-    {"U32", KMED_DTYPE_UNKNOWN, 4}, {"U64", KMED_DTYPE_UNKNOWN, 8},
-    {"F8_E4M3", KMED_DTYPE_UNKNOWN, 1}, {"F8_E5M2", KMED_DTYPE_UNKNOWN, 1},
-    {"F8_E8M0", KMED_DTYPE_UNKNOWN, 1}, {"C64", KMED_DTYPE_UNKNOWN, 8}
+    {"F32", KMED_F32, 32}, {"F16", KMED_F16, 16}, {"BF16", KMED_BF16, 16}, {"I8", KMED_I8, 8},
+    {"I32", KMED_I32, 32}, {"I64", KMED_I64, 64}, {"U8", KMED_U8, 8}, {"F64", KMED_F64, 64},
+    {"BOOL", KMED_BOOL, 8},
+    {"I16", KMED_DTYPE_UNKNOWN, 16}, {"U16", KMED_DTYPE_UNKNOWN, 16},
+    {"U32", KMED_DTYPE_UNKNOWN, 32}, {"U64", KMED_DTYPE_UNKNOWN, 64},
+    {"F8_E4M3", KMED_DTYPE_UNKNOWN, 8}, {"F8_E5M2", KMED_DTYPE_UNKNOWN, 8},
+    {"F8_E8M0", KMED_DTYPE_UNKNOWN, 8}, {"C64", KMED_DTYPE_UNKNOWN, 64},
+    {"F4", KMED_DTYPE_UNKNOWN, 4}, {"F6_E2M3", KMED_DTYPE_UNKNOWN, 6},
+    {"F6_E3M2", KMED_DTYPE_UNKNOWN, 6}
 };
 
 typedef struct kmed__st_impl {
@@ -3810,6 +3893,10 @@ static kmed_result kmed__st_parse_entry(kmed_st *st, kmed__st_impl *im, const km
                           tn, js->len, KMED_MAX_DIMS);
     for (i = 0; i < sizeof kmed__st_dtypes / sizeof kmed__st_dtypes[0]; i++)
         if (strcmp(jd->str, kmed__st_dtypes[i].name) == 0) dt = &kmed__st_dtypes[i];
+    if (!dt)
+        return KMED__ERRF(err, KMED_ERR_FORMAT, name,
+                          "tensor '%s': unknown dtype \"%s\" (safetensors names are upper "
+                          "case: F32, F16, BF16, I64, U8, BOOL, F8_E4M3, ...)", tn, jd->str);
     t->ndim = (int)js->len;
     for (i = 0; i < js->len; i++) {
         uint64_t d;
@@ -3830,18 +3917,21 @@ static kmed_result kmed__st_parse_entry(kmed_st *st, kmed__st_impl *im, const km
                           "tensor '%s': data_offsets [%llu, %llu] outside the data area of "
                           "%llu bytes", tn, (unsigned long long)begin,
                           (unsigned long long)end, (unsigned long long)data_size);
-    if (dt) {
-        if (numel > UINT64_MAX / dt->size)
-            return KMED__ERRF(err, KMED_ERR_LIMIT, name,
-                              "tensor '%s': byte size overflows 64 bits", tn);
-        need = numel * dt->size;
-        if (need != end - begin)
-            return KMED__ERRF(err, KMED_ERR_FORMAT, name,
-                              "tensor '%s': dtype %s with %llu elements needs %llu bytes, "
-                              "data_offsets span %llu", tn, dt->name,
-                              (unsigned long long)numel, (unsigned long long)need,
-                              (unsigned long long)(end - begin));
-    }
+    if (numel > UINT64_MAX / dt->bits)
+        return KMED__ERRF(err, KMED_ERR_LIMIT, name,
+                          "tensor '%s': bit size overflows 64 bits", tn);
+    need = numel * dt->bits;
+    if (need % 8)
+        return KMED__ERRF(err, KMED_ERR_FORMAT, name,
+                          "tensor '%s': %llu elements of %s (%u bits) do not end on a byte",
+                          tn, (unsigned long long)numel, dt->name, dt->bits);
+    need /= 8;
+    if (need != end - begin)
+        return KMED__ERRF(err, KMED_ERR_FORMAT, name,
+                          "tensor '%s': dtype %s with %llu elements needs %llu bytes, "
+                          "data_offsets span %llu", tn, dt->name,
+                          (unsigned long long)numel, (unsigned long long)need,
+                          (unsigned long long)(end - begin));
     t->name = kmed__strndup(tn, strlen(tn));
     im->dtype_strs[st->n_tensors] = kmed__strndup(jd->str, jd->len);
     if (!t->name || !im->dtype_strs[st->n_tensors]) {
@@ -3850,7 +3940,7 @@ static kmed_result kmed__st_parse_entry(kmed_st *st, kmed__st_impl *im, const km
         t->name = NULL;
         return KMED__ERR(err, KMED_ERR_NOMEM, "out of memory");
     }
-    t->dtype = dt ? dt->t : KMED_DTYPE_UNKNOWN;
+    t->dtype = dt->t;
     t->ggml_type = -1;
     t->data = data + begin;
     t->nbytes = (size_t)(end - begin);
@@ -3938,7 +4028,7 @@ static kmed_result kmed__st_parse(kmed_st *st, kmed__st_impl *im, const unsigned
         r = kmed__st_parse_entry(st, im, m, data, data_size, name, err);
         if (r != KMED_OK) goto done;
     }
-    /* File order and the overlap check both want the tensors sorted by offset. */
+    /* File order and the layout check below both want the tensors sorted by offset. */
     if (st->n_tensors - first > 1) {
         size_t n = st->n_tensors - first;
         kmed_tensor_info *tmp_t = NULL;
@@ -3966,19 +4056,42 @@ static kmed_result kmed__st_parse(kmed_st *st, kmed__st_impl *im, const unsigned
         memcpy(&im->dtype_strs[first], tmp_d, n * sizeof *tmp_d);
         KMED_FREE(tmp_t);
         KMED_FREE(tmp_d);
-        for (i = 1; i < n; i++)
-            if (spans[i].begin < spans[i - 1].end && spans[i].begin != spans[i].end &&
-                spans[i - 1].begin != spans[i - 1].end) {
+    }
+    /* HF's rule (safetensors Metadata::validate): in offset order each tensor starts where
+       the one before ends, from 0 to the end of the file, so no byte is in two tensors
+       or in none. */
+    {
+        uint64_t at = 0, prev = 0;
+        for (i = first; i < st->n_tensors; i++) {
+            const kmed_tensor_info *t = &st->tensors[i];
+            uint64_t b = (uint64_t)((const unsigned char *)t->data - data), e = b + t->nbytes;
+            if (b < at) {
                 r = KMED__ERRF(err, KMED_ERR_FORMAT, name,
                                "tensors '%s' [%llu, %llu] and '%s' [%llu, %llu] overlap",
-                               st->tensors[first + i - 1].name,
-                               (unsigned long long)spans[i - 1].begin,
-                               (unsigned long long)spans[i - 1].end,
-                               st->tensors[first + i].name,
-                               (unsigned long long)spans[i].begin,
-                               (unsigned long long)spans[i].end);
+                               st->tensors[i - 1].name, (unsigned long long)prev,
+                               (unsigned long long)at, t->name, (unsigned long long)b,
+                               (unsigned long long)e);
                 goto done;
             }
+            if (b > at) {
+                r = KMED__ERRF(err, KMED_ERR_FORMAT, name,
+                               "bytes [%llu, %llu] of the data area are in no tensor (tensor "
+                               "'%s' starts at %llu; the data must be contiguous)",
+                               (unsigned long long)at, (unsigned long long)b, t->name,
+                               (unsigned long long)b);
+                goto done;
+            }
+            prev = b;
+            at = e;
+        }
+        if (at != data_size) {
+            r = KMED__ERRF(err, KMED_ERR_FORMAT, name,
+                           "%llu bytes after the last tensor are in no tensor (the tensors "
+                           "end at %llu of a %llu-byte data area)",
+                           (unsigned long long)(data_size - at), (unsigned long long)at,
+                           (unsigned long long)data_size);
+            goto done;
+        }
     }
 done:
     KMED_FREE(spans);
@@ -3986,8 +4099,10 @@ done:
     return r;
 }
 
-/* Sorted name index and duplicate check, once every shard is in. */
-static kmed_result kmed__st_finish(kmed_st *st, kmed__st_impl *im, kmed_error *err)
+/* Sorted name index and duplicate check, once every shard is in. name labels the file
+   when there are no shard maps (one file or image). */
+static kmed_result kmed__st_finish(kmed_st *st, kmed__st_impl *im, const char *name,
+                                   kmed_error *err)
 {
     size_t i;
     im->sorted = (kmed_tensor_info **)kmed__calloc(st->n_tensors, sizeof *im->sorted);
@@ -3998,8 +4113,11 @@ static kmed_result kmed__st_finish(kmed_st *st, kmed__st_impl *im, kmed_error *e
         if (strcmp(im->sorted[i]->name, im->sorted[i - 1]->name) == 0) {
             size_t a = (size_t)(im->sorted[i - 1] - st->tensors);
             size_t b = (size_t)(im->sorted[i] - st->tensors);
-            const char *fa = im->n_maps ? im->shard_names[im->shard_of[a]] : "";
-            const char *fb = im->n_maps ? im->shard_names[im->shard_of[b]] : "";
+            const char *fa = im->n_maps ? im->shard_names[im->shard_of[a]] : name;
+            const char *fb = im->n_maps ? im->shard_names[im->shard_of[b]] : name;
+            if (strcmp(fa, fb) == 0)
+                return KMED__ERRF(err, KMED_ERR_FORMAT, fa, "tensor '%s' is stored twice",
+                                  im->sorted[i]->name);
             return KMED__ERR(err, KMED_ERR_FORMAT, "tensor '%s' is stored twice (%s, %s)",
                              im->sorted[i]->name, fa, fb);
         }
@@ -4081,7 +4199,8 @@ static kmed_result kmed__st_open_mem(kmed_st *st, const void *d, size_t size,
     if (r == KMED_OK)
         r = kmed__st_parse(st, (kmed__st_impl *)st->impl_, (const unsigned char *)d, size,
                            name ? name : "<memory>", 1, err);
-    if (r == KMED_OK) r = kmed__st_finish(st, (kmed__st_impl *)st->impl_, err);
+    if (r == KMED_OK)
+        r = kmed__st_finish(st, (kmed__st_impl *)st->impl_, name ? name : "<memory>", err);
     if (r != KMED_OK) kmed_st_close(st);
     return r;
 }
@@ -4155,7 +4274,7 @@ static kmed_result kmed__st_open_index(kmed_st *st, const char *dir, const char 
         r = kmed_path_join(path, sizeof path, dir, files[i], err);
         if (r == KMED_OK) r = kmed__st_add_file(st, path, err);
     }
-    if (r == KMED_OK) r = kmed__st_finish(st, (kmed__st_impl *)st->impl_, err);
+    if (r == KMED_OK) r = kmed__st_finish(st, (kmed__st_impl *)st->impl_, index, err);
     /* Every tensor the index names must be in the shard it names. */
     for (i = 0; r == KMED_OK && i < wm->len; i++) {
         const kmed__st_impl *im = (const kmed__st_impl *)st->impl_;
@@ -4995,9 +5114,44 @@ KMED_API void kmed_gguf_add_i32(kmed_gguf_writer *w, const char *key, int32_t v)
     kmed__gguf_w_scalar(w, key, KMED_GGUF_I32, &v);
 }
 
+KMED_API void kmed_gguf_add_u8(kmed_gguf_writer *w, const char *key, uint8_t v)
+{
+    kmed__gguf_w_scalar(w, key, KMED_GGUF_U8, &v);
+}
+
+KMED_API void kmed_gguf_add_i8(kmed_gguf_writer *w, const char *key, int8_t v)
+{
+    kmed__gguf_w_scalar(w, key, KMED_GGUF_I8, &v);
+}
+
+KMED_API void kmed_gguf_add_u16(kmed_gguf_writer *w, const char *key, uint16_t v)
+{
+    kmed__gguf_w_scalar(w, key, KMED_GGUF_U16, &v);
+}
+
+KMED_API void kmed_gguf_add_i16(kmed_gguf_writer *w, const char *key, int16_t v)
+{
+    kmed__gguf_w_scalar(w, key, KMED_GGUF_I16, &v);
+}
+
+KMED_API void kmed_gguf_add_u64(kmed_gguf_writer *w, const char *key, uint64_t v)
+{
+    kmed__gguf_w_scalar(w, key, KMED_GGUF_U64, &v);
+}
+
+KMED_API void kmed_gguf_add_i64(kmed_gguf_writer *w, const char *key, int64_t v)
+{
+    kmed__gguf_w_scalar(w, key, KMED_GGUF_I64, &v);
+}
+
 KMED_API void kmed_gguf_add_f32(kmed_gguf_writer *w, const char *key, float v)
 {
     kmed__gguf_w_scalar(w, key, KMED_GGUF_F32, &v);
+}
+
+KMED_API void kmed_gguf_add_f64(kmed_gguf_writer *w, const char *key, double v)
+{
+    kmed__gguf_w_scalar(w, key, KMED_GGUF_F64, &v);
 }
 
 KMED_API void kmed_gguf_add_bool(kmed_gguf_writer *w, const char *key, int v)
@@ -5526,19 +5680,23 @@ static void kmed__tensor_quant_q4_0(const float *x, kmed_block_q4_0 *y, size_t n
     }
 }
 
+/* The precondition of the row and matmul calls on a block dtype: whole blocks. A partial
+   block has no defined layout, so a caller passing one has a bug to fix, not an input to
+   reject (the calls are void and run in hot loops). */
+static int kmed__whole_blocks(kmed_dtype t, size_t n)
+{
+    return (t != KMED_Q8_0 && t != KMED_Q4_0) || n % KMED_QK == 0;
+}
+
 KMED_API void kmed_quantize_row(kmed_dtype t, const float *x, void *y, size_t n)
 {
+    KMED_ASSERT(kmed__whole_blocks(t, n) &&
+                "kmed_quantize_row: n must be a multiple of KMED_QK (32) for Q8_0/Q4_0");
     switch (t) {
     case KMED_F32: memcpy(y, x, n * sizeof(float)); break;
     case KMED_F16: case KMED_BF16: kmed__f32_to_half_row(t, x, y, n); break;
-    case KMED_Q8_0:
-        KMED_ASSERT(n % KMED_QK == 0);
-        kmed__tensor_quant_q8_0(x, (kmed_block_q8_0 *)y, n);
-        break;
-    case KMED_Q4_0:
-        KMED_ASSERT(n % KMED_QK == 0);
-        kmed__tensor_quant_q4_0(x, (kmed_block_q4_0 *)y, n);
-        break;
+    case KMED_Q8_0: kmed__tensor_quant_q8_0(x, (kmed_block_q8_0 *)y, n); break;
+    case KMED_Q4_0: kmed__tensor_quant_q4_0(x, (kmed_block_q4_0 *)y, n); break;
     default: KMED_ASSERT(0 && "kmed_quantize_row: dtype not computable");
     }
 }
@@ -5546,12 +5704,13 @@ KMED_API void kmed_quantize_row(kmed_dtype t, const float *x, void *y, size_t n)
 KMED_API void kmed_dequantize_row(kmed_dtype t, const void *x, float *y, size_t n)
 {
     size_t i, j;
+    KMED_ASSERT(kmed__whole_blocks(t, n) &&
+                "kmed_dequantize_row: n must be a multiple of KMED_QK (32) for Q8_0/Q4_0");
     switch (t) {
     case KMED_F32: memcpy(y, x, n * sizeof(float)); break;
     case KMED_F16: case KMED_BF16: kmed__half_to_f32_row(t, x, y, n); break;
     case KMED_Q8_0: {
         const kmed_block_q8_0 *b = (const kmed_block_q8_0 *)x;
-        KMED_ASSERT(n % KMED_QK == 0);
         for (i = 0; i < n / KMED_QK; i++) {
             float d = kmed_f16_to_f32(b[i].d);
             for (j = 0; j < KMED_QK; j++) y[i * KMED_QK + j] = (float)b[i].qs[j] * d;
@@ -5560,7 +5719,6 @@ KMED_API void kmed_dequantize_row(kmed_dtype t, const void *x, float *y, size_t 
     }
     case KMED_Q4_0: {
         const kmed_block_q4_0 *b = (const kmed_block_q4_0 *)x;
-        KMED_ASSERT(n % KMED_QK == 0);
         for (i = 0; i < n / KMED_QK; i++) {
             float d = kmed_f16_to_f32(b[i].d);
             for (j = 0; j < KMED_QK / 2; j++) {
@@ -5799,6 +5957,8 @@ KMED_API float kmed_dot_row(kmed_dtype wt, const void *wrow, const float *x, siz
 {
     float s = 0.0f;
     size_t i, j;
+    KMED_ASSERT(kmed__whole_blocks(wt, n) &&
+                "kmed_dot_row: n must be a multiple of KMED_QK (32) for Q8_0/Q4_0");
     switch (wt) {
     case KMED_F32: {
         const float *w = (const float *)wrow;
@@ -7068,6 +7228,9 @@ KMED_API void kmed_matmul(kmed_pool *pool, float *y, const float *x, const void 
                           kmed_dtype wt, size_t M, size_t N, size_t K, int flags)
 {
     if (M == 0 || N == 0) return;
+    KMED_ASSERT(kmed_dtype_computable(wt) && kmed__whole_blocks(wt, K) &&
+                "kmed_matmul: wt must be computable, and K a multiple of KMED_QK (32) for "
+                "Q8_0/Q4_0");
 #ifdef KMED__SIMD
 #ifdef KMED__VNNI512
     if ((flags & KMED_MM_FAST) && (wt == KMED_Q8_0 || wt == KMED_Q4_0) &&
@@ -7144,6 +7307,9 @@ KMED_API void kmed_matmul_dx(kmed_pool *pool, float *dx, const float *dy, const 
                              kmed_dtype wt, size_t M, size_t N, size_t K)
 {
     if (M == 0 || K == 0) return;
+    KMED_ASSERT(kmed_dtype_computable(wt) && kmed__whole_blocks(wt, K) &&
+                "kmed_matmul_dx: wt must be computable, and K a multiple of KMED_QK (32) "
+                "for Q8_0/Q4_0");
 #ifdef KMED__SIMD
 #ifdef KMED_USE_OPENBLAS
     if (wt == KMED_F32) {
@@ -9896,6 +10062,7 @@ static void kmed__rmsnorm_forward(float *y, float *rstd,
     }
 }
 
+#ifndef KMED_NO_TRAIN
 /* Backward of kmed__rmsnorm_forward from the saved rstd: with g = dy * (1 + w),
    dx += rstd * g - rstd^3 * x * mean(g * x); dw += sum over rows of dy * x * rstd.
    Rows in order, so dw does not depend on threads. dx or dw may be NULL (skipped). */
@@ -9921,6 +10088,7 @@ static void kmed__rmsnorm_backward(float *dx, float *dw,
         }
     }
 }
+#endif
 
 /* Rotate-half RoPE: dims i and i + D/2 of each head form a pair rotated by the angle
    pos * theta^(-2i/D). x, y (N, H, D); pos (N) absolute positions. y may alias x. The
@@ -9947,6 +10115,7 @@ static void kmed__rope_forward(float *y,
     }
 }
 
+#ifndef KMED_NO_TRAIN
 /* Backward of kmed__rope_forward: dx += R(-angle) dy. dx must not alias dy. */
 static void kmed__rope_backward(float *dx,
                                 const float *dy, const int *pos,
@@ -9968,6 +10137,7 @@ static void kmed__rope_backward(float *dx,
         }
     }
 }
+#endif
 
 /* GeGLU: h = gelu_tanh(g) * u elementwise, g and u (N, F) as n = N*F values. The backward
    needs g and u, so nothing extra is saved. h may alias g or u. */
@@ -9989,6 +10159,7 @@ static void kmed__geglu_forward(float *h, const float *g, const float *u, size_t
     for (; i < n; i++) h[i] = kmed__gelu_tanh(g[i]) * u[i];
 }
 
+#ifndef KMED_NO_TRAIN
 /* Backward of kmed__geglu_forward: du += dh * gelu(g), dg += dh * u * gelu'(g).
    dg or du may be NULL. */
 static void kmed__geglu_backward(float *dg, float *du,
@@ -10031,6 +10202,7 @@ static void kmed__geglu_backward(float *dg, float *du,
         if (dg) dg[i] += dh[i] * u[i] * dgelu;
     }
 }
+#endif
 
 /* Soft-cap: y = cap * tanh(x / cap) over n values (the backward uses y:
    dy/dx = 1 - (y/cap)^2). y may alias x. cap <= 0 copies. */
@@ -10043,6 +10215,7 @@ static void kmed__softcap_forward(float *y, const float *x, size_t n, float cap)
     kmed__ops_softcap_row(y, x, n, cap, 1.0f);
 }
 
+#ifndef KMED_NO_TRAIN
 /* Backward of kmed__softcap_forward from its output y: dx += dy * (1 - (y/cap)^2).
    cap <= 0: dx += dy. */
 static void kmed__softcap_backward(float *dx, const float *dy, const float *y, size_t n,
@@ -10058,6 +10231,7 @@ static void kmed__softcap_backward(float *dx, const float *dy, const float *y, s
         dx[i] += dy[i] * (1.0f - t * t);
     }
 }
+#endif
 
 /* Cross-entropy statistics of one chunk of a logits row, fused so the chunk is read
    while it is in cache: y = softcap(y) in place (cap <= 0: unchanged), *mx = max(y),
@@ -10115,6 +10289,7 @@ static void kmed__xent_stats(float *y, size_t n, float cap, float *mx, float *su
     *sum = s;
 }
 
+#ifndef KMED_NO_TRAIN
 /* Backward of the softcapped cross-entropy for one chunk of a logits row, from the
    capped logits y (n) and the row's max mx: g = (exp(y - mx) * a - [j == tgt] * inv) *
    (1 - (y/cap)^2), a = inv / sum(exp(y - mx)) over the whole row, inv = 1 / normaliser.
@@ -10172,6 +10347,7 @@ static void kmed__xent_grad(float *g, const float *y, size_t n, size_t tgt, floa
         i += m;
     }
 }
+#endif
 
 /* Embedding lookup scaled by sqrt(C): h[n] = dequant(E[ids[n]]) * scale, the scale
    rounded to f32 first (HF rounds sqrt(hidden) to the activation dtype). E (V, C) rows in
@@ -10189,6 +10365,7 @@ static void kmed__embed_forward(float *h,
     }
 }
 
+#ifndef KMED_NO_TRAIN
 /* Backward of kmed__embed_forward into an f32 table: dE[ids[n]] += dh[n] * scale.
    Rows in order (repeated ids accumulate deterministically). dE (V, C), dh (N, C). */
 static void kmed__embed_backward(float *dE,
@@ -10203,6 +10380,7 @@ static void kmed__embed_backward(float *dE,
         for (j = 0; j < C; j++) de[j] += dhn[j] * scale;
     }
 }
+#endif
 
 /* First key query t sees: the sliding window's start, or its packed document's start
    kstart[t] (NULL: one document) when that is later. */
@@ -10259,6 +10437,7 @@ static void kmed__attention_forward(float *out, float *att,
     }
 }
 
+#ifndef KMED_NO_TRAIN
 /* Backward of kmed__attention_forward from the saved probabilities att (H, N, S) for
    query heads [h0, h1), as GEMMs per head (the masked entries of att are 0, so full
    products stay exact): dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)) times
@@ -10304,6 +10483,7 @@ static void kmed__attention_backward(float *dq, float *dk, float *dv,
         kmed_sgemm(NULL, 1, 0, S, D, N, 1.0f, dp, S, q + h * D, HD, 1.0f, dk + hk * D, KD);
     }
 }
+#endif
 
 /* LoRA delta: y (M, N) += scale * (x A^T) B^T with x (M, K), A (r, K), B (N, r). Saves
    xa = x A^T (M, r), which the backward needs for dB. */
@@ -10315,6 +10495,7 @@ static void kmed__lora_forward(kmed_pool *pool, float *y, float *xa,
     kmed_sgemm(pool, 0, 1, M, N, r, scale, xa, r, B, r, 1.0f, y, N);
 }
 
+#ifndef KMED_NO_TRAIN
 /* Backward of kmed__lora_forward: dB += scale * dy^T xa; with dxa = scale * dy B
    (M, r) in scratch: dA += dxa^T x, dx += dxa A. dx, dA, dB may be NULL. */
 static void kmed__lora_backward(kmed_pool *pool, float *dx, float *dA, float *dB,
@@ -10329,6 +10510,7 @@ static void kmed__lora_backward(kmed_pool *pool, float *dx, float *dA, float *dB
     if (dA) kmed_sgemm(pool, 1, 0, r, K, M, 1.0f, dxa, r, x, K, 1.0f, dA, K);
     if (dx) kmed_sgemm(pool, 0, 0, M, K, r, 1.0f, dxa, r, A, K, 1.0f, dx, K);
 }
+#endif
 
 /* ==== kmed_gemma: Gemma-2 config, weight loading, forward pass with KV cache ==== */
 

@@ -1,10 +1,25 @@
 #!/bin/sh
-# Runs each test binary given as an argument and sums their "N passed, N failed" lines.
-# Exit status is non-zero if any test failed or any binary did not report.
+# Runs each test given as an argument and sums their "N passed, N failed" lines. An argument
+# ending in .c is first compiled with plain cc into build/ (CC and CFLAGS override the
+# compiler and flags), so `sh tests/run.sh tests/test_*.c` needs nothing else; any other
+# argument is a test binary or shell check to run as it is.
+# Exit status is non-zero if any test failed, failed to build, or did not report.
 passed=0; failed=0
+cc=${CC:-cc}
+cflags=${CFLAGS:--std=c99 -O2 -march=native -Wall -Wextra}
 for t in "$@"; do
     # a glob such as build/test_* also matches the tests' scratch directories
     if [ -d "$t" ]; then continue; fi
+    case $t in
+    *.c)
+        src=$t
+        t=build/$(basename "$src" .c)
+        mkdir -p build
+        if ! $cc $cflags -I. "$src" -o "$t" -lm -lpthread; then
+            echo "FAIL $src: does not build"
+            failed=$((failed + 1)); continue
+        fi ;;
+    esac
     out=$("$t" 2>&1); rc=$?
     line=$(printf '%s\n' "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
     if [ -z "$line" ]; then

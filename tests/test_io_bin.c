@@ -26,7 +26,14 @@ static void *test_realloc(void *p, size_t n)
 #include "kmed.h"
 #include "test.h"
 
+/* kmed-inspect itself, its main renamed, so test_inspect_cli runs it as a user does (it
+   defines KMED_IMPLEMENTATION again and includes kmed.h, already in) */
+#define main kmed_inspect_tool_main
+#include "../tools/kmed-inspect.c"
+#undef main
+
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static char tmpdir[256];
@@ -715,6 +722,14 @@ static void test_gguf_roundtrip(void)
         kmed_gguf_add_f32(&w, "w.f32", 0.1f);
         kmed_gguf_add_bool(&w, "w.bool", 7);
         kmed_gguf_add_str(&w, "w.str", "\xec\x9d\x98\xed\x95\x99");
+        /* every other scalar type at the edges of its range */
+        kmed_gguf_add_u8(&w, "w.u8", 250);
+        kmed_gguf_add_i8(&w, "w.i8", -128);
+        kmed_gguf_add_u16(&w, "w.u16", 65535);
+        kmed_gguf_add_i16(&w, "w.i16", -32768);
+        kmed_gguf_add_u64(&w, "w.u64", UINT64_MAX - 1);
+        kmed_gguf_add_i64(&w, "w.i64", INT64_MIN + 1);
+        kmed_gguf_add_f64(&w, "w.f64", 0.1); /* not a float: needs all 64 bits */
         kmed_gguf_add_arr(&w, "w.arr_u16", KMED_GGUF_U16, u16s, 3);
         kmed_gguf_add_arr(&w, "w.arr_f64", KMED_GGUF_F64, f64s, 2);
         kmed_gguf_add_arr(&w, "w.arr_bool", KMED_GGUF_BOOL, bools, 3);
@@ -731,7 +746,7 @@ static void test_gguf_roundtrip(void)
         CHECK_OK(rc = kmed_gguf_open(&g2, path, &e));
         if (rc != KMED_OK) continue;
         CHECK(g2.version == 3 && g2.alignment == a && g2.data_offset % a == 0);
-        CHECKF(g2.n_kv == 13 + 10 + (a != 32), "n_kv %zu", g2.n_kv);
+        CHECKF(g2.n_kv == 13 + 17 + (a != 32), "n_kv %zu", g2.n_kv);
         check_all_types(&g2);
         kv = kmed_gguf_find_kv(&g2, "general.alignment");
         CHECK(a == 32 ? kv == NULL : (kv && kv->u == a));
@@ -742,6 +757,18 @@ static void test_gguf_roundtrip(void)
         CHECK(kv && kv->type == KMED_GGUF_BOOL && kv->u == 1);
         kv = kmed_gguf_find_kv(&g2, "w.str");
         CHECK(kv && kv->len == 6 && memcmp(kv->str, "\xec\x9d\x98\xed\x95\x99", 6) == 0);
+        kv = kmed_gguf_find_kv(&g2, "w.u8"); CHECK(kv && kv->type == KMED_GGUF_U8 && kv->u == 250);
+        kv = kmed_gguf_find_kv(&g2, "w.i8"); CHECK(kv && kv->type == KMED_GGUF_I8 && kv->i == -128);
+        kv = kmed_gguf_find_kv(&g2, "w.u16");
+        CHECK(kv && kv->type == KMED_GGUF_U16 && kv->u == 65535);
+        kv = kmed_gguf_find_kv(&g2, "w.i16");
+        CHECK(kv && kv->type == KMED_GGUF_I16 && kv->i == -32768);
+        kv = kmed_gguf_find_kv(&g2, "w.u64");
+        CHECK(kv && kv->type == KMED_GGUF_U64 && kv->u == UINT64_MAX - 1);
+        kv = kmed_gguf_find_kv(&g2, "w.i64");
+        CHECK(kv && kv->type == KMED_GGUF_I64 && kv->i == INT64_MIN + 1);
+        kv = kmed_gguf_find_kv(&g2, "w.f64");
+        CHECK(kv && kv->type == KMED_GGUF_F64 && kv->f == 0.1);
         kv = kmed_gguf_find_kv(&g2, "w.arr_u16");
         CHECK(kv && kv->arr_type == KMED_GGUF_U16 && kv->n == 3 && memcmp(kv->raw, u16s, 6) == 0);
         kv = kmed_gguf_find_kv(&g2, "w.arr_f64");
@@ -891,6 +918,7 @@ static void test_st_malformed(void)
     CHECK(st_try("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
                  "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, &e)
           == KMED_ERR_FORMAT && strstr(e.msg, "twice"));
+    CHECKF(strcmp(e.msg, "t.safetensors: tensor 'a' is stored twice") == 0, "%s", e.msg);
     CHECK(st_try("{\"__metadata__\":{\"k\":1}}", 0, &e) == KMED_ERR_FORMAT);
     CHECK(st_try("{\"__metadata__\":\"x\"}", 0, &e) == KMED_ERR_FORMAT);
     CHECK(st_try("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}", 4, &e)
@@ -899,17 +927,42 @@ static void test_st_malformed(void)
     CHECK(st_try("{\"a\xff\":1}", 0, &e) == KMED_ERR_FORMAT); /* bad UTF-8 */
     CHECK(st_try("{}", 0, &e) == KMED_OK);
     CHECK(st_try("{} ", 0, &e) == KMED_OK);
-    /* Unknown dtypes are listed, sized when known, and keep their text. */
+    /* safetensors dtypes kmed does not compute with are listed, size-checked (F4: 4 bits
+       an element) and keep their text; a name outside HF's list has no size: refused. */
     st_image(&b, "{\"e\":{\"dtype\":\"F8_E4M3\",\"shape\":[16],\"data_offsets\":[0,16]},"
-                 "\"w\":{\"dtype\":\"Q9_9\",\"shape\":[3],\"data_offsets\":[16,17]}}", 17);
+                 "\"w\":{\"dtype\":\"F4\",\"shape\":[2],\"data_offsets\":[16,17]}}", 17);
     CHECK_OK(rc = kmed__st_open_mem(&st, b.data, b.len, "u", &e));
     if (rc == KMED_OK) {
         CHECK(st.n_tensors == 2 && st.tensors[0].dtype == KMED_DTYPE_UNKNOWN &&
               st.tensors[1].dtype == KMED_DTYPE_UNKNOWN && st.tensors[1].nbytes == 1);
         CHECK(strcmp(kmed_st_dtype_str(&st, 0), "F8_E4M3") == 0 &&
-              strcmp(kmed_st_dtype_str(&st, 1), "Q9_9") == 0);
+              strcmp(kmed_st_dtype_str(&st, 1), "F4") == 0);
         kmed_st_close(&st);
     }
+    CHECK(st_try("{\"w\":{\"dtype\":\"F4\",\"shape\":[3],\"data_offsets\":[0,2]}}", 2, &e)
+          == KMED_ERR_FORMAT && strstr(e.msg, "byte")); /* 12 bits */
+    CHECK(st_try("{\"w\":{\"dtype\":\"Q9_9\",\"shape\":[3],\"data_offsets\":[0,1]}}", 1, &e)
+          == KMED_ERR_FORMAT && strstr(e.msg, "unknown dtype \"Q9_9\""));
+    CHECKF(st_try("{\"w\":{\"dtype\":\"f32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4, &e)
+           == KMED_ERR_FORMAT && strstr(e.msg, "t.safetensors") &&
+           strstr(e.msg, "unknown dtype \"f32\""), "%s", e.msg); /* names are upper case */
+    /* HF's layout rule: in offset order the tensors cover the data area exactly. */
+    CHECKF(st_try("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, &e)
+           == KMED_ERR_FORMAT && strstr(e.msg, "bytes [0, 4]"), "%s", e.msg); /* leading gap */
+    CHECKF(st_try("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                  "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}", 12, &e)
+           == KMED_ERR_FORMAT && strstr(e.msg, "bytes [4, 8]") && strstr(e.msg, "'b'"),
+           "%s", e.msg);
+    CHECKF(st_try("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 5, &e)
+           == KMED_ERR_FORMAT && strstr(e.msg, "1 bytes after the last tensor"), "%s", e.msg);
+    CHECK(st_try("{}", 4, &e) == KMED_ERR_FORMAT && strstr(e.msg, "after the last tensor"));
+    CHECK(st_try("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                 "\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[4,4]},"
+                 "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, &e)
+          == KMED_OK); /* an empty tensor between two others */
+    CHECK(st_try("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+                 "\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[4,4]}}", 8, &e)
+          == KMED_ERR_FORMAT && strstr(e.msg, "overlap")); /* ... but not inside one */
     CHECK(st_try("{\"e\":{\"dtype\":\"U16\",\"shape\":[16],\"data_offsets\":[0,16]}}", 16, &e)
           == KMED_ERR_FORMAT);
     /* Lying header lengths. */
@@ -943,6 +996,11 @@ static void test_st_malformed(void)
     CHECK(kmed_st_open(&st, path, &e) == KMED_ERR_FORMAT && strstr(e.msg, "trunc.safetensors"));
     write_bytes(path, "", 0);
     CHECK(kmed_st_open(&st, path, &e) == KMED_ERR_FORMAT);
+    st_image(&b, "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                 "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
+    write_bytes(path, b.data, b.len);
+    CHECKF(kmed_st_open(&st, path, &e) == KMED_ERR_FORMAT && strncmp(e.msg, path, strlen(path))
+           == 0 && strstr(e.msg, "tensor 'a' is stored twice"), "%s", e.msg);
     remove(path);
     CHECK(kmed_st_open(&st, path, &e) == KMED_ERR_NOT_FOUND);
     kmed_buf_free(&b);
@@ -1269,6 +1327,71 @@ static void test_out_of_memory(void)
     kmed_buf_free(&sb);
 }
 
+/* Runs kmed-inspect with one option (may be NULL) and a path in a child process, as it
+   exits on errors; returns its exit status with stdout in out and stderr in errs. */
+static int run_inspect(const char *opt, const char *path, char *out, char *errs, size_t cap)
+{
+    char o_path[512], e_path[512], *argv[4];
+    int argc = 0, status = 0, k;
+    pid_t pid;
+    argv[argc++] = (char *)"kmed-inspect";
+    if (opt) argv[argc++] = (char *)opt;
+    argv[argc++] = (char *)path;
+    argv[argc] = NULL;
+    tmp_path(o_path, sizeof o_path, "inspect.out");
+    tmp_path(e_path, sizeof e_path, "inspect.err");
+    fflush(stdout);
+    fflush(stderr);
+    pid = fork();
+    if (pid == 0) {
+        if (!freopen(o_path, "w", stdout) || !freopen(e_path, "w", stderr)) _exit(99);
+        exit(kmed_inspect_tool_main(argc, argv));
+    }
+    if (pid < 0 || waitpid(pid, &status, 0) != pid) return -1;
+    for (k = 0; k < 2; k++) {
+        char *data = NULL, *dst = k ? errs : out;
+        size_t len;
+        kmed_error e = {0};
+        dst[0] = 0;
+        if (kmed_file_read(k ? e_path : o_path, 0, &data, &len, &e) == KMED_OK)
+            snprintf(dst, cap, "%s", data);
+        kmed_free(data);
+    }
+    remove(o_path);
+    remove(e_path);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* kmed-inspect on GGUF files it cannot fully name: a tensor type newer than this build is
+   shown by number, and a .gguf without the magic is an error naming the file (not
+   "binary data"). */
+static void test_inspect_cli(void)
+{
+    static char out[8192], errs[8192];
+    char path[512];
+    kmed_buf b = {0};
+    gg_spec s = gg_default();
+    int rc;
+    s.type1 = 99;
+    gg_build(&b, &s);
+    tmp_path(path, sizeof path, "t99.gguf");
+    write_bytes(path, b.data, b.len);
+    rc = run_inspect(NULL, path, out, errs, sizeof out);
+    CHECKF(rc == 0 && strstr(out, "t1    type 99 "), "exit %d: %s%s", rc, out, errs);
+    rc = run_inspect("--json", path, out, errs, sizeof out);
+    CHECKF(rc == 0 && strstr(out, "\"dtype\": \"type 99\""), "exit %d: %s%s", rc, out, errs);
+    b.data[0] = 'X'; /* "XGUF" */
+    tmp_path(path, sizeof path, "magic.gguf");
+    write_bytes(path, b.data, b.len);
+    rc = run_inspect(NULL, path, out, errs, sizeof out);
+    CHECKF(rc == 1 && strstr(errs, path) && strstr(errs, "bad magic") && !out[0],
+           "exit %d: %s%s", rc, out, errs);
+    remove(path);
+    tmp_path(path, sizeof path, "t99.gguf");
+    remove(path);
+    kmed_buf_free(&b);
+}
+
 int main(void)
 {
     const char *fx = kmed_test_fixtures();
@@ -1282,6 +1405,7 @@ int main(void)
     test_gguf_malformed();
     test_mutations(fx);
     test_out_of_memory();
+    test_inspect_cli();
     if (fx) {
         test_fixture_hf(fx);
         test_fixture_golden(fx);

@@ -5,9 +5,27 @@
 /* A smaller record limit than the default 1 GB, so the over-limit paths are testable with
    a 9 MB file while the 5 MB JSONL line still fits. */
 #define KMED_MAX_LINE_BYTES ((size_t)8 << 20)
+#define _POSIX_C_SOURCE 200809L /* before any system header, as kmed.h's doc block asks */
+#include <stdlib.h>
+
+/* A realloc that fails while fail_realloc is set, for the line reader's NOMEM path. */
+static int fail_realloc;
+static void *test_realloc(void *p, size_t n) { return fail_realloc ? NULL : realloc(p, n); }
+#define KMED_MALLOC(n) malloc(n)
+#define KMED_REALLOC(p, n) test_realloc(p, n)
+#define KMED_FREE(p) free(p)
+
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "test.h"
+
+/* kmed-chat itself, its main renamed, so test_chat_safety_check runs its line loop as a
+   user does (it defines KMED_IMPLEMENTATION again and includes kmed.h, already in) */
+#define main kmed_chat_tool_main
+#include "../tools/kmed-chat.c"
+#undef main
+#include <sys/resource.h>
+#include <sys/wait.h>
 
 /* Sanitizer builds run several times slower: the timing check only holds for plain builds. */
 #if defined(__SANITIZE_ADDRESS__)
@@ -415,6 +433,167 @@ static void test_lines(void)
     free(big);
 }
 
+/* Read errors and NOMEM end the input: every later call returns the same error, so a loop
+   that goes on after a bad line cannot spin (kmed-chat --safety-check DIR once did). */
+static void test_lines_errors(void)
+{
+    char path[256], dir[256], first[1100];
+    const char *s;
+    size_t len, i, ok = 0;
+    int eof, fd, saved;
+    char *text;
+    kmed_lines r;
+    kmed_jsonl jl;
+    kmed_csv c;
+    kmed_error e = {0};
+    kmed_result res = KMED_OK;
+
+    /* A directory is refused when opened, naming it. */
+    snprintf(dir, sizeof dir, "/tmp/kmed_test_io_text_%ld_dir", (long)getpid());
+    CHECK_OK(kmed_mkdir_p(dir, &e));
+    CHECKF(kmed_lines_open(&r, dir, &e) == KMED_ERR_IO && strstr(e.msg, dir) &&
+           strstr(e.msg, "is a directory") && r.f == NULL, "%s", e.msg);
+    CHECK(kmed_jsonl_open(&jl, dir, &e) == KMED_ERR_IO && strstr(e.msg, "is a directory"));
+    CHECK(kmed_csv_open(&c, dir, &e) == KMED_ERR_IO && strstr(e.msg, "is a directory"));
+
+    /* A read that fails mid-file: 700 lines of 100 bytes, more than the first 64 KiB read;
+       after the first line the descriptor is swapped for the directory's, so the next read
+       fails with EISDIR as a failing disk would fail with EIO. Then the file comes back:
+       the reader must not resume past the bytes it lost. */
+    text = (char *)malloc(70000);
+    if (!text) return;
+    for (i = 0; i < 70000; i++) text[i] = i % 100 == 99 ? '\n' : 'x';
+    write_tmp(path, sizeof path, "readerr", text, 70000);
+    free(text);
+    CHECK_OK(kmed_lines_open(&r, path, &e));
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    fd = open(dir, O_RDONLY);
+    saved = dup(fileno(r.f));
+    CHECK(fd >= 0 && saved >= 0 && dup2(fd, fileno(r.f)) >= 0);
+    if (fd >= 0) close(fd);
+    for (ok = 1; ok < 1000; ok++) {
+        res = kmed_lines_next(&r, &s, &len, &eof, &e);
+        if (res != KMED_OK || eof) break;
+    }
+    CHECKF(res == KMED_ERR_IO && !eof && ok < 700, "%zu lines, then %s (eof %d)", ok,
+           kmed_result_str(res), eof);
+    CHECKF(strstr(e.msg, path) && strstr(e.msg, "read failed"), "%s", e.msg);
+    snprintf(first, sizeof first, "%s", e.msg);
+    if (saved >= 0) {
+        CHECK(dup2(saved, fileno(r.f)) >= 0);
+        close(saved);
+    }
+    for (i = 0; i < 3; i++) {
+        memset(&e, 0, sizeof e);
+        res = kmed_lines_next(&r, &s, &len, &eof, &e);
+        CHECKF(res == KMED_ERR_IO && !eof && s == NULL && strcmp(e.msg, first) == 0,
+               "call %zu after the error: %s, eof %d, '%s'", i, kmed_result_str(res), eof,
+               e.msg);
+    }
+    kmed_lines_close(&r);
+    remove(path);
+    rmdir(dir);
+
+    /* Out of memory for a line spanning reads: the line is lost, so the reader must not go
+       on to return its tail or the next line as if nothing happened, even once memory is
+       back. */
+    text = (char *)malloc(70004);
+    if (!text) return;
+    memset(text, 'y', 70004);
+    memcpy(text, "a\n", 2);
+    memcpy(text + 70001, "\nc\n", 3);
+    write_tmp(path, sizeof path, "nomem", text, 70004);
+    free(text);
+    CHECK_OK(kmed_lines_open(&r, path, &e));
+    CHECK_OK(kmed_lines_next(&r, &s, &len, &eof, &e));
+    CHECK(!eof && strcmp(s, "a") == 0);
+    fail_realloc = 1;
+    res = kmed_lines_next(&r, &s, &len, &eof, &e);
+    fail_realloc = 0;
+    CHECKF(res == KMED_ERR_NOMEM && strstr(e.msg, path), "%s: %s", kmed_result_str(res), e.msg);
+    for (i = 0; i < 2; i++)
+        CHECK(kmed_lines_next(&r, &s, &len, &eof, &e) == KMED_ERR_NOMEM && !eof && !s);
+    kmed_lines_close(&r);
+    remove(path);
+}
+
+/* Runs kmed-chat --safety-check ARG in a child process with stdin from in_fd (-1: as is);
+   returns its exit status (-1 if killed: a loop that never stops meets the alarm or the
+   1 MB file size limit first) with stdout in out and stderr in errs. */
+static int run_safety_check(int in_fd, const char *arg, char *out, char *errs, size_t cap)
+{
+    char o_path[256], e_path[256];
+    char *argv[] = {(char *)"kmed-chat", (char *)"--safety-check", (char *)arg, NULL};
+    int status = 0, k;
+    pid_t pid;
+    struct rlimit lim;
+    snprintf(o_path, sizeof o_path, "/tmp/kmed_test_io_text_%ld_chat.out", (long)getpid());
+    snprintf(e_path, sizeof e_path, "/tmp/kmed_test_io_text_%ld_chat.err", (long)getpid());
+    fflush(stdout);
+    fflush(stderr);
+    pid = fork();
+    if (pid == 0) {
+        if ((in_fd >= 0 && dup2(in_fd, 0) < 0) || !freopen(o_path, "w", stdout) ||
+            !freopen(e_path, "w", stderr))
+            _exit(99);
+        lim.rlim_cur = lim.rlim_max = (rlim_t)1 << 20;
+        setrlimit(RLIMIT_FSIZE, &lim);
+        alarm(10);
+        exit(kmed_chat_tool_main(3, argv));
+    }
+    if (pid < 0 || waitpid(pid, &status, 0) != pid) return -1;
+    for (k = 0; k < 2; k++) {
+        char *data = NULL, *dst = k ? errs : out;
+        size_t len;
+        kmed_error e = {0};
+        dst[0] = 0;
+        if (kmed_file_read(k ? e_path : o_path, (size_t)1 << 20, &data, &len, &e) == KMED_OK)
+            snprintf(dst, cap, "%s", data);
+        else snprintf(dst, cap, "(output not read: %s)", e.msg);
+        kmed_free(data);
+    }
+    remove(o_path);
+    remove(e_path);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* kmed-chat --safety-check goes on after a malformed line but stops at a read error:
+   before, stdin it could not read made it print "read failed" lines until killed. */
+static void test_chat_safety_check(void)
+{
+    static const char chat_lines[] = "{\"response\": \"ok\"}\nnot json\n"
+                                     "{\"response\": \"fine\"}\n";
+    static char out[8192], errs[8192];
+    char path[256], dir[256];
+    int fd, rc;
+    kmed_error e = {0};
+    /* a malformed line is answered with an error line and the next one is still checked */
+    write_tmp(path, sizeof path, "chat.jsonl", chat_lines, sizeof chat_lines - 1);
+    rc = run_safety_check(-1, path, out, errs, sizeof out);
+    CHECKF(rc == 1 && strstr(out, "{\"error\": ") && strstr(out, "\"text\": \"fine\"") &&
+           strstr(errs, "1 malformed input line"), "exit %d: %s%s", rc, out, errs);
+    /* stdin that cannot be read (a write-only descriptor): exit 1 at once */
+    fd = open(path, O_WRONLY);
+    CHECK(fd >= 0);
+    rc = run_safety_check(fd, "-", out, errs, sizeof out);
+    CHECKF(rc == 1 && strstr(errs, "<stdin>") && strstr(errs, "read failed") && !out[0],
+           "exit %d: %s%s", rc, out, errs);
+    if (fd >= 0) close(fd);
+    remove(path);
+    /* a directory, named or as stdin, is refused when opened */
+    snprintf(dir, sizeof dir, "/tmp/kmed_test_io_text_%ld_chatdir", (long)getpid());
+    CHECK_OK(kmed_mkdir_p(dir, &e));
+    rc = run_safety_check(-1, dir, out, errs, sizeof out);
+    CHECKF(rc == 1 && strstr(errs, dir) && strstr(errs, "is a directory"), "exit %d: %s", rc,
+           errs);
+    fd = open(dir, O_RDONLY);
+    CHECK(fd >= 0);
+    rc = run_safety_check(fd, "-", out, errs, sizeof out);
+    CHECKF(rc == 1 && strstr(errs, "<stdin>: is a directory"), "exit %d: %s", rc, errs);
+    if (fd >= 0) close(fd);
+    rmdir(dir);
+}
+
 static void test_jsonl(void)
 {
     kmed_buf b = {0};
@@ -621,6 +800,8 @@ int main(void)
     test_json_truncated();
     test_json_tokenizer();
     test_lines();
+    test_lines_errors();
+    test_chat_safety_check();
     test_jsonl();
     test_csv();
     test_limits();

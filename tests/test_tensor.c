@@ -2,6 +2,15 @@
    thread-count independence, and GGML bit-exactness on the tiny-gemma2 fixture.
    cc -std=c99 -O2 -march=native -Wall -Wextra -I. tests/test_tensor.c -o build/test_tensor \
       -lm -lpthread */
+
+/* KMED_ASSERT records instead of aborting, so test_preconditions can see a misuse caught;
+   any other assertion that fires is counted as a failure at the end of main (snprintf
+   comes from <stdio.h>, which kmed.h includes before any use). */
+static int asserts_fired, asserts_expected;
+static char assert_text[512];
+#define KMED_ASSERT(x)                                                           \
+    ((x) ? (void)0                                                               \
+         : (void)(asserts_fired++, snprintf(assert_text, sizeof assert_text, "%s", #x)))
 #define KMED_IMPLEMENTATION
 #include "kmed.h"
 #include "test.h"
@@ -722,6 +731,51 @@ static void test_fixture_quant(void)
     kmed_st_close(&st);
 }
 
+/* Misuse of the void row and matmul calls (a partial Q8_0/Q4_0 block, a dtype that is not
+   computable) is caught by KMED_ASSERT with a message naming the call; the documented
+   precondition, since these calls cannot return an error. */
+static void expect_assert(const char *call, const char *frag)
+{
+    asserts_expected++;
+    CHECKF(asserts_fired == asserts_expected && strstr(assert_text, frag),
+           "%s: %d assertion(s) fired, last '%s'", call, asserts_fired, assert_text);
+    asserts_fired = asserts_expected; /* one miss is reported once */
+}
+
+static void test_preconditions(void)
+{
+    /* room for whole blocks past every partial size used, so a caught call runs safely */
+    float x[256], y[256], dx[256];
+    kmed_block_q8_0 q8[8];
+    kmed_block_q4_0 q4[8];
+    int i;
+    for (i = 0; i < 256; i++) x[i] = (float)(i % 7) - 3.0f;
+    memset(q8, 0, sizeof q8);
+    memset(q4, 0, sizeof q4);
+    kmed_quantize_row(KMED_Q8_0, x, q8, 31);
+    expect_assert("kmed_quantize_row(Q8_0, n 31)", "kmed_quantize_row: n must be a multiple");
+    kmed_quantize_row(KMED_Q4_0, x, q4, 48);
+    expect_assert("kmed_quantize_row(Q4_0, n 48)", "kmed_quantize_row: n must be a multiple");
+    kmed_dequantize_row(KMED_Q4_0, q4, y, 33);
+    expect_assert("kmed_dequantize_row(Q4_0, n 33)", "kmed_dequantize_row: n must be");
+    kmed_quantize_row(KMED_I32, x, y, 4);
+    expect_assert("kmed_quantize_row(I32)", "dtype not computable");
+    (void)kmed_dot_row(KMED_Q8_0, q8, x, 40);
+    expect_assert("kmed_dot_row(Q8_0, n 40)", "kmed_dot_row: n must be");
+    kmed_matmul(NULL, y, x, q8, KMED_Q8_0, 1, 1, 33, 0);
+    expect_assert("kmed_matmul(Q8_0, K 33)", "kmed_matmul: wt must be computable, and K");
+    memset(dx, 0, sizeof dx);
+    kmed_matmul_dx(NULL, dx, y, q4, KMED_Q4_0, 1, 1, 33);
+    expect_assert("kmed_matmul_dx(Q4_0, K 33)", "kmed_matmul_dx: wt must be computable");
+    /* whole blocks, and any n for the float types, assert nothing */
+    kmed_quantize_row(KMED_Q8_0, x, q8, 64);
+    kmed_dequantize_row(KMED_Q8_0, q8, y, 64);
+    kmed_quantize_row(KMED_BF16, x, q8, 31);
+    kmed_matmul(NULL, y, x, q4, KMED_Q4_0, 1, 2, 32, 0);
+    CHECKF(asserts_fired == asserts_expected, "valid calls asserted: %s", assert_text);
+    asserts_fired = asserts_expected;
+}
+
 int main(void)
 {
     kmed_error e = { 0 };
@@ -738,5 +792,8 @@ int main(void)
     test_matmul(NULL, pool2);
     test_dw_sgemm(NULL, pool2);
     kmed_pool_free(pool2);
+    test_preconditions();
+    CHECKF(asserts_fired == asserts_expected, "KMED_ASSERT fired outside the misuse checks: "
+           "%s", assert_text);
     return kmed_test_done();
 }

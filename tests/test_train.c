@@ -115,6 +115,26 @@ static double J_attn(void *p)
                             c->H);
     return wsum(c->wy, c->y, c->N * c->H * c->D);
 }
+/* The attention backward of c's setting (7 queries, 4 heads over 2 kv heads, D 4)
+   against finite differences of J_attn; leaves c->att as the forward saved it. */
+static void attn_fd(opctx *c, const char *what)
+{
+    static float dq[7 * 16], dk[7 * 8], dv[7 * 8];
+    char name[64];
+    memset(dq, 0, sizeof dq); memset(dk, 0, sizeof dk); memset(dv, 0, sizeof dv);
+    J_attn(c);
+    kmed__attention_backward(dq, dk, dv, c->wy, c->att, c->q, c->k, c->v, c->pos, c->kstart,
+                             c->scratch, c->N, c->S, c->H, c->Hkv, c->D, c->scale, c->cap,
+                             c->window, 0, c->H);
+    snprintf(name, sizeof name, "%s dq", what);
+    fd_check(name, J_attn, c, c->q, dq, 7 * 16);
+    snprintf(name, sizeof name, "%s dk", what);
+    fd_check(name, J_attn, c, c->k, dk, 7 * 8);
+    snprintf(name, sizeof name, "%s dv", what);
+    fd_check(name, J_attn, c, c->v, dv, 7 * 8);
+    J_attn(c);
+}
+
 static double J_lora(void *p)
 {
     opctx *c = (opctx *)p;
@@ -168,7 +188,7 @@ static void test_elementwise_vs_double(void)
 static void test_op_backwards(void)
 {
     static opctx c;
-    float dx[256], dw[64], dg[256], du[256], dq[256], dk[256], dv[256], dxa[64];
+    float dx[256], dw[64], dg[256], du[256], dq[256], dk[256], dxa[64];
     size_t i;
 
     memset(&c, 0, sizeof c);
@@ -213,28 +233,15 @@ static void test_op_backwards(void)
     for (i = 0; i < 7; i++) c.pos[i] = (int)i;
     fill(c.q, 7 * 16, 1.5); fill(c.k, 7 * 8, 1.5); fill(c.v, 7 * 8, 1.0);
     fill(c.wy, 7 * 16, 1.0);
-    J_attn(&c);
-    memset(dq, 0, sizeof dq); memset(dk, 0, sizeof dk); memset(dv, 0, sizeof dv);
-    kmed__attention_backward(dq, dk, dv, c.wy, c.att, c.q, c.k, c.v, c.pos, c.kstart,
-                             c.scratch, c.N, c.S, c.H, c.Hkv, c.D, c.scale, c.cap, c.window, 0,
-                             c.H);
-    fd_check("attention dq", J_attn, &c, c.q, dq, 7 * 16);
-    fd_check("attention dk", J_attn, &c, c.k, dk, 7 * 8);
-    fd_check("attention dv", J_attn, &c, c.v, dv, 7 * 8);
+    attn_fd(&c, "attention");
     c.window = 0; c.cap = 0.0f; /* plain causal, no cap */
-    J_attn(&c);
-    memset(dq, 0, sizeof dq); memset(dk, 0, sizeof dk); memset(dv, 0, sizeof dv);
-    kmed__attention_backward(dq, dk, dv, c.wy, c.att, c.q, c.k, c.v, c.pos, c.kstart,
-                             c.scratch, c.N, c.S, c.H, c.Hkv, c.D, c.scale, c.cap, c.window, 0,
-                             c.H);
-    fd_check("attention (causal) dq", J_attn, &c, c.q, dq, 7 * 16);
-    fd_check("attention (causal) dk", J_attn, &c, c.k, dk, 7 * 8);
+    attn_fd(&c, "attention (causal)");
     /* packed documents at 0..2 and 3..6, with the window and cap back on: the probabilities
        of keys in another document are 0 and the gradients still match */
     c.window = 3; c.cap = 1.5f;
     for (i = 0; i < 7; i++) c.kst[i] = i < 3 ? 0 : 3;
     c.kstart = c.kst;
-    J_attn(&c);
+    attn_fd(&c, "attention (packed)");
     {
         int leak = 0;
         size_t h, t;
@@ -242,13 +249,6 @@ static void test_op_backwards(void)
             for (t = 3; t < 7; t++) leak += c.att[(h * 7 + t) * 7 + 2] != 0.0f;
         CHECKF(leak == 0, "packed attention sees the previous document (%d)", leak);
     }
-    memset(dq, 0, sizeof dq); memset(dk, 0, sizeof dk); memset(dv, 0, sizeof dv);
-    kmed__attention_backward(dq, dk, dv, c.wy, c.att, c.q, c.k, c.v, c.pos, c.kstart,
-                             c.scratch, c.N, c.S, c.H, c.Hkv, c.D, c.scale, c.cap, c.window, 0,
-                             c.H);
-    fd_check("attention (packed) dq", J_attn, &c, c.q, dq, 7 * 16);
-    fd_check("attention (packed) dk", J_attn, &c, c.k, dk, 7 * 8);
-    fd_check("attention (packed) dv", J_attn, &c, c.v, dv, 7 * 8);
     c.kstart = NULL;
 
     c.M = 3; c.N = 5; c.K = 6; c.r = 2; c.scale = 1.5f;

@@ -40,7 +40,9 @@ static const char *usage =
     "  --safety-config FILE extra phrases / texts for the filter (default: built-in only)\n"
     "  --safety-check [F]   read JSON lines {\"prompt\": ..., \"response\": ...} from F or\n"
     "                       stdin (-) and write {\"action\": \"pass\"|\"disclaimer\"|\"refuse\",\n"
-    "                       \"text\": final answer} per line; no model needed\n"
+    "                       \"text\": final answer} per line; no model needed. A malformed\n"
+    "                       line gets {\"error\": ...} and the rest goes on; a read error\n"
+    "                       stops with exit 1\n"
     "  --stats              print tokens/s to stderr after each answer (default: off)\n"
     "  --help               this text\n";
 
@@ -60,6 +62,11 @@ static int safety_check(const kmed_safety *sf, const char *path)
         int eof = 0;
         kmed_result r = kmed_jsonl_next(&in, &v, &eof, &err);
         out.len = 0;
+        /* a bad line is reported and skipped; a read error or NOMEM ends the input */
+        if (r != KMED_OK && r != KMED_ERR_FORMAT && r != KMED_ERR_LIMIT) {
+            fflush(stdout);
+            die_if(r, &err, "reading input");
+        }
         if (r != KMED_OK) {
             fprintf(stderr, "kmed-chat: %s\n", err.msg);
             kmed_buf_puts(&out, "{\"error\": ");

@@ -15,7 +15,8 @@ static const char usage[] =
     "PATH is a .safetensors file, a model directory (model.safetensors.index.json and its\n"
     "shards, or one *.safetensors), a .gguf file, or a PEFT adapter directory\n"
     "(adapter_config.json + adapter_model.safetensors). NumPy .npy files, JSON and JSONL\n"
-    "files get a short summary; any other file its size and line count.\n"
+    "files get a short summary; any other file its size and line count. A .gguf or\n"
+    ".safetensors file that does not parse is an error (exit 1) naming the problem.\n"
     "\n"
     "options:\n"
     "  --json          print one JSON object instead of tables (default: off)\n"
@@ -85,8 +86,7 @@ static void put_num(kmed_buf *b, kmed_gguf_type t, const unsigned char *p)
     case KMED_GGUF_F64: {
         double d;
         memcpy(&d, &raw, 8);
-        if (d != d || d - d != 0) kmed_buf_puts(b, "null");
-        else kmed_buf_printf(b, "%.17g", d);
+        kmed_buf_json_f64(b, d);
         break;
     }
     default: kmed_buf_printf(b, "%llu", (unsigned long long)raw); break;
@@ -146,19 +146,23 @@ static void put_shape(kmed_buf *b, const kmed_tensor_info *t)
     kmed_buf_puts(b, "]");
 }
 
-/* Tensor table (text) or array (JSON). dtype_of gives the dtype text of tensor i. */
+/* The dtype text of tensor i: a static name, or one written into tmp. */
+typedef const char *(*dtype_text_fn)(const void *ctx, size_t i, char *tmp, size_t cap);
+
+/* Tensor table (text) or array (JSON). */
 static void put_tensors(kmed_buf *b, const kmed_tensor_info *ts, size_t n,
-                        const char *(*dtype_of)(const void *ctx, size_t i), const void *ctx,
-                        int json)
+                        dtype_text_fn dtype_of, const void *ctx, int json)
 {
     size_t i, w = 4;
+    char tmp[32];
     if (json) {
         kmed_buf_puts(b, "\"tensors\": [");
         for (i = 0; i < n; i++) {
+            const char *dt = dtype_of(ctx, i, tmp, sizeof tmp);
             kmed_buf_puts(b, i ? ",\n    {\"name\": " : "\n    {\"name\": ");
             put_str(b, ts[i].name, strlen(ts[i].name));
             kmed_buf_puts(b, ", \"dtype\": ");
-            put_str(b, dtype_of(ctx, i), strlen(dtype_of(ctx, i)));
+            put_str(b, dt, strlen(dt));
             kmed_buf_puts(b, ", \"shape\": ");
             put_shape(b, &ts[i]);
             kmed_buf_printf(b, ", \"bytes\": %zu", ts[i].nbytes);
@@ -173,23 +177,30 @@ static void put_tensors(kmed_buf *b, const kmed_tensor_info *ts, size_t n,
     for (i = 0; i < n; i++) {
         kmed_buf sh = {0};
         put_shape(&sh, &ts[i]);
-        kmed_buf_printf(b, "  %-*s  %-8s  %-20s  %12zu\n", (int)w, ts[i].name, dtype_of(ctx, i),
+        kmed_buf_printf(b, "  %-*s  %-8s  %-20s  %12zu\n", (int)w, ts[i].name,
+                        dtype_of(ctx, i, tmp, sizeof tmp),
                         sh.data ? sh.data : "[]", ts[i].nbytes);
         kmed_buf_free(&sh);
     }
 }
 
-static const char *st_dtype_of(const void *ctx, size_t i)
+static const char *st_dtype_of(const void *ctx, size_t i, char *tmp, size_t cap)
 {
     const kmed_st *st = (const kmed_st *)ctx;
+    (void)tmp;
+    (void)cap;
     return st->tensors[i].dtype == KMED_DTYPE_UNKNOWN ? kmed_st_dtype_str(st, i)
                                                        : kmed_dtype_name(st->tensors[i].dtype);
 }
 
-static const char *gguf_dtype_of(const void *ctx, size_t i)
+static const char *gguf_dtype_of(const void *ctx, size_t i, char *tmp, size_t cap)
 {
     const kmed_gguf *g = (const kmed_gguf *)ctx;
-    return kmed_ggml_type_name(g->tensors[i].ggml_type);
+    int t = g->tensors[i].ggml_type;
+    const char *name = kmed_ggml_type_name(t);
+    if (strcmp(name, "unknown") != 0) return name;
+    snprintf(tmp, cap, "type %d", t); /* newer than this build: its number identifies it */
+    return tmp;
 }
 
 static void inspect_gguf(kmed_buf *b, const char *path, const opts *o)
@@ -612,7 +623,9 @@ int main(int argc, char **argv)
     } else {
         unsigned char m[8] = {0};
         size_t n = file_head(path, m, sizeof m);
-        if (n >= 4 && memcmp(m, "GGUF", 4) == 0) inspect_gguf(&out, path, &o);
+        /* a .gguf without the magic goes to the GGUF reader too, which names the problem */
+        if ((n >= 4 && memcmp(m, "GGUF", 4) == 0) || has_suffix(path, ".gguf"))
+            inspect_gguf(&out, path, &o);
         else if (n >= 6 && memcmp(m, "\x93NUMPY", 6) == 0) inspect_npy(&out, path, &o);
         else if (has_suffix(path, ".jsonl")) inspect_jsonl(&out, path, &o);
         else if (has_suffix(path, ".json")) inspect_json(&out, path, &o);
