@@ -43,22 +43,28 @@ build/test_%: tests/test_%.c tests/test.h $(SRC)
 
 # tests that also run a tool's own main (they include it) or build another program
 build/test_data: tests/test_data.c tests/test.h tools/kmed-data.c tools/common.h $(SRC)
+	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 build/test_io_bin: tests/test_io_bin.c tests/test.h tools/kmed-inspect.c tools/common.h $(SRC)
+	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 build/test_io_text: tests/test_io_text.c tests/test.h tools/kmed-chat.c tools/common.h $(SRC)
+	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 build/test_core: tests/test_core.c tests/test.h tests/include_order.c $(SRC)
+	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the same tests built the other ways STYLE.md asks for
 build/test_tensor_nothreads: tests/test_tensor.c tests/test.h $(SRC)
+	@mkdir -p build
 	$(CC) $(CFLAGS) -DKMED_NO_THREADS $< -o $@ $(LDLIBS)
 
 build/test_core_static: tests/test_core.c tests/test.h $(SRC)
+	@mkdir -p build
 	$(CC) $(CFLAGS) -DKMED_STATIC $< -o $@ $(LDLIBS)
 
 build/%: examples/%.c $(SRC)
