@@ -42,15 +42,15 @@ build/test_%: tests/test_%.c tests/test.h $(SRC)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # tests that also run a tool's own main (they include it) or build another program
-build/test_data: tests/test_data.c tests/test.h tools/kmed-data.c tools/common.h $(SRC)
+build/test_data: tests/test_data.c tests/test.h tests/run_tool.h tools/kmed-data.c tools/common.h $(SRC)
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-build/test_io_bin: tests/test_io_bin.c tests/test.h tools/kmed-inspect.c tools/common.h $(SRC)
+build/test_io_bin: tests/test_io_bin.c tests/test.h tests/run_tool.h tools/kmed-inspect.c tools/common.h $(SRC)
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-build/test_io_text: tests/test_io_text.c tests/test.h tools/kmed-chat.c tools/common.h $(SRC)
+build/test_io_text: tests/test_io_text.c tests/test.h tests/run_tool.h tools/kmed-chat.c tools/common.h $(SRC)
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 

@@ -9,8 +9,8 @@
 #define main kmed_data_tool_main
 #include "../tools/kmed-data.c"
 #undef main
-#include <sys/wait.h>
 #include "test.h"
+#include "run_tool.h"
 
 #define DIR "tests/data/data/"
 #define TMP "build/test_data_tmp/" /* inputs written by the tests */
@@ -1173,36 +1173,17 @@ static void test_config(void)
     kmed_data_config_free(&cfg);
 }
 
-/* Runs kmed-data with args (NULL-terminated) in a child process, as it exits on errors;
-   returns its exit status, its stderr in err_text and stdout in out_text (cap bytes). */
+/* Runs kmed-data with args (NULL-terminated); returns its exit status, its stderr in
+   err_text and stdout in out_text (cap bytes). */
 static int run_tool(const char *const *args, char *err_text, char *out_text, size_t cap)
 {
     char *argv[32];
-    int argc = 1, status = 0, k;
-    pid_t pid;
+    int argc = 1;
     argv[0] = (char *)"kmed-data";
     while (args[argc - 1] && argc < 31) { argv[argc] = (char *)args[argc - 1]; argc++; }
     argv[argc] = NULL;
-    tmp_file("cli.out", "");
-    fflush(stdout);
-    fflush(stderr);
-    pid = fork();
-    if (pid == 0) {
-        if (!freopen(TMP "cli.out", "w", stdout) || !freopen(TMP "cli.err", "w", stderr))
-            _exit(99);
-        exit(kmed_data_tool_main(argc, argv));
-    }
-    if (pid < 0 || waitpid(pid, &status, 0) != pid) return -1;
-    for (k = 0; k < 2; k++) {
-        char *data = NULL, *dst = k ? out_text : err_text;
-        size_t len;
-        kmed_error e = {0};
-        dst[0] = 0;
-        if (kmed_file_read(k ? TMP "cli.out" : TMP "cli.err", 0, &data, &len, &e) == KMED_OK)
-            snprintf(dst, cap, "%s", data);
-        kmed_free(data);
-    }
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return kmed_test_run_tool(kmed_data_tool_main, argc, argv, -1, TMP "cli", out_text,
+                              err_text, cap);
 }
 
 static void test_cli(void)

@@ -32,8 +32,8 @@ static void *test_realloc(void *p, size_t n)
 #include "../tools/kmed-inspect.c"
 #undef main
 
+#include "run_tool.h"
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 static char tmpdir[256];
@@ -1327,39 +1327,18 @@ static void test_out_of_memory(void)
     kmed_buf_free(&sb);
 }
 
-/* Runs kmed-inspect with one option (may be NULL) and a path in a child process, as it
-   exits on errors; returns its exit status with stdout in out and stderr in errs. */
+/* Runs kmed-inspect with one option (may be NULL) and a path; returns its exit status with
+   stdout in out and stderr in errs. */
 static int run_inspect(const char *opt, const char *path, char *out, char *errs, size_t cap)
 {
-    char o_path[512], e_path[512], *argv[4];
-    int argc = 0, status = 0, k;
-    pid_t pid;
+    char base[512], *argv[4];
+    int argc = 0;
     argv[argc++] = (char *)"kmed-inspect";
     if (opt) argv[argc++] = (char *)opt;
     argv[argc++] = (char *)path;
     argv[argc] = NULL;
-    tmp_path(o_path, sizeof o_path, "inspect.out");
-    tmp_path(e_path, sizeof e_path, "inspect.err");
-    fflush(stdout);
-    fflush(stderr);
-    pid = fork();
-    if (pid == 0) {
-        if (!freopen(o_path, "w", stdout) || !freopen(e_path, "w", stderr)) _exit(99);
-        exit(kmed_inspect_tool_main(argc, argv));
-    }
-    if (pid < 0 || waitpid(pid, &status, 0) != pid) return -1;
-    for (k = 0; k < 2; k++) {
-        char *data = NULL, *dst = k ? errs : out;
-        size_t len;
-        kmed_error e = {0};
-        dst[0] = 0;
-        if (kmed_file_read(k ? e_path : o_path, 0, &data, &len, &e) == KMED_OK)
-            snprintf(dst, cap, "%s", data);
-        kmed_free(data);
-    }
-    remove(o_path);
-    remove(e_path);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    tmp_path(base, sizeof base, "inspect");
+    return kmed_test_run_tool(kmed_inspect_tool_main, argc, argv, -1, base, out, errs, cap);
 }
 
 /* kmed-inspect on GGUF files it cannot fully name: a tensor type newer than this build is

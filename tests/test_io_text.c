@@ -24,8 +24,7 @@ static void *test_realloc(void *p, size_t n) { return fail_realloc ? NULL : real
 #define main kmed_chat_tool_main
 #include "../tools/kmed-chat.c"
 #undef main
-#include <sys/resource.h>
-#include <sys/wait.h>
+#include "run_tool.h"
 
 /* Sanitizer builds run several times slower: the timing check only holds for plain builds. */
 #if defined(__SANITIZE_ADDRESS__)
@@ -517,44 +516,15 @@ static void test_lines_errors(void)
     remove(path);
 }
 
-/* Runs kmed-chat --safety-check ARG in a child process with stdin from in_fd (-1: as is);
-   returns its exit status (-1 if killed: a loop that never stops meets the alarm or the
-   1 MB file size limit first) with stdout in out and stderr in errs. */
+/* Runs kmed-chat --safety-check ARG with stdin from in_fd (-1: as is); returns its exit
+   status (-1 if killed: a loop that never stops meets the alarm or the 1 MB file size limit
+   first) with stdout in out and stderr in errs. */
 static int run_safety_check(int in_fd, const char *arg, char *out, char *errs, size_t cap)
 {
-    char o_path[256], e_path[256];
+    char base[256];
     char *argv[] = {(char *)"kmed-chat", (char *)"--safety-check", (char *)arg, NULL};
-    int status = 0, k;
-    pid_t pid;
-    struct rlimit lim;
-    snprintf(o_path, sizeof o_path, "/tmp/kmed_test_io_text_%ld_chat.out", (long)getpid());
-    snprintf(e_path, sizeof e_path, "/tmp/kmed_test_io_text_%ld_chat.err", (long)getpid());
-    fflush(stdout);
-    fflush(stderr);
-    pid = fork();
-    if (pid == 0) {
-        if ((in_fd >= 0 && dup2(in_fd, 0) < 0) || !freopen(o_path, "w", stdout) ||
-            !freopen(e_path, "w", stderr))
-            _exit(99);
-        lim.rlim_cur = lim.rlim_max = (rlim_t)1 << 20;
-        setrlimit(RLIMIT_FSIZE, &lim);
-        alarm(10);
-        exit(kmed_chat_tool_main(3, argv));
-    }
-    if (pid < 0 || waitpid(pid, &status, 0) != pid) return -1;
-    for (k = 0; k < 2; k++) {
-        char *data = NULL, *dst = k ? errs : out;
-        size_t len;
-        kmed_error e = {0};
-        dst[0] = 0;
-        if (kmed_file_read(k ? e_path : o_path, (size_t)1 << 20, &data, &len, &e) == KMED_OK)
-            snprintf(dst, cap, "%s", data);
-        else snprintf(dst, cap, "(output not read: %s)", e.msg);
-        kmed_free(data);
-    }
-    remove(o_path);
-    remove(e_path);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    snprintf(base, sizeof base, "/tmp/kmed_test_io_text_%ld_chat", (long)getpid());
+    return kmed_test_run_tool(kmed_chat_tool_main, 3, argv, in_fd, base, out, errs, cap);
 }
 
 /* kmed-chat --safety-check goes on after a malformed line but stops at a read error:
