@@ -2664,6 +2664,22 @@ KMED_API kmed_result kmed_path_join(char *out, size_t cap, const char *dir, cons
     return KMED_OK;
 }
 
+/* A regex word character: ASCII letters, digits and '_', and above ASCII a code point in
+   one of n sorted inclusive ranges (pairs lo, hi). The tokenizer and the answer extraction
+   each pass the table of the regex engine they match (HF's and Python's \w differ). */
+static int kmed__word_char(const uint32_t *ranges, size_t n, uint32_t c)
+{
+    size_t lo = 0, hi = n;
+    if (c < 0x80)
+        return (c >= '0' && c <= '9') || ((c | 32) >= 'a' && (c | 32) <= 'z') || c == '_';
+    while (lo < hi) { /* the first range whose end is >= c */
+        size_t mid = (lo + hi) / 2;
+        if (ranges[2 * mid + 1] < c) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < n && ranges[2 * lo] <= c;
+}
+
 /* ==== kmed_io_text: JSON DOM (RFC 8259), JSONL and line streaming, CSV (RFC 4180) ==== */
 
 #include <errno.h>
@@ -8265,17 +8281,9 @@ static const uint32_t kmed__tok_word[][2] = {
 
 static int kmed__tok_wordchar(long cp)
 {
-    size_t lo = 0, hi = sizeof kmed__tok_word / sizeof kmed__tok_word[0];
-    if (cp < 0) return 0;
-    if (cp < 0x80)
-        return (cp >= '0' && cp <= '9') || ((cp | 32) >= 'a' && (cp | 32) <= 'z') || cp == '_';
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if ((uint32_t)cp < kmed__tok_word[mid][0]) hi = mid;
-        else if ((uint32_t)cp > kmed__tok_word[mid][1]) lo = mid + 1;
-        else return 1;
-    }
-    return 0;
+    return cp >= 0 && kmed__word_char(kmed__tok_word[0],
+                                      sizeof kmed__tok_word / sizeof kmed__tok_word[0],
+                                      (uint32_t)cp);
 }
 
 /* Next added-token match in s[from..n), leftmost-longest with HF's lstrip / rstrip /
@@ -22663,16 +22671,8 @@ static const uint32_t kmed__mcqa_word_ranges[] = {
 
 static int kmed__mcqa_is_word(uint32_t c)
 {
-    size_t lo = 0, hi = sizeof kmed__mcqa_word_ranges / sizeof *kmed__mcqa_word_ranges / 2;
-    if (c < 0x80) return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') ||
-                         (c >= 'a' && c <= 'z') || c == '_';
-    while (lo < hi) { /* the first range whose end is >= c */
-        size_t mid = (lo + hi) / 2;
-        if (kmed__mcqa_word_ranges[2 * mid + 1] < c) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo < sizeof kmed__mcqa_word_ranges / sizeof *kmed__mcqa_word_ranges / 2 &&
-           kmed__mcqa_word_ranges[2 * lo] <= c;
+    return kmed__word_char(kmed__mcqa_word_ranges,
+                           sizeof kmed__mcqa_word_ranges / sizeof *kmed__mcqa_word_ranges / 2, c);
 }
 
 static int kmed__mcqa_letter(uint32_t c)
